@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Idempotent set-up of a Debian 12 machine for MetaStack development:
+# Debian packages (etcd, libvirt, QEMU, Ceph, rsyslog) and a venv in .venv
+# that sees Debian's rados/rbd bindings next to the pinned pip packages.
+# Usage: bash deploy/setup.sh            (run as root, or with sudo available)
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+cd "$here"
+
+PKGS=(
+  etcd-server etcd-client
+  libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev
+  qemu-system-x86 qemu-block-extra qemu-utils
+  ceph-mon ceph-osd ceph-mgr ceph-common python3-rados python3-rbd
+  rsyslog busybox-static
+  python3-venv python3-dev gcc pkg-config
+)
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  $SUDO apt-get update -qq
+  # policy-rc.d keeps packaged daemons (etcd, libvirtd, rsyslog) from being
+  # started by their postinst scripts: tests and the demo start their own.
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+    $SUDO chmod +x /usr/sbin/policy-rc.d
+    trap '$SUDO rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# The venv must be built by Debian's python (the ABI of python3-rados/rbd).
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import rados, rbd' 2>/dev/null; then
+  rm -rf .venv
+  /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+stamp=.venv/.metastack-installed
+if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ]; then
+  .venv/bin/pip install -q --upgrade "pip<25" >/dev/null
+  .venv/bin/pip install -q -e '.[test]'
+  touch "$stamp"
+fi
+.venv/bin/python -c 'import etcd3, libvirt, click, rados, rbd' \
+  || { echo "setup: the venv cannot import its dependencies" >&2; exit 1; }
+echo "setup: ready (.venv)"

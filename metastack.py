@@ -1,0 +1,1522 @@
+#!/usr/bin/env python3
+"""MetaStack agent: one per compute node, no central scheduler.
+
+Usage:  python metastack.py -c /etc/metastack/metastack.ini [--check-config]
+
+The agent watches etcd's desired-VM prefix and, on its own, claims the VMs
+it is able to run (free vcpus and RAM, matching host pin). A claim is one
+etcd transaction that creates ``<prefix>/actual/<vm>`` only if it does not
+exist, attached to this agent's lease, so exactly one node wins. The winner
+defines and starts the libvirt domain and publishes the VM's actual state
+and its own host state under that single lease. Deleting the desired entry
+makes the owner destroy the VM. When an agent dies its lease expires, its
+claims vanish, and the surviving agents claim and start its VMs.
+
+Safety rules the code keeps:
+  * an agent runs a VM only while it holds the VM's claim under a lease it
+    has confirmed recently; when it cannot confirm its lease in time (etcd
+    unreachable) it stops its VMs *before* the lease can expire on the
+    server ("self-fencing"), so no second copy is started while one runs;
+  * on SIGTERM/SIGINT the agent drains: it stops its VMs, then revokes its
+    lease, so other nodes start them only once they are down here;
+  * it only ever touches libvirt domains tagged with the MetaStack metadata
+    namespace and its own node name.
+
+Sections, in dependency order: errors, config, logging, data model and key
+schema, store (every etcd call), cluster view (watch-fed cache), hypervisor
+(every libvirt call), planner (pure), agent (executor and main loop), main.
+"""
+from __future__ import annotations
+
+import argparse
+import configparser
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import logging
+import logging.handlers
+import os
+import random
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+import xml.etree.ElementTree as ET
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+
+
+class MetaStackError(Exception):
+    """Base of every error MetaStack raises on purpose."""
+
+
+class ConfigError(MetaStackError):
+    """The configuration file is missing, unreadable or holds a bad value."""
+
+
+class SpecError(MetaStackError):
+    """A desired-VM or flavour entry in etcd is malformed."""
+
+
+class StoreUnavailable(MetaStackError):
+    """etcd could not be reached or did not answer in time."""
+
+
+class HypervisorError(MetaStackError):
+    """libvirt refused or failed an operation."""
+
+
+# ---------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------
+
+NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+DOMAIN_TYPES = ("kvm", "qemu", "test")
+ETCD_MIN_TTL = 2  # etcd silently raises smaller lease TTLs to about this
+
+
+def valid_name(name: str) -> bool:
+    """True when ``name`` is a valid VM, node, flavour or image name."""
+    return isinstance(name, str) and bool(NAME_RE.match(name))
+
+
+def parse_endpoints(text: str) -> tuple[tuple[str, int], ...]:
+    """Parse ``"http://h1:2379, h2:2379"`` into ((host, port), ...).
+
+    Raises ConfigError on an empty list or a malformed entry.
+    """
+    out = []
+    for item in (p.strip() for p in text.split(",")):
+        if not item:
+            continue
+        hostport = re.sub(r"^https?://", "", item).rstrip("/")
+        host, sep, port = hostport.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"[etcd] endpoints: {item!r} is not host:port")
+        out.append((host, int(port)))
+    if not out:
+        raise ConfigError("[etcd] endpoints: at least one endpoint is required")
+    return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class EtcdConfig:
+    """Where etcd is and how long one request may take."""
+
+    endpoints: tuple[tuple[str, int], ...] = (("127.0.0.1", 2379),)
+    prefix: str = "/metastack"
+    timeout: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentConfig:
+    """Everything the agent reads from its ini file, validated."""
+
+    etcd: EtcdConfig
+    node_name: str
+    vcpus: Optional[int]
+    ram_mb: Optional[int]
+    libvirt_uri: str
+    domain_type: str
+    shutdown_timeout: float
+    lease_ttl: int
+    resync_interval: float
+    claim_spread: float
+    syslog: str
+    log_level: str
+
+    @property
+    def renew_interval(self) -> float:
+        """Lease keep-alive period: a third of the TTL (kubelet, Patroni)."""
+        return self.lease_ttl / 3.0
+
+    @property
+    def fence_margin(self) -> float:
+        """How long before the lease's worst-case expiry the agent fences."""
+        return self.etcd.timeout
+
+
+def _get_float(cp: configparser.ConfigParser, sec: str, key: str, default: float,
+               minimum: float) -> float:
+    raw = cp.get(sec, key, fallback=None)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        val = float(raw)
+    except ValueError:
+        raise ConfigError(f"[{sec}] {key}: {raw!r} is not a number") from None
+    if val < minimum:
+        raise ConfigError(f"[{sec}] {key}: {val} is below the minimum {minimum}")
+    return val
+
+
+def _get_opt_int(cp: configparser.ConfigParser, sec: str, key: str) -> Optional[int]:
+    raw = cp.get(sec, key, fallback="").strip()
+    if raw in ("", "auto"):
+        return None
+    if not raw.isdigit() or int(raw) <= 0:
+        raise ConfigError(f"[{sec}] {key}: {raw!r} must be a positive integer or auto")
+    return int(raw)
+
+
+def etcd_config_from(cp: configparser.ConfigParser) -> EtcdConfig:
+    """Read and validate the [etcd] section (shared by agent and CLI)."""
+    prefix = cp.get("etcd", "prefix", fallback="/metastack").strip() or "/metastack"
+    if not prefix.startswith("/") or prefix.rstrip("/") == "" or " " in prefix:
+        raise ConfigError(f"[etcd] prefix: {prefix!r} must be an absolute key path like /metastack")
+    return EtcdConfig(
+        endpoints=parse_endpoints(cp.get("etcd", "endpoints", fallback="127.0.0.1:2379")),
+        prefix=prefix.rstrip("/"),
+        timeout=_get_float(cp, "etcd", "timeout", 1.0, 0.1),
+    )
+
+
+def read_ini(path: Optional[str]) -> configparser.ConfigParser:
+    """Read an ini file; a missing or unreadable file is a ConfigError."""
+    cp = configparser.ConfigParser()
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                cp.read_file(fh)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except configparser.Error as exc:
+            raise ConfigError(f"config file {path} is not valid ini: {exc}") from None
+    return cp
+
+
+def load_config(path: Optional[str]) -> AgentConfig:
+    """Load and validate the agent's configuration.
+
+    Every key and its default is documented in config.example.ini. Raises
+    ConfigError with a message naming the section and key at fault.
+    """
+    cp = read_ini(path)
+    etcd = etcd_config_from(cp)
+    node = cp.get("node", "name", fallback="").strip() or socket.gethostname().split(".")[0].lower()
+    if not valid_name(node):
+        raise ConfigError(f"[node] name: {node!r} must match {NAME_RE.pattern}")
+    domain_type = cp.get("libvirt", "domain_type", fallback="kvm").strip()
+    if domain_type not in DOMAIN_TYPES:
+        raise ConfigError(f"[libvirt] domain_type: {domain_type!r} is not one of {', '.join(DOMAIN_TYPES)}")
+    ttl_raw = cp.get("agent", "lease_ttl", fallback="5").strip()
+    if not ttl_raw.isdigit():
+        raise ConfigError(f"[agent] lease_ttl: {ttl_raw!r} must be a whole number of seconds")
+    level = cp.get("logging", "level", fallback="INFO").strip().upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"[logging] level: {level!r} is not DEBUG, INFO, WARNING or ERROR")
+    cfg = AgentConfig(
+        etcd=etcd,
+        node_name=node,
+        vcpus=_get_opt_int(cp, "node", "vcpus"),
+        ram_mb=_get_opt_int(cp, "node", "ram_mb"),
+        libvirt_uri=cp.get("libvirt", "uri", fallback="qemu:///system").strip(),
+        domain_type=domain_type,
+        shutdown_timeout=_get_float(cp, "libvirt", "shutdown_timeout", 10.0, 0.0),
+        lease_ttl=int(ttl_raw),
+        resync_interval=_get_float(cp, "agent", "resync_interval", 30.0, 1.0),
+        claim_spread=_get_float(cp, "agent", "claim_spread", 0.05, 0.0),
+        syslog=cp.get("logging", "syslog", fallback="auto").strip(),
+        log_level=level,
+    )
+    check_timings(cfg)
+    return cfg
+
+
+def check_timings(cfg: AgentConfig) -> None:
+    """Refuse lease timings that cannot keep the lease safely alive.
+
+    The keeper renews every TTL/3 and the agent fences (stops its VMs) one
+    etcd timeout before the lease could expire; a renewal must therefore get
+    at least two attempts, each bounded by the etcd timeout, before the
+    fence deadline: ``ttl/3 + 2*timeout <= ttl - timeout``.
+    """
+    ttl, timeout = cfg.lease_ttl, cfg.etcd.timeout
+    if ttl < ETCD_MIN_TTL:
+        raise ConfigError(f"[agent] lease_ttl: {ttl}s is below etcd's minimum lease TTL ({ETCD_MIN_TTL}s)")
+    if cfg.renew_interval + 2 * timeout > ttl - cfg.fence_margin:
+        raise ConfigError(
+            f"[agent] lease_ttl = {ttl}s is too short for [etcd] timeout = {timeout}s: "
+            f"renewing every {cfg.renew_interval:.2f}s with two attempts of {timeout}s must finish "
+            f"{cfg.fence_margin}s before expiry (need lease_ttl >= {4.5 * timeout:.1f}s or a smaller timeout)")
+
+
+# ---------------------------------------------------------------------------
+# Logging
+# ---------------------------------------------------------------------------
+
+
+def syslog_handler(spec: str) -> Optional[logging.Handler]:
+    """Build the syslog handler named by ``[logging] syslog``.
+
+    ``auto``: /dev/log when present; ``none``: no syslog; an absolute path:
+    that unix socket; ``udp://host:port`` or ``tcp://host:port``: a remote
+    (central) syslog receiver. Raises ConfigError on a malformed value.
+    """
+    if spec in ("", "none"):
+        return None
+    if spec == "auto":
+        spec = "/dev/log" if os.path.exists("/dev/log") else "none"
+        if spec == "none":
+            return None
+    m = re.match(r"^(udp|tcp)://([^:/]+):(\d+)$", spec)
+    if m:
+        socktype = socket.SOCK_DGRAM if m.group(1) == "udp" else socket.SOCK_STREAM
+        address: Union[str, tuple[str, int]] = (m.group(2), int(m.group(3)))
+    elif spec.startswith("/"):
+        socktype, address = socket.SOCK_DGRAM, spec
+    else:
+        raise ConfigError(f"[logging] syslog: {spec!r} is not auto, none, a socket path or udp://host:port")
+    try:
+        handler = logging.handlers.SysLogHandler(address=address, socktype=socktype)
+    except OSError as exc:
+        raise ConfigError(f"[logging] syslog: cannot open {spec}: {exc.strerror}") from None
+    return handler
+
+
+def setup_logging(node: str, level: str, syslog: str) -> None:
+    """Log to stderr and, when configured, to syslog (one line per event)."""
+    root = logging.getLogger()
+    root.setLevel(level)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter(f"%(asctime)s {node} %(levelname)s %(message)s"))
+    root.addHandler(console)
+    handler = syslog_handler(syslog)
+    if handler is not None:
+        handler.setFormatter(logging.Formatter(f"metastack[{os.getpid()}]: node={node} %(levelname)s %(message)s"))
+        root.addHandler(handler)
+
+
+log = logging.getLogger("metastack")
+
+# ---------------------------------------------------------------------------
+# Data model and key schema (public: operators use it with plain etcdctl)
+# ---------------------------------------------------------------------------
+
+VM_STATES = ("running", "stopped")
+
+
+class Keys:
+    """The key layout under one prefix. See README "The contract in etcd"."""
+
+    KINDS = ("desired", "actual", "hosts", "flavours", "images")
+
+    def __init__(self, prefix: str = "/metastack") -> None:
+        self.prefix = prefix.rstrip("/")
+
+    def desired(self, vm: str) -> str:
+        return f"{self.prefix}/desired/{vm}"
+
+    def actual(self, vm: str) -> str:
+        return f"{self.prefix}/actual/{vm}"
+
+    def host(self, node: str) -> str:
+        return f"{self.prefix}/hosts/{node}"
+
+    def flavour(self, name: str) -> str:
+        return f"{self.prefix}/flavours/{name}"
+
+    def dir(self, kind: str) -> str:
+        return f"{self.prefix}/{kind}/"
+
+    @property
+    def config(self) -> str:
+        return f"{self.prefix}/config"
+
+    @property
+    def all(self) -> str:
+        return f"{self.prefix}/"
+
+    def split(self, key: str) -> Optional[tuple[str, str]]:
+        """``/metastack/desired/web1`` -> ("desired", "web1"); None if foreign."""
+        if not key.startswith(self.all):
+            return None
+        kind, sep, name = key[len(self.all):].partition("/")
+        if not sep or kind not in self.KINDS or not name or "/" in name:
+            return None
+        return kind, name
+
+
+def utc_now() -> str:
+    """ISO-8601 UTC timestamp with second precision, e.g. 2026-11-23T19:00:00Z."""
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _json_object(raw: bytes, what: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise SpecError(f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise SpecError(f"{what} must be a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _positive_int(obj: Mapping[str, Any], key: str, what: str) -> int:
+    val = obj.get(key)
+    if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
+        raise SpecError(f"{what}: {key!r} must be a positive integer, got {val!r}")
+    return val
+
+
+@dataclasses.dataclass(frozen=True)
+class Flavour:
+    """``/metastack/flavours/<name>``: {"vcpus": int, "ram_mb": int}."""
+
+    vcpus: int
+    ram_mb: int
+
+    @classmethod
+    def parse(cls, name: str, raw: bytes) -> "Flavour":
+        """Parse a flavour value; raises SpecError with the reason."""
+        obj = _json_object(raw, f"flavour {name!r}")
+        return cls(_positive_int(obj, "vcpus", f"flavour {name!r}"),
+                   _positive_int(obj, "ram_mb", f"flavour {name!r}"))
+
+    def to_json(self) -> dict[str, int]:
+        return {"vcpus": self.vcpus, "ram_mb": self.ram_mb}
+
+
+@dataclasses.dataclass(frozen=True)
+class DesiredVM:
+    """``/metastack/desired/<vm>``: what the admin wants.
+
+    JSON: {"flavour": str, "state": "running"|"stopped" (default running),
+    "host": str (optional pin), "image": str (optional)}. Unknown keys are
+    kept in ``extra`` and written back untouched by the CLI.
+    """
+
+    name: str
+    flavour: str
+    state: str = "running"
+    host: Optional[str] = None
+    image: Optional[str] = None
+    extra: tuple[tuple[str, Any], ...] = ()
+
+    KNOWN = ("flavour", "state", "host", "image")
+
+    @classmethod
+    def parse(cls, name: str, raw: bytes) -> "DesiredVM":
+        """Parse a desired value; raises SpecError with a reason an operator can act on."""
+        if not valid_name(name):
+            raise SpecError(f"VM name {name!r} does not match {NAME_RE.pattern}")
+        return cls.from_dict(name, _json_object(raw, f"desired entry of {name!r}"))
+
+    @classmethod
+    def from_dict(cls, name: str, obj: Mapping[str, Any]) -> "DesiredVM":
+        flavour = obj.get("flavour")
+        if not isinstance(flavour, str) or not valid_name(flavour):
+            raise SpecError(f"'flavour' must be a flavour name, got {flavour!r}")
+        state = obj.get("state", "running")
+        if state not in VM_STATES:
+            raise SpecError(f"'state' must be 'running' or 'stopped', got {state!r}")
+        host = obj.get("host")
+        if host is not None and (not isinstance(host, str) or not valid_name(host)):
+            raise SpecError(f"'host' must be a node name, got {host!r}")
+        image = obj.get("image")
+        if image is not None and (not isinstance(image, str) or not valid_name(image)):
+            raise SpecError(f"'image' must be an image name, got {image!r}")
+        extra = tuple(sorted((k, v) for k, v in obj.items() if k not in cls.KNOWN))
+        return cls(name, flavour, state, host, image, extra)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.extra)
+        out.update({"flavour": self.flavour, "state": self.state})
+        if self.host is not None:
+            out["host"] = self.host
+        if self.image is not None:
+            out["image"] = self.image
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ActualVM:
+    """``/metastack/actual/<vm>``: the claim and the VM's observed state.
+
+    JSON: {"host", "state", "reason", "updated", "vcpus", "ram_mb"}. The key
+    exists only while its owner's lease lives. ``vcpus``/``ram_mb`` record
+    what the owner reserved (0 for an error claim).
+    """
+
+    host: str
+    state: str
+    reason: str = ""
+    vcpus: int = 0
+    ram_mb: int = 0
+    updated: str = ""
+
+    STATES = ("starting", "running", "stopping", "stopped", "error")
+
+    @classmethod
+    def parse(cls, raw: bytes) -> "ActualVM":
+        """Parse an actual value; a value another tool mangled becomes an
+        'error' record owned by whoever the 'host' field names (or nobody)."""
+        try:
+            obj = _json_object(raw, "actual entry")
+        except SpecError as exc:
+            return cls(host="", state="error", reason=str(exc))
+        def _int(k: str) -> int:
+            v = obj.get(k, 0)
+            return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
+        return cls(host=str(obj.get("host", "")), state=str(obj.get("state", "error")),
+                   reason=str(obj.get("reason", "")), vcpus=_int("vcpus"),
+                   ram_mb=_int("ram_mb"), updated=str(obj.get("updated", "")))
+
+    def same_content(self, other: Optional["ActualVM"]) -> bool:
+        """Equal but for the timestamp: whether a write would change anything."""
+        return other is not None and dataclasses.replace(self, updated="") == dataclasses.replace(other, updated="")
+
+    def encode(self) -> bytes:
+        return json.dumps({"host": self.host, "state": self.state, "reason": self.reason,
+                           "updated": self.updated or utc_now(), "vcpus": self.vcpus,
+                           "ram_mb": self.ram_mb}, sort_keys=True).encode()
+
+
+@dataclasses.dataclass(frozen=True)
+class HostState:
+    """``/metastack/hosts/<node>``: capacity and use, under the node's lease."""
+
+    vcpus: int
+    ram_mb: int
+    vcpus_used: int = 0
+    ram_mb_used: int = 0
+    vms: int = 0
+    state: str = "ready"
+
+    @classmethod
+    def parse(cls, raw: bytes) -> "HostState":
+        obj = _json_object(raw, "host entry")
+        fields = {f.name: obj.get(f.name) for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in fields.items() if v is not None})
+
+    def encode(self) -> bytes:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+
+
+# ---------------------------------------------------------------------------
+# Store: every etcd call lives here
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One key as etcd holds it."""
+
+    value: bytes
+    mod_revision: int
+    lease: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyEvent:
+    """One watch event: ``value`` is None for a delete."""
+
+    key: str
+    value: Optional[bytes]
+    mod_revision: int
+    lease: int = 0
+
+
+class Store:
+    """The only class that speaks etcd's protocol (python-etcd3 API).
+
+    Contract, for every method: a lost compare-and-swap returns False (or
+    None where a revision is returned); failing to reach etcd raises
+    StoreUnavailable; no etcd3 or grpc exception escapes. Values are bytes
+    (JSON encoding is the callers' business, keys come from ``self.keys``).
+    """
+
+    def __init__(self, cfg: EtcdConfig) -> None:
+        import etcd3  # imported here: importing metastack has no side effects
+        import grpc
+        self._etcd3 = etcd3
+        self._errors: tuple[type[BaseException], ...] = (etcd3.exceptions.Etcd3Exception, grpc.RpcError)
+        self.keys = Keys(cfg.prefix)
+        self.timeout = cfg.timeout
+        endpoints = [etcd3.Endpoint(h, p, secure=False, time_retry=0.5) for h, p in cfg.endpoints]
+        self._client = etcd3.MultiEndpointEtcd3Client(endpoints, timeout=cfg.timeout, failover=True)
+        self._tx = self._client.transactions
+
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except self._errors as exc:
+            raise StoreUnavailable(f"etcd {what} failed: {exc or type(exc).__name__}") from None
+
+    def close(self) -> None:
+        try:
+            self._client.close()
+        except self._errors:
+            pass
+
+    # -- reads -------------------------------------------------------------
+    def list_prefix(self, prefix: str) -> tuple[int, dict[str, Entry]]:
+        """All keys under ``prefix`` and the store revision they were read at."""
+        resp = self._call("list", self._client.get_prefix_response, prefix)
+        return resp.header.revision, {kv.key.decode(): Entry(kv.value, kv.mod_revision, kv.lease) for kv in resp.kvs}
+
+    def get(self, key: str) -> Optional[Entry]:
+        value, meta = self._call("get", self._client.get, key)
+        return None if meta is None else Entry(value, meta.mod_revision, meta.lease_id)
+
+    # -- writes ------------------------------------------------------------
+    def _txn(self, what: str, compare: list, success: list, failure: Optional[list] = None) -> tuple[bool, list]:
+        return self._call(what, self._client.transaction, compare=compare, success=success, failure=failure or [])
+
+    def create(self, key: str, value: bytes, lease: int = 0) -> tuple[Optional[int], Optional[Entry]]:
+        """Create ``key`` only if absent. Returns (revision, None) on success,
+        or (None, the existing entry) when another writer holds the key."""
+        ok, resp = self._txn("create", [self._tx.create(key) == 0],
+                             [self._tx.put(key, value, lease=lease or None)], [self._tx.get(key)])
+        if ok:
+            return resp[0].response_put.header.revision, None
+        existing = resp[0][0] if resp and resp[0] else None
+        return None, (None if existing is None else Entry(existing[0], existing[1].mod_revision, existing[1].lease_id))
+
+    def replace(self, key: str, value: bytes, mod_revision: int, lease: int = 0) -> Optional[int]:
+        """Write ``key`` only if it is unchanged since ``mod_revision``;
+        returns the new revision, or None when it changed or vanished."""
+        ok, resp = self._txn("replace", [self._tx.mod(key) == mod_revision],
+                             [self._tx.put(key, value, lease=lease or None)])
+        return resp[0].response_put.header.revision if ok else None
+
+    def delete_if(self, key: str, mod_revision: int) -> Optional[int]:
+        """Delete ``key`` only if unchanged since ``mod_revision``; returns
+        the delete's revision or None when the key changed or vanished."""
+        ok, resp = self._txn("delete", [self._tx.mod(key) == mod_revision], [self._tx.delete(key)])
+        return resp[0].response_delete_range.header.revision if ok else None
+
+    def put(self, key: str, value: bytes) -> int:
+        """Unconditional write (admin data only); returns the revision."""
+        return self._call("put", self._client.put, key, value).header.revision
+
+    def delete(self, key: str) -> bool:
+        """Unconditional delete; True when the key existed."""
+        return bool(self._call("delete", self._client.delete, key))
+
+    # -- leases ------------------------------------------------------------
+    def grant_lease(self, ttl: int) -> int:
+        return self._call("lease grant", self._client.lease, ttl).id
+
+    def refresh_lease(self, lease_id: int) -> int:
+        """Keep a lease alive; returns its remaining TTL (0: it has expired)."""
+        resp = self._call("lease keep-alive", lambda: list(self._client.refresh_lease(lease_id)))
+        return max(0, resp[0].TTL) if resp else 0
+
+    def revoke_lease(self, lease_id: int) -> None:
+        self._call("lease revoke", self._client.revoke_lease, lease_id)
+
+    # -- watch -------------------------------------------------------------
+    def watch_prefix(self, prefix: str, start_revision: int,
+                     on_events: Callable[[int, list[KeyEvent]], None],
+                     on_error: Callable[[BaseException], None]) -> Callable[[], None]:
+        """Watch ``prefix`` from ``start_revision``; returns a cancel function.
+
+        ``on_events(header_revision, events)`` and ``on_error(exc)`` run on
+        the client's watch thread. After ``on_error`` the watch is dead: the
+        caller re-creates it (a compacted start revision raises
+        StoreUnavailable from here or reaches on_error as RevisionCompacted).
+        """
+        PutEvent = self._etcd3.events.PutEvent
+
+        def callback(resp: Any) -> None:
+            if isinstance(resp, BaseException) or resp is None:
+                on_error(resp if resp is not None else StoreUnavailable("watch closed"))
+                return
+            events = [KeyEvent(ev.key.decode(), ev.value if isinstance(ev, PutEvent) else None,
+                               ev.mod_revision, ev.lease) for ev in resp.events]
+            on_events(resp.header.revision, events)
+
+        watch_id = self._call("watch", self._client.add_watch_prefix_callback, prefix, callback,
+                              start_revision=start_revision)
+
+        def cancel() -> None:
+            try:
+                self._client.cancel_watch(watch_id)
+            except self._errors:
+                pass
+        return cancel
+
+    def is_compacted(self, exc: BaseException) -> bool:
+        return isinstance(exc, self._etcd3.exceptions.RevisionCompactedError)
+
+
+# ---------------------------------------------------------------------------
+# Cluster view: a watch-fed cache of the whole prefix
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Snapshot:
+    """Parsed cluster state at one moment (the planner's input)."""
+
+    desired: dict[str, Union[DesiredVM, SpecError]]
+    actual: dict[str, ActualVM]
+    flavours: dict[str, Union[Flavour, SpecError]]
+    hosts: dict[str, HostState]
+
+
+class ClusterView:
+    """In-memory copy of every key under the prefix, kept by list + watch.
+
+    Contract: ``load`` replaces the content with a full listing at some
+    revision; ``apply`` folds in watch events in order; ``note`` records the
+    result of our own writes. Stale information never overwrites newer: an
+    event or note older than what is held for its key, or not newer than the
+    last full listing, is dropped. Thread-safe.
+    """
+
+    def __init__(self, keys: Keys) -> None:
+        self.keys = keys
+        self._lock = threading.Lock()
+        self._entries: dict[str, Entry] = {}
+        self._seen: dict[str, int] = {}  # key -> last revision seen (incl. deletes)
+        self._list_revision = 0
+        self.revision = 0
+        self.synced = False
+
+    def load(self, revision: int, entries: Mapping[str, Entry]) -> None:
+        with self._lock:
+            self._entries = dict(entries)
+            self._seen = {k: e.mod_revision for k, e in entries.items()}
+            self._list_revision = revision
+            self.revision = revision
+            self.synced = True
+
+    def _note(self, key: str, value: Optional[bytes], revision: int, lease: int) -> None:
+        if revision <= self._list_revision or revision < self._seen.get(key, 0):
+            return
+        self._seen[key] = revision
+        if value is None:
+            self._entries.pop(key, None)
+        else:
+            self._entries[key] = Entry(value, revision, lease)
+
+    def apply(self, header_revision: int, events: Iterable[KeyEvent]) -> None:
+        with self._lock:
+            for ev in events:
+                self._note(ev.key, ev.value, ev.mod_revision, ev.lease)
+            self.revision = max(self.revision, header_revision)
+
+    def note(self, key: str, value: Optional[bytes], revision: int, lease: int = 0) -> None:
+        with self._lock:
+            self._note(key, value, revision, lease)
+
+    def entry(self, key: str) -> Optional[Entry]:
+        with self._lock:
+            return self._entries.get(key)
+
+    def snapshot(self) -> Snapshot:
+        with self._lock:
+            items = list(self._entries.items())
+        snap = Snapshot({}, {}, {}, {})
+        for key, entry in items:
+            split = self.keys.split(key)
+            if split is None:
+                continue
+            kind, name = split
+            if kind == "desired":
+                try:
+                    snap.desired[name] = DesiredVM.parse(name, entry.value)
+                except SpecError as exc:
+                    snap.desired[name] = exc
+            elif kind == "actual":
+                snap.actual[name] = ActualVM.parse(entry.value)
+            elif kind == "flavours":
+                try:
+                    snap.flavours[name] = Flavour.parse(name, entry.value)
+                except SpecError as exc:
+                    snap.flavours[name] = exc
+            elif kind == "hosts":
+                try:
+                    snap.hosts[name] = HostState.parse(entry.value)
+                except (SpecError, TypeError):
+                    pass
+        return snap
+
+
+# ---------------------------------------------------------------------------
+# Hypervisor: every libvirt call lives here
+# ---------------------------------------------------------------------------
+
+XMLNS = "https://metastack.dev/xmlns/domain/1"
+
+
+def build_domain_xml(vm: DesiredVM, flavour: Flavour, node: str, domain_type: str) -> str:
+    """The libvirt domain document for ``vm`` on ``node`` (ElementTree, no
+    text templates). It carries a <metastack:instance> metadata element
+    naming the owning node: the agent only ever touches domains so tagged."""
+    ET.register_namespace("metastack", XMLNS)
+    dom = ET.Element("domain", type=domain_type)
+    ET.SubElement(dom, "name").text = vm.name
+    ET.SubElement(dom, "memory", unit="MiB").text = str(flavour.ram_mb)
+    ET.SubElement(dom, "vcpu").text = str(flavour.vcpus)
+    meta = ET.SubElement(ET.SubElement(dom, "metadata"), f"{{{XMLNS}}}instance")
+    ET.SubElement(meta, f"{{{XMLNS}}}node").text = node
+    ET.SubElement(meta, f"{{{XMLNS}}}flavour").text = vm.flavour
+    if vm.image:
+        ET.SubElement(meta, f"{{{XMLNS}}}image").text = vm.image
+    os_el = ET.SubElement(dom, "os")
+    ET.SubElement(os_el, "type").text = "hvm"
+    ET.SubElement(dom, "on_poweroff").text = "destroy"
+    ET.SubElement(dom, "on_reboot").text = "restart"
+    ET.SubElement(dom, "on_crash").text = "destroy"
+    return ET.tostring(dom, encoding="unicode")
+
+
+def owner_of(metadata_xml: str) -> Optional[str]:
+    """The node named in a <metastack:instance> metadata element, if any."""
+    try:
+        root = ET.fromstring(metadata_xml)
+    except ET.ParseError:
+        return None
+    node = root.find("node")
+    if node is None:
+        node = root.find(f"{{{XMLNS}}}node")
+    return node.text if node is not None else None
+
+
+class Hypervisor:
+    """The only class that calls libvirt; one connection per agent.
+
+    Contract: it lists and acts only on domains whose MetaStack metadata
+    names ``node``; every libvirt failure is raised as HypervisorError; a
+    domain that is already gone counts as destroyed (idempotent).
+    """
+
+    def __init__(self, uri: str, node: str, domain_type: str) -> None:
+        import libvirt  # imported here: importing metastack has no side effects
+        self._lv = libvirt
+        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # no stderr noise
+        self.node = node
+        self.domain_type = domain_type
+        try:
+            self._conn = libvirt.open(uri)
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(f"cannot connect to libvirt at {uri}: {exc}") from None
+        self._owner_cache: dict[bytes, Optional[str]] = {}
+
+    def close(self) -> None:
+        try:
+            self._conn.close()
+        except self._lv.libvirtError:
+            pass
+
+    def capacity(self) -> tuple[int, int]:
+        """(vcpus, ram_mb) of the host as libvirt reports it."""
+        try:
+            info = self._conn.getInfo()
+        except self._lv.libvirtError as exc:
+            raise HypervisorError(f"cannot read host info: {exc}") from None
+        return int(info[2]), int(info[1])
+
+    def _owner(self, dom: Any) -> Optional[str]:
+        uuid = dom.UUID()
+        if uuid not in self._owner_cache:
+            try:
+                xml = dom.metadata(self._lv.VIR_DOMAIN_METADATA_ELEMENT, XMLNS)
+                self._owner_cache[uuid] = owner_of(xml)
+            except self._lv.libvirtError:
+                self._owner_cache[uuid] = None
+        return self._owner_cache[uuid]
+
+    def domains(self) -> dict[str, str]:
+        """Our domains: name -> "running" (active) or "stopped"."""
+        try:
+            doms = self._conn.listAllDomains()
+            return {d.name(): ("running" if d.isActive() else "stopped")
+                    for d in doms if self._owner(d) == self.node}
+        except self._lv.libvirtError as exc:
+            if exc.get_error_code() == self._lv.VIR_ERR_NO_DOMAIN:
+                return self.domains()  # one vanished while we listed: list again
+            raise HypervisorError(f"cannot list domains: {exc}") from None
+
+    def _lookup(self, name: str) -> Optional[Any]:
+        try:
+            dom = self._conn.lookupByName(name)
+        except self._lv.libvirtError as exc:
+            if exc.get_error_code() == self._lv.VIR_ERR_NO_DOMAIN:
+                return None
+            raise HypervisorError(f"cannot look up domain {name}: {exc}") from None
+        if self._owner(dom) != self.node:
+            raise HypervisorError(f"domain {name} exists but is not MetaStack's on {self.node}: left alone")
+        return dom
+
+    def ensure_running(self, vm: DesiredVM, flavour: Flavour) -> None:
+        """Define the domain if needed and start it if it is not running."""
+        self._ensure_defined(vm, flavour, start=True)
+
+    def ensure_defined(self, vm: DesiredVM, flavour: Flavour) -> None:
+        """Define the domain if needed, without starting it."""
+        self._ensure_defined(vm, flavour, start=False)
+
+    def _ensure_defined(self, vm: DesiredVM, flavour: Flavour, start: bool) -> None:
+        dom = self._lookup(vm.name)
+        try:
+            if dom is None:
+                dom = self._conn.defineXML(build_domain_xml(vm, flavour, self.node, self.domain_type))
+            if start and not dom.isActive():
+                dom.create()
+        except self._lv.libvirtError as exc:
+            raise HypervisorError(f"cannot {'start' if start else 'define'} {vm.name}: {exc}") from None
+
+    def request_shutdown(self, name: str) -> bool:
+        """Ask the guest to power off (ACPI); True if it is already off."""
+        dom = self._lookup(name)
+        try:
+            if dom is None or not dom.isActive():
+                return True
+            dom.shutdown()
+            return not dom.isActive()
+        except self._lv.libvirtError as exc:
+            if exc.get_error_code() in (self._lv.VIR_ERR_NO_DOMAIN, self._lv.VIR_ERR_OPERATION_INVALID):
+                return True
+            raise HypervisorError(f"cannot shut down {name}: {exc}") from None
+
+    def power_off(self, name: str) -> None:
+        """Hard power-off (virsh destroy); the definition stays."""
+        dom = self._lookup(name)
+        try:
+            if dom is not None and dom.isActive():
+                dom.destroy()
+        except self._lv.libvirtError as exc:
+            if exc.get_error_code() not in (self._lv.VIR_ERR_NO_DOMAIN, self._lv.VIR_ERR_OPERATION_INVALID):
+                raise HypervisorError(f"cannot power off {name}: {exc}") from None
+
+    def remove(self, name: str) -> None:
+        """Power off and undefine; a missing domain is success."""
+        self.power_off(name)
+        dom = self._lookup(name)
+        try:
+            if dom is not None:
+                self._owner_cache.pop(dom.UUID(), None)
+                dom.undefine()
+        except self._lv.libvirtError as exc:
+            if exc.get_error_code() != self._lv.VIR_ERR_NO_DOMAIN:
+                raise HypervisorError(f"cannot undefine {name}: {exc}") from None
+
+
+# ---------------------------------------------------------------------------
+# Planner: pure function from (desired, actual, domains) to actions
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Action:
+    """One step for the executor. ``kind`` is one of:
+
+    claim        create the actual key (it is free and fits here), then run
+    claim_error  create the actual key in state error (malformed desired)
+    run          ensure the domain is defined and running
+    park         ensure the domain is defined and not running (desired stopped)
+    report       publish ``state``/``reason`` for a VM we own (domain untouched)
+    remove       desired entry gone: remove the domain, delete the claim
+    release      stop and undefine the domain here, then delete our claim
+    kill         a domain of ours that someone else owns or nobody wants
+    """
+
+    kind: str
+    vm: str
+    reason: str = ""
+    state: str = ""
+    vcpus: int = 0
+    ram_mb: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Capacity:
+    vcpus: int
+    ram_mb: int
+
+
+def _order_key(node: str, vm: str) -> str:
+    """Per-node pseudo-random order, so racing agents start on different VMs."""
+    return hashlib.blake2b(f"{node}/{vm}".encode(), digest_size=8).hexdigest()
+
+
+def usage(node: str, actual: Mapping[str, ActualVM]) -> tuple[int, int, int]:
+    """(vcpus, ram_mb, vms) reserved by the claims ``node`` holds."""
+    mine = [a for a in actual.values() if a.host == node]
+    return sum(a.vcpus for a in mine), sum(a.ram_mb for a in mine), len(mine)
+
+
+def plan(node: str, capacity: Capacity, snap: Snapshot, domains: Mapping[str, str]) -> list[Action]:
+    """Decide what ``node`` should do, from one consistent view.
+
+    Pure: no I/O, no clock. Rules:
+      * a VM claimed by another node is theirs; a domain of ours for it is
+        killed at once (never two copies);
+      * a VM we own follows its desired state; a malformed desired entry is
+        reported as error and the domain is left as it is;
+      * a pin to another node, or an error claim whose entry became valid
+        but no longer fits here, is released (domain stopped first);
+      * an unclaimed VM is claimed when its pin allows and it fits in the
+        free capacity left after every claim we hold or plan; an unclaimed
+        malformed entry is claimed as an error so the reason is visible;
+      * a claim whose desired entry is gone is removed, and so is a domain
+        of ours that nobody desires.
+    """
+    actions: list[Action] = []
+    used_cpu, used_ram, _ = usage(node, snap.actual)
+    free_cpu, free_ram = capacity.vcpus - used_cpu, capacity.ram_mb - used_ram
+
+    def resolve(spec: Union[DesiredVM, SpecError]) -> Union[tuple[DesiredVM, Flavour], str]:
+        if isinstance(spec, SpecError):
+            return str(spec)
+        flav = snap.flavours.get(spec.flavour)
+        if flav is None:
+            return f"unknown flavour {spec.flavour!r}"
+        if isinstance(flav, SpecError):
+            return f"flavour {spec.flavour!r} is malformed: {flav}"
+        return spec, flav
+
+    for name in sorted(snap.desired, key=lambda n: _order_key(node, n)):
+        spec = snap.desired[name]
+        claim = snap.actual.get(name)
+        resolved = resolve(spec)
+        if claim is not None and claim.host != node:
+            if name in domains:
+                actions.append(Action("kill", name, reason=f"claimed by {claim.host or 'an unknown owner'}"))
+            continue
+        if claim is None:
+            if isinstance(resolved, str):
+                actions.append(Action("claim_error", name, reason=resolved))
+                continue
+            vm, flav = resolved
+            if vm.host not in (None, node) or flav.vcpus > free_cpu or flav.ram_mb > free_ram:
+                if name in domains:  # a leftover domain we may not run: never let it race a new owner
+                    actions.append(Action("kill", name, reason="unclaimed and not claimable here"))
+                continue
+            free_cpu -= flav.vcpus
+            free_ram -= flav.ram_mb
+            actions.append(Action("claim", name, state=vm.state, vcpus=flav.vcpus, ram_mb=flav.ram_mb))
+            continue
+        # We own it.
+        if isinstance(resolved, str):
+            if claim.state != "error" or claim.reason != resolved:
+                actions.append(Action("report", name, state="error", reason=resolved,
+                                      vcpus=claim.vcpus, ram_mb=claim.ram_mb))
+            continue
+        vm, flav = resolved
+        if vm.host not in (None, node):
+            actions.append(Action("release", name, reason=f"pinned to {vm.host}"))
+            continue
+        cpu, ram = claim.vcpus, claim.ram_mb  # what the claim reserved
+        if cpu == 0 and ram == 0:  # an error claim whose entry became valid
+            if flav.vcpus > free_cpu or flav.ram_mb > free_ram:
+                actions.append(Action("release", name, reason="does not fit here"))
+                continue
+            cpu, ram = flav.vcpus, flav.ram_mb
+            free_cpu -= cpu
+            free_ram -= ram
+        kind = "run" if vm.state == "running" else "park"
+        actions.append(Action(kind, name, state=vm.state, vcpus=cpu, ram_mb=ram))
+
+    for name, claim in sorted(snap.actual.items()):
+        if claim.host == node and name not in snap.desired:
+            actions.append(Action("remove", name, reason="desired entry deleted"))
+    for name in sorted(domains):
+        if name not in snap.desired and name not in snap.actual:
+            actions.append(Action("kill", name, reason="no desired entry and no claim"))
+    return actions
+
+
+# ---------------------------------------------------------------------------
+# Agent: lease keeper, executor, main loop
+# ---------------------------------------------------------------------------
+
+
+class LeaseKeeper(threading.Thread):
+    """Keeps the agent's one lease alive, renewing every TTL/3 with jitter.
+
+    Contract: ``valid()`` is True while the lease was confirmed by etcd less
+    than ``ttl - margin`` seconds ago (time taken at the *start* of the
+    confirming request, so etcd's own expiry is never earlier). ``lost``
+    is set once etcd says the lease no longer exists. ``wake`` is called
+    whenever validity may have changed.
+    """
+
+    def __init__(self, store: Store, lease_id: int, ttl: int, margin: float, wake: Callable[[], None]) -> None:
+        super().__init__(name="lease-keeper", daemon=True)
+        self.store = store
+        self.lease_id = lease_id
+        self.ttl = ttl
+        self.margin = margin
+        self._wake = wake
+        self._confirmed = time.monotonic()
+        self.lost = threading.Event()
+        self.failing = False
+        self.troubles = 0  # count of failed keep-alives, ever
+        self._halt = threading.Event()
+
+    def deadline(self) -> float:
+        """Monotonic time after which this node must not run VMs."""
+        return self._confirmed + self.ttl - self.margin
+
+    def valid(self) -> bool:
+        return not self.lost.is_set() and time.monotonic() < self.deadline()
+
+    def stop(self) -> None:
+        self._halt.set()
+
+    def run(self) -> None:
+        interval = self.ttl / 3.0
+        while not self._halt.is_set() and not self.lost.is_set():
+            started = time.monotonic()
+            try:
+                remaining = self.store.refresh_lease(self.lease_id)
+            except StoreUnavailable as exc:
+                if not self.failing:
+                    log.warning("lease %x: keep-alive failed: %s", self.lease_id, exc)
+                self.failing = True
+                self.troubles += 1
+                self._wake()
+                self._halt.wait(min(0.5, interval))
+                continue
+            if remaining <= 0:
+                log.error("lease %x: etcd says it has expired", self.lease_id)
+                self.lost.set()
+                self._wake()
+                return
+            self._confirmed = started
+            if self.failing:
+                log.info("lease %x: keep-alive works again", self.lease_id)
+                self.failing = False
+                self._wake()
+            self._halt.wait(interval * random.uniform(0.9, 1.0))
+
+
+class NodeTakenError(MetaStackError):
+    """A live agent already holds this node name."""
+
+
+class Agent:
+    """One node's agent: claims, runs and reports VMs; see the module doc.
+
+    ``tick()`` is one level-triggered reconcile of the full desired set
+    against what this node owns and runs; it returns a one-line decision.
+    ``run()`` loops on ticks, woken early by watch events and the lease
+    keeper, until ``request_stop()`` (signal handlers only call that).
+    """
+
+    def __init__(self, cfg: AgentConfig, store: Optional[Store] = None,
+                 hypervisor: Optional[Hypervisor] = None) -> None:
+        self.cfg = cfg
+        self.node = cfg.node_name
+        self.store = store or Store(cfg.etcd)
+        self.keys = self.store.keys
+        self.hv = hypervisor or Hypervisor(cfg.libvirt_uri, cfg.node_name, cfg.domain_type)
+        hv_cpu, hv_ram = self.hv.capacity()
+        self.capacity = Capacity(cfg.vcpus or hv_cpu, cfg.ram_mb or hv_ram)
+        self.view = ClusterView(self.keys)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._watch_cancel: Optional[Callable[[], None]] = None
+        self._watch_dead = threading.Event()
+        self._keeper: Optional[LeaseKeeper] = None
+        self._last_resync = 0.0
+        self._troubles_at_resync = 0
+        self._store_trouble = False
+        self._fenced = False
+        self._stopping: dict[str, float] = {}  # vm -> monotonic deadline of a graceful shutdown
+        self._last_host: Optional[HostState] = None
+        self.last_decision = ""
+
+    # -- lifecycle -----------------------------------------------------------
+    @property
+    def lease_id(self) -> int:
+        assert self._keeper is not None
+        return self._keeper.lease_id
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def request_stop(self) -> None:
+        """Ask the main loop to drain and exit (safe from a signal handler)."""
+        self._stop.set()
+        self._wake.set()
+
+    def start(self) -> None:
+        """Take a lease, register the node (refusing a name a live agent
+        holds), list the prefix and start watching it."""
+        self._acquire_lease(wait_for_stale=self.cfg.lease_ttl + 2.0)
+        self._resync()
+
+    def _acquire_lease(self, wait_for_stale: float) -> None:
+        lease = self.store.grant_lease(self.cfg.lease_ttl)
+        host = self._host_state()
+        deadline = time.monotonic() + wait_for_stale
+        while True:
+            rev, existing = self.store.create(self.keys.host(self.node), host.encode(), lease)
+            if rev is not None:
+                break
+            if time.monotonic() >= deadline:
+                self.store.revoke_lease(lease)
+                raise NodeTakenError(
+                    f"node name {self.node!r} is held by a live agent "
+                    f"(lease {existing.lease if existing else 0:x}); refusing to start")
+            time.sleep(0.25)
+        self._last_host = host
+        self.view.note(self.keys.host(self.node), host.encode(), rev, lease)
+        self._keeper = LeaseKeeper(self.store, lease, self.cfg.lease_ttl, self.cfg.fence_margin, self.wake)
+        self._keeper.start()
+        self._fenced = False
+        log.info("registered node %s (lease %x, ttl %ss, %d vcpus, %d MiB)",
+                 self.node, lease, self.cfg.lease_ttl, self.capacity.vcpus, self.capacity.ram_mb)
+
+    def _resync(self) -> None:
+        """Full re-list, then (re-)watch from the listed revision."""
+        if self._watch_cancel is not None:
+            self._watch_cancel()
+            self._watch_cancel = None
+        revision, entries = self.store.list_prefix(self.keys.all)
+        self.view.load(revision, entries)
+        self._watch_dead.clear()
+        self._watch_cancel = self.store.watch_prefix(
+            self.keys.all, revision + 1, self._on_events, self._on_watch_error)
+        self._last_resync = time.monotonic()
+        self._store_trouble = False
+        self._troubles_at_resync = self._keeper.troubles if self._keeper else 0
+
+    def _on_events(self, revision: int, events: list[KeyEvent]) -> None:
+        self.view.apply(revision, events)
+        self._wake.set()
+
+    def _on_watch_error(self, exc: BaseException) -> None:
+        log.warning("watch ended: %s", exc or type(exc).__name__)
+        self._watch_dead.set()
+        self._wake.set()
+
+    def run(self) -> None:
+        """Main loop: tick on every wake-up; drain on stop."""
+        self.start()
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                decision = self.tick()
+                failures = 0
+            except StoreUnavailable as exc:
+                failures += 1
+                self._store_trouble = True
+                decision = f"etcd unreachable ({exc}); retrying"
+            except HypervisorError as exc:
+                failures += 1
+                decision = f"libvirt error: {exc}"
+            except Exception:  # a bug must not kill the agent while VMs run
+                failures += 1
+                log.exception("unexpected error in reconcile")
+                decision = "unexpected error (see traceback); retrying"
+            if decision != self.last_decision or decision.startswith(("acted", "fenced")):
+                log.info("%s", decision)
+            self.last_decision = decision
+            self._wake.wait(self._next_wait(failures))
+            self._wake.clear()
+        self.drain()
+
+    def _next_wait(self, failures: int) -> float:
+        until_resync = self._last_resync + self.cfg.resync_interval - time.monotonic()
+        waits = [max(0.05, until_resync)]
+        if failures:
+            waits.append(min(0.2 * failures, 1.0))
+        if self._stopping:
+            waits.append(0.5)
+        if self._keeper is not None and not self._fenced:
+            waits.append(max(0.05, self._keeper.deadline() - time.monotonic()))
+        return min(waits)
+
+    # -- one reconcile -------------------------------------------------------
+    def tick(self) -> str:
+        """One level-triggered reconcile; returns the decision as one line."""
+        assert self._keeper is not None
+        if self._keeper.lost.is_set():
+            fenced = self._fence("lease expired")
+            self._keeper.stop()
+            self._acquire_lease(wait_for_stale=self.cfg.lease_ttl + 2.0)
+            self._resync()
+            return f"fenced: lease lost, stopped {fenced} VM(s); re-registered with a new lease"
+        if not self._keeper.valid():
+            if not self._fenced:
+                n = self._fence("lease not confirmed in time (etcd unreachable?)")
+                return f"fenced: cannot confirm lease, stopped {n} VM(s) until etcd answers"
+            return "fenced: waiting for etcd to confirm the lease"
+        if (self._fenced or self._store_trouble or self._watch_dead.is_set()
+                or self._keeper.troubles != self._troubles_at_resync
+                or time.monotonic() - self._last_resync >= self.cfg.resync_interval):
+            # Level-triggered repair: after any trouble with etcd the watch
+            # may be stuck or behind, so list everything and watch anew.
+            self._resync()
+            self._fenced = False
+        snap = self.view.snapshot()
+        domains = self.hv.domains()
+        actions = plan(self.node, self.capacity, snap, domains)
+        done = self._execute(actions, snap, domains)
+        self._publish_host()
+        cpu, ram, vms = usage(self.node, self.view.snapshot().actual)
+        summary = f"{vms} VM(s) here, {cpu}/{self.capacity.vcpus} vcpus, {ram}/{self.capacity.ram_mb} MiB"
+        if done:
+            return f"acted: {'; '.join(done)} | {summary}"
+        return f"no action: {summary}"
+
+    def _fence(self, why: str) -> int:
+        """Power off every domain of ours at once: we may no longer own them."""
+        self._fenced = True
+        count = 0
+        for name in self.hv.domains():
+            try:
+                self.hv.power_off(name)
+                count += 1
+            except HypervisorError as exc:
+                log.error("fence: %s", exc)
+        self._stopping.clear()
+        log.warning("fenced (%s): powered off %d domain(s)", why, count)
+        return count
+
+    # -- executor ------------------------------------------------------------
+    def _execute(self, actions: list[Action], snap: Snapshot, domains: Mapping[str, str]) -> list[str]:
+        done: list[str] = []
+        for act in actions:
+            if self._stop.is_set() or not self._keeper or not self._keeper.valid():
+                break
+            try:
+                note = getattr(self, f"_do_{act.kind}")(act, snap, domains)
+            except HypervisorError as exc:
+                note = f"{act.vm}: {exc}"
+                self._publish(act.vm, "error", str(exc), act.vcpus, act.ram_mb)
+            if note:
+                done.append(note)
+        return done
+
+    def _claim_value(self, state: str, reason: str, vcpus: int, ram_mb: int) -> ActualVM:
+        return ActualVM(host=self.node, state=state, reason=reason, vcpus=vcpus, ram_mb=ram_mb, updated=utc_now())
+
+    def _do_claim(self, act: Action, snap: Snapshot, domains: Mapping[str, str]) -> str:
+        if self.cfg.claim_spread > 0:  # willingness: a busier node waits a little longer
+            cpu, ram, _ = usage(self.node, self.view.snapshot().actual)
+            load = max(cpu / self.capacity.vcpus, ram / self.capacity.ram_mb)
+            time.sleep(self.cfg.claim_spread * min(load, 1.0) + random.uniform(0, self.cfg.claim_spread / 10))
+        first = "starting" if act.state == "running" else "stopped"
+        if not self._create_claim(act.vm, self._claim_value(first, "", act.vcpus, act.ram_mb)):
+            return ""
+        spec = snap.desired[act.vm]
+        assert isinstance(spec, DesiredVM)
+        note = self._converge(act, spec, domains)
+        return f"claimed {act.vm}" + (f", {note}" if note else "")
+
+    def _do_claim_error(self, act: Action, snap: Snapshot, domains: Mapping[str, str]) -> str:
+        if self._create_claim(act.vm, self._claim_value("error", act.reason, 0, 0)):
+            log.warning("%s: desired entry rejected: %s", act.vm, act.reason)
+            return f"{act.vm}: error ({act.reason})"
+        return ""
+
+    def _create_claim(self, vm: str, value: ActualVM) -> bool:
+        key = self.keys.actual(vm)
+        rev, existing = self.store.create(key, value.encode(), self.lease_id)
+        if rev is not None:
+            self.view.note(key, value.encode(), rev, self.lease_id)
+            return True
+        if existing is not None:
+            self.view.note(key, existing.value, existing.mod_revision, existing.lease)
+        return False
+
+    def _do_run(self, act: Action, snap: Snapshot, domains: Mapping[str, str]) -> str:
+        spec = snap.desired[act.vm]
+        assert isinstance(spec, DesiredVM)
+        return self._converge(act, spec, domains)
+
+    _do_park = _do_run
+
+    def _converge(self, act: Action, spec: DesiredVM, domains: Mapping[str, str]) -> str:
+        """Bring the domain to the desired state and publish what it is."""
+        flav = Flavour(act.vcpus, act.ram_mb)
+        current = domains.get(act.vm)
+        if spec.state == "running":
+            self._stopping.pop(act.vm, None)
+            if current != "running":
+                self.hv.ensure_running(spec, flav)
+            changed = self._publish(act.vm, "running", "", act.vcpus, act.ram_mb)
+            return f"started {act.vm}" if current != "running" else ("running " + act.vm if changed else "")
+        if current is None:
+            self.hv.ensure_defined(spec, flav)
+        elif current == "running":
+            if self._shut_down(act.vm):
+                self._publish(act.vm, "stopped", "", act.vcpus, act.ram_mb)
+                return f"stopped {act.vm}"
+            changed = self._publish(act.vm, "stopping", "", act.vcpus, act.ram_mb)
+            return f"stopping {act.vm}" if changed else ""
+        changed = self._publish(act.vm, "stopped", "", act.vcpus, act.ram_mb)
+        return f"{act.vm} stopped" if changed else ""
+
+    def _shut_down(self, vm: str) -> bool:
+        """Graceful shutdown, then a hard power-off after shutdown_timeout.
+        Never blocks; True once the domain is off."""
+        now = time.monotonic()
+        deadline = self._stopping.setdefault(vm, now + self.cfg.shutdown_timeout)
+        if self.hv.request_shutdown(vm):
+            self._stopping.pop(vm, None)
+            return True
+        if now >= deadline:
+            log.warning("%s: no shutdown after %.0fs, powering off", vm, self.cfg.shutdown_timeout)
+            self.hv.power_off(vm)
+            self._stopping.pop(vm, None)
+            return True
+        return False
+
+    def _do_report(self, act: Action, snap: Snapshot, domains: Mapping[str, str]) -> str:
+        if self._publish(act.vm, act.state, act.reason, act.vcpus, act.ram_mb):
+            log.warning("%s: desired entry rejected: %s", act.vm, act.reason)
+            return f"{act.vm}: {act.state} ({act.reason})"
+        return ""
+
+    def _do_remove(self, act: Action, snap: Snapshot, domains: Mapping[str, str]) -> str:
+        self.hv.remove(act.vm)
+        self._stopping.pop(act.vm, None)
+        self._delete_claim(act.vm)
+        return f"removed {act.vm} ({act.reason})"
+
+    def _do_release(self, act: Action, snap: Snapshot, domains: Mapping[str, str]) -> str:
+        self.hv.remove(act.vm)  # the domain goes first: never two copies
+        self._stopping.pop(act.vm, None)
+        self._delete_claim(act.vm)
+        return f"released {act.vm} ({act.reason})"
+
+    def _do_kill(self, act: Action, snap: Snapshot, domains: Mapping[str, str]) -> str:
+        self.hv.remove(act.vm)
+        self._stopping.pop(act.vm, None)
+        return f"killed local domain {act.vm} ({act.reason})"
+
+    def _delete_claim(self, vm: str) -> None:
+        key = self.keys.actual(vm)
+        entry = self.view.entry(key)
+        if entry is None:
+            return
+        rev = self.store.delete_if(key, entry.mod_revision)
+        if rev is not None:
+            self.view.note(key, None, rev)
+
+    def _publish(self, vm: str, state: str, reason: str, vcpus: int, ram_mb: int) -> bool:
+        """Write our actual key if its content changes; True if written.
+        The write is a CAS on the key's last revision: if another node has
+        claimed the VM meanwhile, nothing is written."""
+        key = self.keys.actual(vm)
+        entry = self.view.entry(key)
+        if entry is None:
+            return False
+        current = ActualVM.parse(entry.value)
+        if current.host != self.node:
+            return False
+        new = self._claim_value(state, reason, vcpus, ram_mb)
+        if new.same_content(current):
+            return False
+        rev = self.store.replace(key, new.encode(), entry.mod_revision, self.lease_id)
+        if rev is None:
+            log.warning("%s: claim changed under us; not writing %s", vm, state)
+            return False
+        self.view.note(key, new.encode(), rev, self.lease_id)
+        return True
+
+    def _host_state(self) -> HostState:
+        cpu, ram, vms = usage(self.node, self.view.snapshot().actual)
+        return HostState(self.capacity.vcpus, self.capacity.ram_mb, cpu, ram, vms, "ready")
+
+    def _publish_host(self) -> None:
+        host = self._host_state()
+        if host == self._last_host:
+            return
+        key = self.keys.host(self.node)
+        entry = self.view.entry(key)
+        rev = self.store.replace(key, host.encode(), entry.mod_revision, self.lease_id) if entry else None
+        if rev is None:  # vanished (lease expired): the keeper will notice
+            rev, _ = self.store.create(key, host.encode(), self.lease_id)
+        if rev is not None:
+            self.view.note(key, host.encode(), rev, self.lease_id)
+            self._last_host = host
+
+    # -- shutdown ------------------------------------------------------------
+    def drain(self) -> None:
+        """SIGTERM path: stop every VM here (graceful, then hard after
+        shutdown_timeout), and only then revoke the lease so other nodes
+        start them. Never hands over a VM that still runs here."""
+        log.info("draining: stopping %d domain(s) before releasing claims", len(self.hv.domains()))
+        names = [n for n, s in self.hv.domains().items() if s == "running"]
+        for n in names:
+            try:
+                self.hv.request_shutdown(n)
+            except HypervisorError as exc:
+                log.error("drain: %s", exc)
+        deadline = time.monotonic() + self.cfg.shutdown_timeout
+        while time.monotonic() < deadline and any(s == "running" for s in self.hv.domains().values()):
+            time.sleep(0.2)
+        for n, s in self.hv.domains().items():
+            if s == "running":
+                self.hv.power_off(n)
+        for n in list(self.hv.domains()):
+            self.hv.remove(n)
+        if self._watch_cancel is not None:
+            self._watch_cancel()
+        if self._keeper is not None:
+            self._keeper.stop()
+            try:
+                self.store.revoke_lease(self._keeper.lease_id)
+                log.info("drained: %d VM(s) stopped, lease revoked", len(names))
+            except StoreUnavailable as exc:
+                log.warning("drained: %d VM(s) stopped; lease not revoked (%s), it expires in %ss",
+                            len(names), exc, self.cfg.lease_ttl)
+        self.hv.close()
+        self.store.close()
+
+
+# ---------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point of ``python metastack.py`` and the ``metastack`` command.
+
+    Exit codes: 0 clean stop, 1 runtime failure, 2 bad configuration,
+    3 the node name is held by a live agent.
+    """
+    parser = argparse.ArgumentParser(prog="metastack", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-c", "--config", default=os.environ.get("METASTACK_CONFIG", "/etc/metastack/metastack.ini"))
+    parser.add_argument("--check-config", action="store_true", help="validate the config file and exit")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+        setup_logging(cfg.node_name, cfg.log_level, cfg.syslog)
+    except ConfigError as exc:
+        print(f"metastack: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if args.check_config:
+        print(f"metastack: {args.config} is valid (node {cfg.node_name})")
+        return 0
+    try:
+        agent = Agent(cfg)
+    except (HypervisorError, StoreUnavailable) as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        agent.request_stop()
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        agent.run()
+    except NodeTakenError as exc:
+        log.error("%s", exc)
+        return 3
+    except StoreUnavailable as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,333 @@
+#!/usr/bin/env python3
+"""metastackctl: the MetaStack admin CLI.
+
+It writes the desired state into etcd and reads what the agents report,
+through the store layer and key schema of ``metastack.py`` (never its own).
+
+\b
+Exit codes:
+  0  success
+  1  the request failed (unknown VM, name taken, flavour in use, ...)
+  2  bad usage or bad arguments (nothing was written)
+  3  etcd could not be reached
+"""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Callable, Optional, Sequence
+
+import click
+
+import metastack as ms
+
+OUTPUT = click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table",
+                      show_default=True, help="Output format.")
+
+
+class StoreDown(click.ClickException):
+    """etcd is unreachable (exit code 3)."""
+
+    exit_code = 3
+
+
+class Context:
+    """Lazily opened store plus the key schema; one per invocation."""
+
+    def __init__(self, etcd: ms.EtcdConfig) -> None:
+        self.etcd = etcd
+        self.keys = ms.Keys(etcd.prefix)
+        self._store: Optional[ms.Store] = None
+
+    @property
+    def store(self) -> ms.Store:
+        if self._store is None:
+            self._store = ms.Store(self.etcd)
+        return self._store
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a store call, turning an etcd outage into exit code 3."""
+        try:
+            return fn(*args)
+        except ms.StoreUnavailable as exc:
+            raise StoreDown(f"{exc} (endpoints: {self.endpoint_text})") from None
+
+    @property
+    def endpoint_text(self) -> str:
+        return ",".join(f"{h}:{p}" for h, p in self.etcd.endpoints)
+
+    def listing(self, kind: str) -> dict[str, ms.Entry]:
+        """name -> entry for every key of one kind (desired, actual, ...)."""
+        _, entries = self.call(self.store.list_prefix, self.keys.dir(kind))
+        out = {}
+        for key, entry in entries.items():
+            split = self.keys.split(key)
+            if split is not None and split[0] == kind:
+                out[split[1]] = entry
+        return out
+
+
+def name_arg(what: str) -> Callable[[click.Context, click.Parameter, Optional[str]], Optional[str]]:
+    """click callback rejecting names the agents would refuse."""
+    def check(_ctx: click.Context, _param: click.Parameter, value: Optional[str]) -> Optional[str]:
+        if value is not None and not ms.valid_name(value):
+            raise click.BadParameter(
+                f"{value!r} is not a valid {what} name: lower-case letters, digits and '-', "
+                f"1-63 characters, starting and ending with a letter or digit")
+        return value
+    return check
+
+
+def print_output(columns: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str) -> None:
+    """Print rows as an aligned table or as a JSON list of objects keyed by column."""
+    if fmt == "json":
+        keys = [c.lower() for c in columns]
+        click.echo(json.dumps([dict(zip(keys, r)) for r in rows], indent=2, sort_keys=False))
+        return
+    text = [[("" if v is None else str(v)) for v in r] for r in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in text]) for i, c in enumerate(columns)]
+    click.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip())
+    for r in text:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+
+
+@click.group(help=__doc__)
+@click.option("-c", "--config", type=click.Path(dir_okay=False), envvar="METASTACK_CONFIG",
+              help="ini file with an [etcd] section (the agent's file works). Env: METASTACK_CONFIG.")
+@click.option("--endpoints", envvar="METASTACK_ENDPOINTS",
+              help="etcd endpoints host:port[,...]; overrides the config file. Env: METASTACK_ENDPOINTS.")
+@click.option("--prefix", help="etcd key prefix; overrides the config file (default /metastack).")
+@click.pass_context
+def cli(ctx: click.Context, config: Optional[str], endpoints: Optional[str], prefix: Optional[str]) -> None:
+    try:
+        cp = ms.read_ini(config)
+        if endpoints:
+            cp.read_dict({"etcd": {"endpoints": endpoints}})
+        if prefix:
+            cp.read_dict({"etcd": {"prefix": prefix}})
+        ctx.obj = Context(ms.etcd_config_from(cp))
+    except ms.ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+# -- VMs ----------------------------------------------------------------------
+
+
+def _desired_obj(c: Context, name: str) -> tuple[dict[str, Any], ms.Entry]:
+    entry = c.call(c.store.get, c.keys.desired(name))
+    if entry is None:
+        raise click.ClickException(f"no VM named {name!r}")
+    try:
+        obj = json.loads(entry.value)
+        if not isinstance(obj, dict):
+            raise ValueError("not an object")
+    except ValueError:
+        raise click.ClickException(
+            f"the desired entry of {name!r} is not a JSON object; fix it with etcdctl or destroy the VM") from None
+    return obj, entry
+
+
+def _flavour_exists(c: Context, name: str) -> None:
+    entry = c.call(c.store.get, c.keys.flavour(name))
+    if entry is None:
+        known = ", ".join(sorted(c.listing("flavours"))) or "none"
+        raise click.ClickException(f"no flavour named {name!r} (known: {known})")
+
+
+@cli.command()
+@click.argument("name", callback=name_arg("VM"))
+@click.option("--flavour", "-f", required=True, callback=name_arg("flavour"), help="Flavour name.")
+@click.option("--host", callback=name_arg("node"), help="Pin the VM to this node.")
+@click.option("--image", callback=name_arg("image"), help="Base image name.")
+@click.option("--stopped", is_flag=True, help="Create it stopped (defined, not started).")
+@pass_ctx
+def create(c: Context, name: str, flavour: str, host: Optional[str], image: Optional[str], stopped: bool) -> None:
+    """Create VM NAME; an agent with room claims and starts it."""
+    _flavour_exists(c, flavour)
+    spec = ms.DesiredVM(name, flavour, "stopped" if stopped else "running", host, image)
+    rev, _ = c.call(c.store.create, c.keys.desired(name), json.dumps(spec.to_json()).encode())
+    if rev is None:
+        raise click.ClickException(f"a VM named {name!r} already exists")
+    click.echo(f"created {name} (flavour {flavour}{', pinned to ' + host if host else ''}"
+               f"{', stopped' if stopped else ''})", err=True)
+
+
+@cli.command()
+@click.argument("name", callback=name_arg("VM"))
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@pass_ctx
+def destroy(c: Context, name: str, yes: bool) -> None:
+    """Destroy VM NAME: its owner powers it off and removes it."""
+    entry = c.call(c.store.get, c.keys.desired(name))
+    if entry is None:
+        raise click.ClickException(f"no VM named {name!r}")
+    if not yes:
+        click.confirm(f"Destroy VM {name!r}?", abort=True, err=True)
+    if c.call(c.store.delete_if, c.keys.desired(name), entry.mod_revision) is None:
+        raise click.ClickException(f"VM {name!r} changed while destroying it; try again")
+    click.echo(f"destroying {name}", err=True)
+
+
+def _set_state(c: Context, name: str, state: str) -> None:
+    for _ in range(5):
+        obj, entry = _desired_obj(c, name)
+        if obj.get("state", "running") == state:
+            click.echo(f"{name} is already desired {state}", err=True)
+            return
+        obj["state"] = state
+        if c.call(c.store.replace, c.keys.desired(name), json.dumps(obj).encode(), entry.mod_revision):
+            click.echo(f"{name}: desired state is now {state}", err=True)
+            return
+    raise click.ClickException(f"VM {name!r} keeps changing; try again")
+
+
+@cli.command()
+@click.argument("name", callback=name_arg("VM"))
+@pass_ctx
+def start(c: Context, name: str) -> None:
+    """Set VM NAME's desired state to running."""
+    _set_state(c, name, "running")
+
+
+@cli.command()
+@click.argument("name", callback=name_arg("VM"))
+@pass_ctx
+def stop(c: Context, name: str) -> None:
+    """Set VM NAME's desired state to stopped."""
+    _set_state(c, name, "stopped")
+
+
+VM_COLUMNS = ("NAME", "FLAVOUR", "DESIRED", "STATE", "HOST", "REASON")
+
+
+def _vm_row(name: str, desired: Optional[ms.Entry], actual: Optional[ms.Entry]) -> list[Any]:
+    flavour = want = ""
+    if desired is not None:
+        try:
+            spec = ms.DesiredVM.parse(name, desired.value)
+            flavour, want = spec.flavour, spec.state
+        except ms.SpecError:
+            flavour, want = "?", "?"
+    else:
+        want = "(deleted)"
+    if actual is None:
+        return [name, flavour, want, "pending", "", ""]
+    a = ms.ActualVM.parse(actual.value)
+    return [name, flavour, want, a.state, a.host, a.reason]
+
+
+@cli.command("list")
+@OUTPUT
+@pass_ctx
+def list_(c: Context, output: str) -> None:
+    """List VMs: desired state next to what their owner reports."""
+    desired, actual = c.listing("desired"), c.listing("actual")
+    rows = [_vm_row(n, desired.get(n), actual.get(n)) for n in sorted(set(desired) | set(actual))]
+    print_output(VM_COLUMNS, rows, output)
+
+
+@cli.command()
+@click.argument("name", callback=name_arg("VM"))
+@OUTPUT
+@pass_ctx
+def show(c: Context, name: str, output: str) -> None:
+    """Show one VM: its desired entry and its actual state."""
+    desired = c.call(c.store.get, c.keys.desired(name))
+    actual = c.call(c.store.get, c.keys.actual(name))
+    if desired is None and actual is None:
+        raise click.ClickException(f"no VM named {name!r}")
+    row = _vm_row(name, desired, actual)
+    fields = dict(zip([k.lower() for k in VM_COLUMNS], row))
+    fields["desired_entry"] = desired.value.decode(errors="replace") if desired else None
+    fields["updated"] = ms.ActualVM.parse(actual.value).updated if actual else None
+    if output == "json":
+        click.echo(json.dumps(fields, indent=2))
+        return
+    print_output(("FIELD", "VALUE"), [[k, v] for k, v in fields.items()], "table")
+
+
+@cli.command()
+@OUTPUT
+@pass_ctx
+def hosts(c: Context, output: str) -> None:
+    """List live nodes with their capacity and use."""
+    rows = []
+    for name, entry in sorted(c.listing("hosts").items()):
+        try:
+            h = ms.HostState.parse(entry.value)
+        except (ms.SpecError, TypeError):
+            rows.append([name, "malformed", None, None, None, None, None])
+            continue
+        rows.append([name, h.state, h.vcpus_used, h.vcpus, h.ram_mb_used, h.ram_mb, h.vms])
+    print_output(("NODE", "STATE", "VCPUS_USED", "VCPUS", "RAM_MB_USED", "RAM_MB", "VMS"), rows, output)
+
+
+# -- flavours -----------------------------------------------------------------
+
+
+@cli.group()
+def flavour() -> None:
+    """Manage flavours (vcpus and RAM sizes)."""
+
+
+@flavour.command("create")
+@click.argument("name", callback=name_arg("flavour"))
+@click.option("--vcpus", required=True, type=click.IntRange(min=1), help="Virtual CPUs.")
+@click.option("--ram-mb", required=True, type=click.IntRange(min=1), help="RAM in MiB.")
+@pass_ctx
+def flavour_create(c: Context, name: str, vcpus: int, ram_mb: int) -> None:
+    """Create flavour NAME."""
+    value = json.dumps(ms.Flavour(vcpus, ram_mb).to_json()).encode()
+    rev, _ = c.call(c.store.create, c.keys.flavour(name), value)
+    if rev is None:
+        raise click.ClickException(f"a flavour named {name!r} already exists")
+    click.echo(f"created flavour {name} ({vcpus} vcpus, {ram_mb} MiB)", err=True)
+
+
+@flavour.command("list")
+@OUTPUT
+@pass_ctx
+def flavour_list(c: Context, output: str) -> None:
+    """List flavours."""
+    rows = []
+    for name, entry in sorted(c.listing("flavours").items()):
+        try:
+            f = ms.Flavour.parse(name, entry.value)
+            rows.append([name, f.vcpus, f.ram_mb])
+        except ms.SpecError:
+            rows.append([name, None, None])
+    print_output(("NAME", "VCPUS", "RAM_MB"), rows, output)
+
+
+@flavour.command("delete")
+@click.argument("name", callback=name_arg("flavour"))
+@pass_ctx
+def flavour_delete(c: Context, name: str) -> None:
+    """Delete flavour NAME (refused while a VM uses it)."""
+    entry = c.call(c.store.get, c.keys.flavour(name))
+    if entry is None:
+        raise click.ClickException(f"no flavour named {name!r}")
+    users = []
+    for vm, d in sorted(c.listing("desired").items()):
+        try:
+            if ms.DesiredVM.parse(vm, d.value).flavour == name:
+                users.append(vm)
+        except ms.SpecError:
+            continue
+    if users:
+        raise click.ClickException(f"flavour {name!r} is used by {len(users)} VM(s): {', '.join(users[:10])}")
+    if c.call(c.store.delete_if, c.keys.flavour(name), entry.mod_revision) is None:
+        raise click.ClickException(f"flavour {name!r} changed while deleting it; try again")
+    click.echo(f"deleted flavour {name}", err=True)
+
+
+def main() -> None:
+    """Entry point of the ``metastackctl`` command."""
+    cli(prog_name="metastackctl")
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

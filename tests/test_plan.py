@@ -1,0 +1,247 @@
+"""Pure layer: the planner, spec parsing, config validation, domain XML."""
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import metastack as ms
+from metastack import Action, ActualVM, Capacity, DesiredVM, Flavour, Snapshot, SpecError, plan
+
+SMALL = Flavour(1, 512)
+FLAVOURS = {"small": SMALL, "big": Flavour(4, 4096)}
+
+
+def snap(desired=None, actual=None, flavours=None) -> Snapshot:
+    return Snapshot(desired or {}, actual or {}, dict(FLAVOURS if flavours is None else flavours), {})
+
+
+def vm(name: str, flavour: str = "small", **kw) -> DesiredVM:
+    return DesiredVM(name, flavour, **kw)
+
+
+def mine(state: str = "running", cpu: int = 1, ram: int = 512, host: str = "n1") -> ActualVM:
+    return ActualVM(host=host, state=state, vcpus=cpu, ram_mb=ram)
+
+
+def kinds(actions: list[Action]) -> dict[str, str]:
+    return {a.vm: a.kind for a in actions}
+
+
+CAP = Capacity(4, 8192)
+
+
+@pytest.mark.parametrize("desired,actual,domains,expected", [
+    # free VM that fits: claim
+    ({"a": vm("a")}, {}, {}, {"a": "claim"}),
+    # claimed by someone else: nothing to do
+    ({"a": vm("a")}, {"a": mine(host="n2")}, {}, {}),
+    # claimed by someone else while a domain of ours exists: kill it at once
+    ({"a": vm("a")}, {"a": mine(host="n2")}, {"a": "running"}, {"a": "kill"}),
+    # ours, desired running
+    ({"a": vm("a")}, {"a": mine()}, {"a": "running"}, {"a": "run"}),
+    # ours, desired stopped
+    ({"a": vm("a", state="stopped")}, {"a": mine()}, {"a": "running"}, {"a": "park"}),
+    # desired entry deleted: remove
+    ({}, {"a": mine()}, {"a": "running"}, {"a": "remove"}),
+    # a domain of ours nobody wants and nobody claims: kill
+    ({}, {}, {"x": "stopped"}, {"x": "kill"}),
+    # pinned elsewhere: not claimed
+    ({"a": vm("a", host="n2")}, {}, {}, {}),
+    # pinned here: claimed
+    ({"a": vm("a", host="n1")}, {}, {}, {"a": "claim"}),
+    # we own it but it is now pinned elsewhere: release (domain goes first)
+    ({"a": vm("a", host="n2")}, {"a": mine()}, {"a": "running"}, {"a": "release"}),
+    # unknown flavour: an error claim with the reason
+    ({"a": vm("a", flavour="huge")}, {}, {}, {"a": "claim_error"}),
+    # does not fit (4 vcpus free, 5 asked): left for another node
+    ({"a": vm("a", flavour="big"), "b": vm("b")}, {"b": mine()}, {"b": "running"}, {"b": "run"}),
+    # malformed entry, unclaimed: claim it as an error so the reason shows
+    ({"a": SpecError("bad json")}, {}, {}, {"a": "claim_error"}),
+    # malformed entry we own: report, never touch the domain
+    ({"a": SpecError("bad json")}, {"a": mine()}, {"a": "running"}, {"a": "report"}),
+    # already reported with the same reason: nothing to do
+    ({"a": SpecError("bad json")}, {"a": ActualVM("n1", "error", "bad json")}, {}, {}),
+    # leftover domain, VM unclaimed but pinned elsewhere: kill, never race the new owner
+    ({"a": vm("a", host="n2")}, {}, {"a": "stopped"}, {"a": "kill"}),
+])
+def test_plan_table(desired, actual, domains, expected) -> None:
+    assert kinds(plan("n1", CAP, snap(desired, actual), domains)) == expected
+
+
+def test_plan_respects_capacity_counting_existing_claims() -> None:
+    desired = {f"v{i}": vm(f"v{i}") for i in range(6)}
+    actual = {"v0": mine(), "v1": mine()}
+    acts = plan("n1", Capacity(3, 8192), snap(desired, actual), {"v0": "running", "v1": "running"})
+    claims = [a for a in acts if a.kind == "claim"]
+    assert len(claims) == 1  # 3 vcpus, 2 already used
+    assert kinds(acts)["v0"] == "run" and kinds(acts)["v1"] == "run"
+
+
+def test_plan_ram_limits_too() -> None:
+    desired = {f"v{i}": vm(f"v{i}", flavour="big") for i in range(3)}
+    acts = plan("n1", Capacity(64, 9000), snap(desired), {})
+    assert sum(a.kind == "claim" for a in acts) == 2
+
+
+def test_error_claim_that_became_valid_is_released_when_it_does_not_fit() -> None:
+    desired = {"a": vm("a", flavour="big")}
+    actual = {"a": ActualVM("n1", "error", "unknown flavour 'big'")}
+    acts = plan("n1", Capacity(2, 8192), snap(desired, actual), {})
+    assert kinds(acts) == {"a": "release"}
+
+
+def test_unknown_flavour_reason() -> None:
+    acts = plan("n1", CAP, snap({"a": vm("a", flavour="nope")}), {})
+    assert acts == [Action("claim_error", "a", reason="unknown flavour 'nope'")]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    cap_cpu=st.integers(1, 16), cap_ram=st.integers(512, 16384),
+    vms=st.dictionaries(st.from_regex(r"[a-z][a-z0-9]{0,5}", fullmatch=True),
+                        st.tuples(st.sampled_from(["small", "big"]), st.sampled_from(["n1", "n2", None]),
+                                  st.sampled_from([None, "n1", "n2"]), st.booleans()),
+                        max_size=25),
+)
+def test_plan_properties(cap_cpu, cap_ram, vms, ) -> None:
+    """Whatever the input: never over-commit, never claim a VM someone owns,
+    never keep a domain for a VM another node owns."""
+    desired, actual, domains = {}, {}, {}
+    for name, (flav, pin, owner, has_domain) in vms.items():
+        desired[name] = vm(name, flavour=flav, host=pin)
+        f = FLAVOURS[flav]
+        if owner is not None:
+            actual[name] = ActualVM(owner, "running", vcpus=f.vcpus, ram_mb=f.ram_mb)
+        if has_domain:
+            domains[name] = "running"
+    acts = plan("n1", Capacity(cap_cpu, cap_ram), snap(desired, actual), domains)
+    by_kind = {}
+    for a in acts:
+        by_kind.setdefault(a.kind, []).append(a)
+    used_cpu = sum(a.vcpus for a in actual.values() if a.host == "n1")
+    used_ram = sum(a.ram_mb for a in actual.values() if a.host == "n1")
+    new_cpu = sum(a.vcpus for a in by_kind.get("claim", []))
+    new_ram = sum(a.ram_mb for a in by_kind.get("claim", []))
+    if by_kind.get("claim"):
+        assert used_cpu + new_cpu <= cap_cpu and used_ram + new_ram <= cap_ram
+    for a in by_kind.get("claim", []):
+        assert a.vm not in actual
+        assert desired[a.vm].host in (None, "n1")
+    for name, owner in actual.items():
+        if owner.host != "n1" and name in domains:
+            assert Action("kill", name, reason=f"claimed by {owner.host}") in acts
+    assert len({a.vm for a in acts}) == len(acts)  # one action per VM
+
+
+# -- desired-entry parsing ------------------------------------------------------
+
+@pytest.mark.parametrize("name,raw,reason", [
+    ("a", b"not json", "not valid JSON"),
+    ("a", b"[1,2]", "must be a JSON object"),
+    ("a", b"{}", "'flavour' must be a flavour name"),
+    ("a", b'{"flavour": "small", "state": "paused"}', "'state' must be 'running' or 'stopped'"),
+    ("a", b'{"flavour": "small", "host": "Bad Host"}', "'host' must be a node name"),
+    ("Bad_Name", b'{"flavour": "small"}', "does not match"),
+    ("a", b"\xff\xfe", "not valid JSON"),
+])
+def test_desired_rejects(name, raw, reason) -> None:
+    with pytest.raises(SpecError, match=reason):
+        DesiredVM.parse(name, raw)
+
+
+def test_desired_defaults_and_unknown_keys_kept() -> None:
+    d = DesiredVM.parse("web1", b'{"flavour": "small", "owner": "team-a"}')
+    assert (d.state, d.host, d.image) == ("running", None, None)
+    assert d.to_json() == {"flavour": "small", "state": "running", "owner": "team-a"}
+
+
+def test_actual_content_comparison_ignores_timestamp() -> None:
+    a = ActualVM("n1", "running", updated="2026-01-01T00:00:00Z")
+    assert a.same_content(ActualVM("n1", "running", updated="2027-01-01T00:00:00Z"))
+    assert not a.same_content(ActualVM("n1", "stopped"))
+    assert ActualVM.parse(b"garbage").state == "error"
+
+
+@pytest.mark.parametrize("key,expected", [
+    ("/ms/desired/web1", ("desired", "web1")),
+    ("/ms/actual/x", ("actual", "x")),
+    ("/ms/config", None),
+    ("/ms/desired/a/b", None),
+    ("/other/desired/a", None),
+    ("/ms/weird/a", None),
+])
+def test_key_schema_split(key, expected) -> None:
+    assert ms.Keys("/ms").split(key) == expected
+
+
+# -- config ----------------------------------------------------------------------
+
+def write(tmp_path: Path, text: str) -> str:
+    p = tmp_path / "m.ini"
+    p.write_text(text)
+    return str(p)
+
+
+def test_config_defaults(tmp_path: Path) -> None:
+    cfg = ms.load_config(write(tmp_path, "[node]\nname = n1\n"))
+    assert cfg.lease_ttl == 5 and cfg.etcd.prefix == "/metastack"
+    assert cfg.etcd.endpoints == (("127.0.0.1", 2379),)
+    assert cfg.libvirt_uri == "qemu:///system" and cfg.domain_type == "kvm"
+    assert cfg.vcpus is None and cfg.renew_interval == pytest.approx(5 / 3)
+
+
+def test_example_config_is_valid() -> None:
+    cfg = ms.load_config(str(Path(__file__).parent.parent / "config.example.ini"))
+    assert cfg.lease_ttl == 5
+
+
+@pytest.mark.parametrize("text,message", [
+    ("[agent]\nlease_ttl = 1\n", "below etcd's minimum"),
+    ("[agent]\nlease_ttl = 3\n[etcd]\ntimeout = 1\n", "too short"),
+    ("[agent]\nlease_ttl = five\n", "whole number"),
+    ("[node]\nname = Node_1\n", "must match"),
+    ("[node]\nvcpus = -2\n", "positive integer"),
+    ("[etcd]\nendpoints = localhost\n", "not host:port"),
+    ("[etcd]\nprefix = metastack\n", "absolute key path"),
+    ("[libvirt]\ndomain_type = xen\n", "not one of"),
+    ("[logging]\nlevel = LOUD\n", "not DEBUG"),
+    ("not an ini", "not valid ini"),
+])
+def test_config_rejects(tmp_path: Path, text: str, message: str) -> None:
+    if "[node]" not in text:
+        text = "[node]\nname = n1\n" + text if text.startswith("[") else text
+    with pytest.raises(ms.ConfigError, match=message):
+        ms.load_config(write(tmp_path, text))
+
+
+def test_missing_config_file() -> None:
+    with pytest.raises(ms.ConfigError, match="cannot read config file"):
+        ms.load_config("/nonexistent/metastack.ini")
+
+
+# -- domain XML ------------------------------------------------------------------
+
+def test_domain_xml_literal() -> None:
+    xml = ms.build_domain_xml(DesiredVM("web1", "small"), Flavour(2, 1024), "node1", "qemu")
+    expected = (
+        '<domain xmlns:metastack="https://metastack.dev/xmlns/domain/1" type="qemu">'
+        '<name>web1</name><memory unit="MiB">1024</memory><vcpu>2</vcpu>'
+        '<metadata><metastack:instance>'
+        '<metastack:node>node1</metastack:node><metastack:flavour>small</metastack:flavour>'
+        '</metastack:instance></metadata><os><type>hvm</type></os>'
+        '<on_poweroff>destroy</on_poweroff><on_reboot>restart</on_reboot><on_crash>destroy</on_crash>'
+        '</domain>')
+    assert xml == expected
+
+
+def test_domain_xml_owner_tag_roundtrip() -> None:
+    xml = ms.build_domain_xml(DesiredVM("a", "small", image="tiny"), SMALL, "n9", "kvm")
+    meta = ET.fromstring(xml).find("metadata")[0]
+    assert ms.owner_of(ET.tostring(meta, encoding="unicode")) == "n9"
+    assert ms.owner_of("<instance><node>n2</node></instance>") == "n2"  # as libvirt returns it
+    assert ms.owner_of("not xml") is None
