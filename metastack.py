@@ -32,6 +32,7 @@ import argparse
 import configparser
 import dataclasses
 import datetime as _dt
+import faulthandler
 import hashlib
 import json
 import logging
@@ -549,7 +550,15 @@ class Store:
         try:
             return fn(*args, **kwargs)
         except self._errors as exc:
-            raise StoreUnavailable(f"etcd {what} failed: {exc or type(exc).__name__}") from None
+            raise StoreUnavailable(f"etcd {what} failed: {self.describe(exc)}") from None
+
+    @staticmethod
+    def describe(exc: BaseException) -> str:
+        """One line for an etcd3/grpc error (grpc's own text spans lines)."""
+        code, details = getattr(exc, "code", None), getattr(exc, "details", None)
+        if callable(code) and callable(details):
+            return f"{code().name}: {details()}"
+        return str(exc) or type(exc).__name__
 
     def close(self) -> None:
         try:
@@ -1159,11 +1168,15 @@ class Agent:
             if rev is not None:
                 break
             if time.monotonic() >= deadline:
-                self.store.revoke_lease(lease)
+                try:
+                    self.store.revoke_lease(lease)
+                except StoreUnavailable:
+                    pass  # it expires by itself
                 raise NodeTakenError(
                     f"node name {self.node!r} is held by a live agent "
                     f"(lease {existing.lease if existing else 0:x}); refusing to start")
             time.sleep(0.25)
+            self.store.refresh_lease(lease)  # our own lease must outlive the wait
         self._last_host = host
         self.view.note(self.keys.host(self.node), host.encode(), rev, lease)
         self._keeper = LeaseKeeper(self.store, lease, self.cfg.lease_ttl, self.cfg.fence_margin, self.wake)
@@ -1191,7 +1204,7 @@ class Agent:
         self._wake.set()
 
     def _on_watch_error(self, exc: BaseException) -> None:
-        log.warning("watch ended: %s", exc or type(exc).__name__)
+        log.warning("watch ended: %s", self.store.describe(exc))
         self._watch_dead.set()
         self._wake.set()
 
@@ -1214,7 +1227,7 @@ class Agent:
                 failures += 1
                 log.exception("unexpected error in reconcile")
                 decision = "unexpected error (see traceback); retrying"
-            if decision != self.last_decision or decision.startswith(("acted", "fenced")):
+            if decision != self.last_decision or decision.startswith("acted"):
                 log.info("%s", decision)
             self.last_decision = decision
             self._wake.wait(self._next_wait(failures))
@@ -1507,6 +1520,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         agent.request_stop()
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: stacks to stderr
     try:
         agent.run()
     except NodeTakenError as exc:

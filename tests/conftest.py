@@ -188,8 +188,11 @@ class AgentProc:
             try:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
+                self.proc.send_signal(signal.SIGUSR1)  # thread stacks into the log, for the post-mortem
+                time.sleep(0.5)
                 self.proc.kill()
                 self.proc.wait()
+                raise AssertionError(f"agent {self.name} did not stop within 15s of SIGTERM; see {self.logpath}")
 
 
 class Cluster:

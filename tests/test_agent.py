@@ -1,21 +1,309 @@
-"""The agent against a real etcd and libvirt's test:/// driver, as processes."""
+"""The agent against a real etcd and libvirt's test:/// driver.
+
+Agents run as real ``python metastack.py -c FILE`` processes, each with a
+private test:///ABS/PATH/node.xml hypervisor, so kill -9 and SIGTERM are real.
+"""
 from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
+import threading
 import time
+from collections import Counter
+from pathlib import Path
 
 import pytest
 
-from conftest import Cluster, wait_for
+import metastack as ms
+from conftest import ROOT, Cluster, wait_for
 
 
-def test_smoke_two_agents_run_vms(cluster: Cluster) -> None:
+class ClaimRecorder:
+    """Watches the actual prefix and records, per VM, every claim creation
+    (a put on an absent key) with its owner, and every deletion: etcd's own
+    history, not the agents' word."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.owners: dict[str, list[str]] = {}
+        self.deleted: Counter[str] = Counter()
+        rev, entries = cluster.store.list_prefix(cluster.keys.dir("actual"))
+        self._present = {k.rsplit("/", 1)[1] for k in entries}
+        self._cancel = cluster.store.watch_prefix(cluster.keys.dir("actual"), rev + 1, self._on, lambda e: None)
+
+    def _on(self, _rev: int, events: list[ms.KeyEvent]) -> None:
+        for ev in events:
+            vm = ev.key.rsplit("/", 1)[1]
+            if ev.value is None:
+                self.deleted[vm] += 1
+                self._present.discard(vm)
+            elif vm not in self._present:
+                self._present.add(vm)
+                self.owners.setdefault(vm, []).append(json.loads(ev.value)["host"])
+
+    @property
+    def created(self) -> Counter[str]:
+        return Counter({vm: len(o) for vm, o in self.owners.items()})
+
+    def close(self) -> None:
+        self._cancel()
+
+
+def test_two_agents_race_for_50_vms_each_claimed_once(cluster: Cluster) -> None:
+    cluster.flavour("small", 1, 256)
+    cluster.agent("node1", vcpus=64, ram_mb=65536)
+    cluster.agent("node2", vcpus=64, ram_mb=65536)
+    cluster.wait_hosts("node1", "node2")
+    rec = ClaimRecorder(cluster)
+    names = [f"vm{i:02d}" for i in range(50)]
+    for n in names:
+        cluster.desire(n)
+    states = cluster.wait_running(names, timeout=60)
+    time.sleep(0.5)  # let any late, duplicate claim show up if there were one
+    rec.close()
+    assert set(rec.created) == set(names)
+    assert all(c == 1 for c in rec.created.values()), rec.created
+    assert not rec.deleted
+    hosts = cluster.hosts()
+    assert hosts["node1"]["vms"] + hosts["node2"]["vms"] == 50
+    per_host = Counter(h for _, h in states.values())
+    assert per_host["node1"] == hosts["node1"]["vms"] and per_host["node2"] == hosts["node2"]["vms"]
+    # Each agent's log names each VM it claimed; together exactly once each.
+    claimed = Counter()
+    for a in cluster.agents:
+        for n in names:
+            claimed[n] += a.log().count(f"claimed {n},")
+    assert all(claimed[n] == 1 for n in names), claimed
+
+
+def test_claims_respect_capacity_and_pins(cluster: Cluster) -> None:
+    cluster.flavour("small", 1, 512)
+    cluster.flavour("fat", 1, 3000)
+    cluster.agent("node1", vcpus=2, ram_mb=4096)
+    cluster.agent("node2", vcpus=3, ram_mb=4096)
+    cluster.wait_hosts("node1", "node2")
+    cluster.desire("pinned2", host="node2")
+    cluster.desire("nowhere", host="node9")
+    for i in range(6):
+        cluster.desire(f"v{i}")
+    # 5 vcpus in all: pinned2 + 4 of the 6 others run, 2 stay pending.
+    wait_for(lambda: sum(s == "running" for s, _ in cluster.states().values()) == 5, 20, what="5 running")
+    time.sleep(0.5)
+    states = cluster.states()
+    assert states["pinned2"] == ("running", "node2")
+    assert "nowhere" not in states
+    hosts = cluster.hosts()
+    assert hosts["node1"]["vcpus_used"] == 2 and hosts["node2"]["vcpus_used"] == 3
+    assert len(states) == 5
+    # RAM limits too: 'fat' needs 3000 MiB, only node1 has that left after its two 512 MiB VMs? No:
+    # node1 has 4096-1024 = 3072 MiB but no vcpu left, so it stays pending.
+    cluster.desire("fatvm", flavour="fat")
+    time.sleep(1.0)
+    assert "fatvm" not in cluster.states()
+    # Destroying two VMs frees room: the pending ones get claimed.
+    on1 = sorted(v for v, (_, h) in states.items() if h == "node1")
+    for v in on1:
+        cluster.undesire(v)
+    wait_for(lambda: not set(on1) & set(cluster.states()), 10, what="destroyed VMs gone")
+    wait_for(lambda: sum(s == "running" for s, _ in cluster.states().values()) == 5, 10, what="pending ones claimed")
+
+
+def test_destroy_and_stop_start(cluster: Cluster) -> None:
     cluster.flavour("small", 1, 512)
     cluster.agent("node1")
-    cluster.agent("node2")
+    cluster.wait_hosts("node1")
+    cluster.desire("a")
+    cluster.desire("b", state="stopped")
+    cluster.wait_running(["a"])
+    wait_for(lambda: cluster.states().get("b") == ("stopped", "node1"), what="b stopped (defined, not started)")
+    # stop a
+    cluster.desire("a", state="stopped")
+    wait_for(lambda: cluster.states().get("a") == ("stopped", "node1"), what="a stopped")
+    # start b
+    cluster.desire("b", state="running")
+    wait_for(lambda: cluster.states().get("b") == ("running", "node1"), what="b running")
+    assert cluster.hosts()["node1"]["vms"] == 2
+    # destroy both
+    cluster.undesire("a")
+    cluster.undesire("b")
+    wait_for(lambda: cluster.states() == {}, what="claims removed")
+    wait_for(lambda: cluster.hosts()["node1"]["vms"] == 0, what="host use back to 0")
+    log = cluster.agents[0].log()
+    assert "removed a (desired entry deleted)" in log and "removed b (desired entry deleted)" in log
+
+
+def test_kill_9_moves_vms_after_ttl(cluster: Cluster) -> None:
+    cluster.flavour("small", 1, 512)
+    n1 = cluster.agent("node1")
+    cluster.wait_hosts("node1")
+    names = ["k1", "k2", "k3"]
+    for n in names:
+        cluster.desire(n)
+    cluster.wait_running(names)
+    n2 = cluster.agent("node2")
+    cluster.wait_hosts("node2")
+    assert all(h == "node1" for _, h in cluster.states().values())
+    killed_at = time.monotonic()
+    n1.signal(signal.SIGKILL)
+    n1.wait()
+    states = wait_for(lambda: (s := cluster.states()) and all(s.get(n, ("", ""))[1] == "node2"
+                                                            and s[n][0] == "running" for n in names) and s,
+                      cluster.ttl + 15, what="VMs running on node2")
+    took = time.monotonic() - killed_at
+    assert took >= cluster.ttl - 1.0, f"moved after {took:.1f}s, before the dead owner's lease could expire"
+    assert "node1" not in cluster.hosts()
+    assert n2.alive()
+    assert set(states) == set(names)
+
+
+def test_etcd_restart_recovers_without_lost_or_duplicated_vms(cluster: Cluster) -> None:
+    cluster.flavour("small", 1, 256)
+    cluster.agent("node1", vcpus=32)
+    cluster.agent("node2", vcpus=32)
     cluster.wait_hosts("node1", "node2")
-    for i in range(4):
-        cluster.desire(f"vm{i}")
-    states = cluster.wait_running([f"vm{i}" for i in range(4)])
-    assert {h for _, h in states.values()} <= {"node1", "node2"}
+    first = [f"e{i}" for i in range(10)]
+    for n in first:
+        cluster.desire(n)
+    cluster.wait_running(first)
+    cluster.etcd.stop()
+    time.sleep(2.0)
+    cluster.etcd.start()
+    # Changes made after the restart are seen: the watch was re-created.
+    second = [f"f{i}" for i in range(10)]
+    for n in second:
+        cluster.desire(n)
+    cluster.undesire("e0")
+    states = cluster.wait_running(first[1:] + second, timeout=40)
+    wait_for(lambda: "e0" not in cluster.states(), 20, what="e0 removed")
+    time.sleep(1.0)
+    states = cluster.states()
+    assert set(states) == set(first[1:] + second)
+    hosts = cluster.hosts()
+    assert set(hosts) == {"node1", "node2"}
+    assert hosts["node1"]["vms"] + hosts["node2"]["vms"] == len(states)
+    for a in cluster.agents:
+        assert a.alive()
+
+
+def test_malformed_entries_become_errors_and_others_keep_running(cluster: Cluster) -> None:
+    cluster.flavour("small", 1, 512)
+    cluster.agent("node1")
+    cluster.wait_hosts("node1")
+    cluster.desire("good1")
+    cluster.wait_running(["good1"])
+    p = cluster.prefix
+    cluster.etcd.etcdctl("put", f"{p}/desired/notjson", "this is {not json")
+    cluster.etcd.etcdctl("put", f"{p}/desired/noflavour", '{"flavour": "nosuch"}')
+    cluster.etcd.etcdctl("put", f"{p}/desired/Bad_Name", '{"flavour": "small"}')
+    cluster.etcd.etcdctl("put", f"{p}/desired/badstate", '{"flavour": "small", "state": "paused"}')
+    cluster.desire("good2")
+    def errors() -> dict:
+        a = cluster.actual()
+        return {k: v["reason"] for k, v in a.items() if v["state"] == "error"}
+    errs = wait_for(lambda: len(e := errors()) == 4 and e, 15, what="4 error states")
+    assert "not valid JSON" in errs["notjson"]
+    assert "unknown flavour 'nosuch'" in errs["noflavour"]
+    assert "does not match" in errs["Bad_Name"]
+    assert "'state' must be" in errs["badstate"]
+    cluster.wait_running(["good1", "good2"])
+    # Breaking a running VM's entry reports an error but leaves it alone.
+    cluster.etcd.etcdctl("put", f"{p}/desired/good1", "{broken")
+    wait_for(lambda: cluster.states().get("good1", ("",))[0] == "error", what="good1 error")
+    assert "good1" in cluster.agents[0].log()
+    # Fixing an entry makes it run.
+    cluster.etcd.etcdctl("put", f"{p}/desired/noflavour", '{"flavour": "small"}')
+    cluster.etcd.etcdctl("put", f"{p}/desired/good1", '{"flavour": "small"}')
+    cluster.wait_running(["noflavour", "good1", "good2"])
+    assert cluster.agents[0].alive()
+
+
+def test_sigterm_drains_before_handing_over(cluster: Cluster) -> None:
+    cluster.flavour("small", 1, 512)
+    n1 = cluster.agent("node1")
+    cluster.wait_hosts("node1")
+    names = ["s1", "s2"]
+    for n in names:
+        cluster.desire(n)
+    cluster.wait_running(names)
+    rec = ClaimRecorder(cluster)
+    n2 = cluster.agent("node2")
+    cluster.wait_hosts("node2")
+    n1.signal(signal.SIGTERM)
+    assert n1.wait(20) == 0
+    log1 = n1.log()
+    assert "draining: stopping 2 domain(s)" in log1
+    assert "drained: 2 VM(s) stopped, lease revoked" in log1
+    # The lease was revoked, not left to expire: node2 takes over at once.
+    states = cluster.wait_running(names, timeout=cluster.ttl)
+    assert all(h == "node2" for _, h in states.values())
+    rec.close()
+    assert all(rec.owners[n] == ["node2"] for n in names)
+    assert n2.alive()
+
+
+def test_second_agent_with_same_name_is_refused(cluster: Cluster) -> None:
+    cluster.agent("node1")
+    cluster.wait_hosts("node1")
+    dup = cluster.agent("node1", start=False)
+    dup.logpath = cluster.dir / "dup.log"
+    dup.start()
+    assert dup.wait(cluster.ttl + 15) == 3
+    assert "is held by a live agent" in dup.log()
+    assert cluster.agents[0].alive()
+
+
+def test_restart_after_kill_reuses_the_name_once_the_lease_expired(cluster: Cluster) -> None:
+    cluster.flavour("small", 1, 512)
+    n1 = cluster.agent("node1")
+    cluster.wait_hosts("node1")
+    cluster.desire("r1")
+    cluster.wait_running(["r1"])
+    n1.signal(signal.SIGKILL)
+    n1.wait()
+    n1.start()  # waits for the stale host key to expire, then registers
+    wait_for(lambda: cluster.states().get("r1") == ("running", "node1"), cluster.ttl + 15, what="r1 back")
+    assert n1.alive()
+
+
+def test_bad_config_is_refused_with_a_clear_message(tmp_path: Path) -> None:
+    ini = tmp_path / "bad.ini"
+    ini.write_text("[node]\nname = n1\n[agent]\nlease_ttl = 3\n[etcd]\ntimeout = 1\n")
+    r = subprocess.run([sys.executable, str(ROOT / "metastack.py"), "-c", str(ini)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2
+    assert "configuration error: [agent] lease_ttl = 3s is too short" in r.stderr
+
+
+def test_agent_logs_decisions_to_central_rsyslog(cluster: Cluster, tmp_path: Path) -> None:
+    from conftest import free_port
+    rsyslogd = "/usr/sbin/rsyslogd"
+    if not Path(rsyslogd).exists():
+        pytest.fail("rsyslog is not installed: run bash deploy/setup.sh")
+    port = free_port()
+    out = tmp_path / "central.log"
+    conf = tmp_path / "rsyslog.conf"
+    conf.write_text(f'''
+module(load="imudp")
+input(type="imudp" address="127.0.0.1" port="{port}")
+$WorkDirectory {tmp_path}
+*.* {out}
+''')
+    proc = subprocess.Popen([rsyslogd, "-n", "-f", str(conf), "-i", str(tmp_path / "rsyslog.pid")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        cluster.flavour("small", 1, 512)
+        agent = cluster.agent("node1", start=False)
+        agent.config.write_text(agent.config.read_text().replace("syslog = none", f"syslog = udp://127.0.0.1:{port}"))
+        agent.start()
+        cluster.wait_hosts("node1")
+        cluster.desire("logged")
+        cluster.wait_running(["logged"])
+        text = wait_for(lambda: out.exists() and "claimed logged" in (t := out.read_text()) and t, 10,
+                        what="decision line in the central log")
+        line = next(l for l in text.splitlines() if "claimed logged" in l)
+        assert "metastack[" in line and "node=node1" in line and "acted: claimed logged, started logged" in line
+    finally:
+        proc.terminate()
+        proc.wait(10)
