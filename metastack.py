@@ -69,6 +69,10 @@ class StoreUnavailable(MetaStackError):
     """etcd could not be reached or did not answer in time."""
 
 
+class RevisionCompacted(MetaStackError):
+    """A watch asked for history etcd has already compacted away."""
+
+
 class HypervisorError(MetaStackError):
     """libvirt refused or failed an operation."""
 
@@ -631,12 +635,18 @@ class Store:
 
         ``on_events(header_revision, events)`` and ``on_error(exc)`` run on
         the client's watch thread. After ``on_error`` the watch is dead: the
-        caller re-creates it (a compacted start revision raises
-        StoreUnavailable from here or reaches on_error as RevisionCompacted).
+        caller re-creates it. A start revision that etcd has compacted raises
+        RevisionCompacted here, or reaches ``on_error`` as RevisionCompacted:
+        the caller must then re-list.
         """
         PutEvent = self._etcd3.events.PutEvent
+        Compacted = self._etcd3.exceptions.RevisionCompactedError
 
         def callback(resp: Any) -> None:
+            if isinstance(resp, Compacted):
+                on_error(RevisionCompacted(f"revision {start_revision} is compacted "
+                                           f"(oldest kept: {resp.compacted_revision})"))
+                return
             if isinstance(resp, BaseException) or resp is None:
                 on_error(resp if resp is not None else StoreUnavailable("watch closed"))
                 return
@@ -644,8 +654,12 @@ class Store:
                                ev.mod_revision, ev.lease) for ev in resp.events]
             on_events(resp.header.revision, events)
 
-        watch_id = self._call("watch", self._client.add_watch_prefix_callback, prefix, callback,
-                              start_revision=start_revision)
+        try:
+            watch_id = self._call("watch", self._client.add_watch_prefix_callback, prefix, callback,
+                                  start_revision=start_revision)
+        except Compacted as exc:
+            raise RevisionCompacted(f"revision {start_revision} is compacted "
+                                    f"(oldest kept: {exc.compacted_revision})") from None
 
         def cancel() -> None:
             try:
@@ -653,9 +667,6 @@ class Store:
             except self._errors:
                 pass
         return cancel
-
-    def is_compacted(self, exc: BaseException) -> bool:
-        return isinstance(exc, self._etcd3.exceptions.RevisionCompactedError)
 
 
 # ---------------------------------------------------------------------------
@@ -1132,8 +1143,9 @@ class Agent:
         self._watch_dead = threading.Event()
         self._keeper: Optional[LeaseKeeper] = None
         self._last_resync = 0.0
-        self._troubles_at_resync = 0
+        self._troubles_at_watch = 0
         self._store_trouble = False
+        self._need_relist = False
         self._fenced = False
         self._stopping: dict[str, float] = {}  # vm -> monotonic deadline of a graceful shutdown
         self._last_host: Optional[HostState] = None
@@ -1186,25 +1198,42 @@ class Agent:
                  self.node, lease, self.cfg.lease_ttl, self.capacity.vcpus, self.capacity.ram_mb)
 
     def _resync(self) -> None:
-        """Full re-list, then (re-)watch from the listed revision."""
+        """Full re-list, then watch from the listed revision."""
+        revision, entries = self.store.list_prefix(self.keys.all)
+        self.view.load(revision, entries)
+        self._need_relist = False
+        self._last_resync = time.monotonic()
+        self._watch_from(revision + 1)
+
+    def _rewatch(self) -> None:
+        """Re-create the watch from the last revision seen; re-list if etcd
+        compacted that revision away."""
+        try:
+            self._watch_from(self.view.revision + 1)
+            log.info("watch re-created from revision %d", self.view.revision + 1)
+        except RevisionCompacted as exc:
+            log.warning("watch: %s; re-listing", exc)
+            self._resync()
+
+    def _watch_from(self, revision: int) -> None:
         if self._watch_cancel is not None:
             self._watch_cancel()
             self._watch_cancel = None
-        revision, entries = self.store.list_prefix(self.keys.all)
-        self.view.load(revision, entries)
         self._watch_dead.clear()
-        self._watch_cancel = self.store.watch_prefix(
-            self.keys.all, revision + 1, self._on_events, self._on_watch_error)
-        self._last_resync = time.monotonic()
         self._store_trouble = False
-        self._troubles_at_resync = self._keeper.troubles if self._keeper else 0
+        self._troubles_at_watch = self._keeper.troubles if self._keeper else 0
+        self._watch_cancel = self.store.watch_prefix(self.keys.all, revision, self._on_events, self._on_watch_error)
 
     def _on_events(self, revision: int, events: list[KeyEvent]) -> None:
         self.view.apply(revision, events)
         self._wake.set()
 
     def _on_watch_error(self, exc: BaseException) -> None:
-        log.warning("watch ended: %s", self.store.describe(exc))
+        if isinstance(exc, RevisionCompacted):
+            log.warning("watch ended: %s; re-listing", exc)
+            self._need_relist = True
+        else:
+            log.warning("watch ended: %s", self.store.describe(exc))
         self._watch_dead.set()
         self._wake.set()
 
@@ -1260,13 +1289,13 @@ class Agent:
                 n = self._fence("lease not confirmed in time (etcd unreachable?)")
                 return f"fenced: cannot confirm lease, stopped {n} VM(s) until etcd answers"
             return "fenced: waiting for etcd to confirm the lease"
-        if (self._fenced or self._store_trouble or self._watch_dead.is_set()
-                or self._keeper.troubles != self._troubles_at_resync
+        if (self._fenced or self._need_relist
                 or time.monotonic() - self._last_resync >= self.cfg.resync_interval):
-            # Level-triggered repair: after any trouble with etcd the watch
-            # may be stuck or behind, so list everything and watch anew.
-            self._resync()
+            self._resync()  # periodic repair of anything missed, and after a fence
             self._fenced = False
+        elif (self._watch_dead.is_set() or self._store_trouble
+              or self._keeper.troubles != self._troubles_at_watch):
+            self._rewatch()  # after trouble with etcd the stream may be dead or stuck
         snap = self.view.snapshot()
         domains = self.hv.domains()
         actions = plan(self.node, self.capacity, snap, domains)

@@ -307,3 +307,27 @@ $WorkDirectory {tmp_path}
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_watch_lost_across_compaction_relists(cluster: Cluster) -> None:
+    """The agent's watch dies (etcd restarted) while the history it would
+    resume from has been compacted: it re-lists and misses nothing."""
+    cluster.ttl = 8  # the agent is frozen for a few seconds; its lease must outlive that
+    cluster.flavour("small", 1, 512)
+    agent = cluster.agent("node1")
+    cluster.wait_hosts("node1")
+    cluster.desire("c0")
+    cluster.wait_running(["c0"])
+    agent.signal(signal.SIGSTOP)
+    try:
+        cluster.desire("c1")
+        cluster.undesire("c0")
+        rev = cluster.store.put(cluster.keys.config, b"{}")
+        cluster.etcd.etcdctl("compact", str(rev))
+        cluster.etcd.stop()
+        cluster.etcd.start()
+    finally:
+        agent.signal(signal.SIGCONT)
+    wait_for(lambda: cluster.states() == {"c1": ("running", "node1")}, 20, what="c1 running, c0 gone")
+    log = agent.log()
+    assert "is compacted" in log and "re-listing" in log
