@@ -998,7 +998,14 @@ def plan(node: str, capacity: Capacity, snap: Snapshot, domains: Mapping[str, st
             return f"flavour {spec.flavour!r} is malformed: {flav}"
         return spec, flav
 
-    for name in sorted(snap.desired, key=lambda n: _order_key(node, n)):
+    def priority(name: str) -> tuple[int, str]:
+        """VMs pinned here first (they have nowhere else to go), then a
+        per-node pseudo-random order."""
+        spec = snap.desired[name]
+        pinned_here = isinstance(spec, DesiredVM) and spec.host == node
+        return (0 if pinned_here else 1, _order_key(node, name))
+
+    for name in sorted(snap.desired, key=priority):
         spec = snap.desired[name]
         claim = snap.actual.get(name)
         resolved = resolve(spec)
@@ -1311,7 +1318,9 @@ class Agent:
         """Power off every domain of ours at once: we may no longer own them."""
         self._fenced = True
         count = 0
-        for name in self.hv.domains():
+        for name, state in self.hv.domains().items():
+            if state != "running":
+                continue
             try:
                 self.hv.power_off(name)
                 count += 1

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import metastack as ms
-from conftest import ROOT, Cluster, wait_for
+from harness import ROOT, Cluster, wait_for
 
 
 class ClaimRecorder:
@@ -276,7 +276,7 @@ def test_bad_config_is_refused_with_a_clear_message(tmp_path: Path) -> None:
 
 
 def test_agent_logs_decisions_to_central_rsyslog(cluster: Cluster, tmp_path: Path) -> None:
-    from conftest import free_port
+    from harness import free_port
     rsyslogd = "/usr/sbin/rsyslogd"
     if not Path(rsyslogd).exists():
         pytest.fail("rsyslog is not installed: run bash deploy/setup.sh")
@@ -331,3 +331,55 @@ def test_watch_lost_across_compaction_relists(cluster: Cluster) -> None:
     wait_for(lambda: cluster.states() == {"c1": ("running", "node1")}, 20, what="c1 running, c0 gone")
     log = agent.log()
     assert "is compacted" in log and "re-listing" in log
+
+
+def test_frozen_agent_fences_itself_when_it_wakes_up(cluster: Cluster) -> None:
+    """An agent frozen (SIGSTOP) past its TTL loses its VMs to another node;
+    when it thaws it must power off its stale copies before anything else."""
+    cluster.flavour("small", 1, 512)
+    n1 = cluster.agent("node1")
+    cluster.wait_hosts("node1")
+    cluster.desire("z1")
+    cluster.wait_running(["z1"])
+    n2 = cluster.agent("node2")
+    cluster.wait_hosts("node2")
+    n1.signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: cluster.states().get("z1") == ("running", "node2"), cluster.ttl + 15, what="z1 on node2")
+    finally:
+        n1.signal(signal.SIGCONT)
+    wait_for(lambda: "fenced" in n1.log(), 10, what="node1 fences")
+    wait_for(lambda: "node1" in cluster.hosts(), 10, what="node1 re-registered")
+    log1 = n1.log()
+    fence_line = next(l for l in log1.splitlines() if "fenced (" in l)
+    assert "powered off 1 domain(s)" in fence_line
+    after = log1[log1.index(fence_line):]
+    assert "killed local domain z1" not in after or "claimed by node2" in after
+    assert "claimed z1" not in after  # it never took the VM back
+    time.sleep(1.0)
+    assert cluster.states()["z1"] == ("running", "node2")
+    assert cluster.hosts()["node1"]["vms"] == 0
+    assert n1.alive() and n2.alive()
+
+
+def test_etcd_outage_longer_than_ttl_stops_vms_then_restarts_them(cluster: Cluster) -> None:
+    """etcd frozen (SIGSTOP) past the TTL: every agent stops its VMs before its
+    lease could expire, and runs them again once etcd answers."""
+    cluster.flavour("small", 1, 512)
+    n1 = cluster.agent("node1")
+    cluster.wait_hosts("node1")
+    names = ["o1", "o2"]
+    for n in names:
+        cluster.desire(n)
+    cluster.wait_running(names)
+    assert cluster.etcd.proc is not None
+    cluster.etcd.proc.send_signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: "fenced (lease not confirmed in time" in n1.log(), cluster.ttl + 5, what="fence")
+    finally:
+        cluster.etcd.proc.send_signal(signal.SIGCONT)
+    assert "powered off 2 domain(s)" in n1.log()
+    wait_for(lambda: "keep-alive works again" in n1.log() or "re-registered" in n1.log(), 15, what="recovery")
+    cluster.wait_running(names, timeout=15)
+    assert set(cluster.states()) == set(names)
+    assert n1.alive()

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 import metastack as ms
-from conftest import Cluster, EtcdServer, free_port, wait_for
+from harness import Cluster, EtcdServer, free_port, wait_for
 from metastackctl import cli
 
 

@@ -82,6 +82,13 @@ def test_plan_respects_capacity_counting_existing_claims() -> None:
     assert kinds(acts)["v0"] == "run" and kinds(acts)["v1"] == "run"
 
 
+def test_vms_pinned_here_are_claimed_before_unpinned_ones() -> None:
+    desired = {f"u{i}": vm(f"u{i}") for i in range(10)}
+    desired["pinned"] = vm("pinned", host="n1")
+    acts = plan("n1", Capacity(1, 8192), snap(desired), {})
+    assert [a.vm for a in acts if a.kind == "claim"] == ["pinned"]
+
+
 def test_plan_ram_limits_too() -> None:
     desired = {f"v{i}": vm(f"v{i}", flavour="big") for i in range(3)}
     acts = plan("n1", Capacity(64, 9000), snap(desired), {})

@@ -1,0 +1,221 @@
+"""Test and benchmark harness: a private etcd, agents as real processes on
+libvirt test:/// hosts, and helpers to read the etcd contract.
+
+Everything started here is stopped here, by its Popen handle.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import metastack as ms  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(pred: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05, what: str = "condition") -> Any:
+    """Poll ``pred`` until it returns a truthy value; fail the test on timeout."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = pred()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+class EtcdServer:
+    """A private single-member etcd on free loopback ports, restartable."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.data = workdir / "etcd-data"
+        self.client_port = free_port()
+        self.peer_port = free_port()
+        self.proc: Optional[subprocess.Popen] = None
+        self.log = open(workdir / "etcd.log", "ab")
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.client_port}"
+
+    def start(self) -> None:
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        client = f"http://127.0.0.1:{self.client_port}"
+        self.proc = subprocess.Popen(
+            ["etcd", "--name", "t", "--data-dir", str(self.data),
+             "--listen-client-urls", client, "--advertise-client-urls", client,
+             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+             "--initial-cluster", f"t={peer}", "--log-level", "warn"],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        wait_for(self.healthy, 15, what="etcd to answer")
+
+    def healthy(self) -> bool:
+        r = self.etcdctl("endpoint", "health", check=False, timeout=3)
+        return r.returncode == 0
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def etcdctl(self, *args: str, check: bool = True, timeout: float = 10) -> subprocess.CompletedProcess:
+        env = dict(os.environ, ETCDCTL_API="3")
+        return subprocess.run(["etcdctl", "--endpoints", self.endpoint, "--dial-timeout=2s", *args],
+                              capture_output=True, text=True, env=env, check=check, timeout=timeout)
+
+
+def node_xml(path: Path, vcpus: int, ram_mb: int) -> Path:
+    """A libvirt test-driver host description: private hypervisor per open."""
+    path.write_text(textwrap.dedent(f"""\
+        <node>
+          <cpu><mhz>2000</mhz><model>x86_64</model><active>{vcpus}</active><total>{vcpus}</total>
+               <nodes>1</nodes><sockets>1</sockets><cores>{vcpus}</cores><threads>1</threads></cpu>
+          <memory>{ram_mb * 1024}</memory>
+        </node>
+        """))
+    return path
+
+
+class AgentProc:
+    """One ``python metastack.py -c FILE`` process on a test:/// hypervisor."""
+
+    def __init__(self, cluster: "Cluster", name: str, vcpus: int, ram_mb: int, extra: str = "") -> None:
+        self.cluster = cluster
+        self.name = name
+        d = cluster.dir
+        xml = node_xml(d / f"{name}.xml", vcpus, ram_mb)
+        self.config = d / f"{name}.ini"
+        self.config.write_text(textwrap.dedent(f"""\
+            [etcd]
+            endpoints = {cluster.etcd.endpoint}
+            prefix = {cluster.prefix}
+            timeout = {cluster.etcd_timeout}
+            [node]
+            name = {name}
+            [libvirt]
+            uri = test://{xml}
+            domain_type = test
+            shutdown_timeout = 2
+            [agent]
+            lease_ttl = {cluster.ttl}
+            resync_interval = 10
+            [logging]
+            syslog = none
+            """) + extra)
+        self.logpath = d / f"{name}.log"
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start(self) -> "AgentProc":
+        self.logfile = open(self.logpath, "ab")
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "metastack.py"), "-c", str(self.config)],
+                                     stdout=self.logfile, stderr=subprocess.STDOUT, cwd=ROOT)
+        return self
+
+    def log(self) -> str:
+        return self.logpath.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 20) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.alive():
+            assert self.proc is not None
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.send_signal(signal.SIGUSR1)  # thread stacks into the log, for the post-mortem
+                time.sleep(0.5)
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"agent {self.name} did not stop within 15s of SIGTERM; see {self.logpath}")
+
+
+class Cluster:
+    """Agents sharing one etcd prefix, plus helpers to read the contract keys."""
+
+    def __init__(self, etcd: EtcdServer, prefix: str, store: ms.Store, workdir: Path) -> None:
+        self.etcd = etcd
+        self.prefix = prefix
+        self.store = store
+        self.keys = store.keys
+        self.dir = workdir
+        self.ttl = 3
+        self.etcd_timeout = 0.5
+        self.agents: list[AgentProc] = []
+
+    def agent(self, name: str, vcpus: int = 8, ram_mb: int = 16384, extra: str = "", start: bool = True) -> AgentProc:
+        a = AgentProc(self, name, vcpus, ram_mb, extra)
+        self.agents.append(a)
+        return a.start() if start else a
+
+    def wait_hosts(self, *names: str, timeout: float = 20) -> None:
+        wait_for(lambda: set(names) <= set(self.hosts()), timeout, what=f"hosts {names} registered")
+
+    def flavour(self, name: str, vcpus: int, ram_mb: int) -> None:
+        self.store.put(self.keys.flavour(name), json.dumps({"vcpus": vcpus, "ram_mb": ram_mb}).encode())
+
+    def desire(self, vm: str, flavour: str = "small", **fields: Any) -> None:
+        self.store.put(self.keys.desired(vm), json.dumps(dict(flavour=flavour, **fields)).encode())
+
+    def undesire(self, vm: str) -> None:
+        self.store.delete(self.keys.desired(vm))
+
+    def _kind(self, kind: str) -> dict[str, dict]:
+        _, entries = self.store.list_prefix(self.keys.dir(kind))
+        return {k.rsplit("/", 1)[1]: json.loads(e.value) for k, e in entries.items()}
+
+    def actual(self) -> dict[str, dict]:
+        return self._kind("actual")
+
+    def hosts(self) -> dict[str, dict]:
+        return self._kind("hosts")
+
+    def states(self) -> dict[str, tuple[str, str]]:
+        """vm -> (state, host)."""
+        return {vm: (a["state"], a["host"]) for vm, a in self.actual().items()}
+
+    def wait_running(self, vms: list[str], timeout: float = 30) -> dict[str, tuple[str, str]]:
+        def ok() -> Any:
+            s = self.states()
+            return s if all(s.get(v, ("", ""))[0] == "running" for v in vms) else None
+        return wait_for(ok, timeout, what=f"{len(vms)} VMs running")
+
+    def stop_all(self) -> None:
+        for a in self.agents:
+            a.stop()
+
+
