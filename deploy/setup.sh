@@ -25,7 +25,7 @@ for p in "${PKGS[@]}"; do
 done
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "setup: installing Debian packages: ${missing[*]}"
-  $SUDO apt-get update -qq
+  $SUDO apt-get update -qq >/dev/null
   # policy-rc.d keeps packaged daemons (etcd, libvirtd, rsyslog) from being
   # started by their postinst scripts: tests and the demo start their own.
   if [ ! -e /usr/sbin/policy-rc.d ]; then
@@ -33,7 +33,11 @@ if [ "${#missing[@]}" -gt 0 ]; then
     $SUDO chmod +x /usr/sbin/policy-rc.d
     trap '$SUDO rm -f /usr/sbin/policy-rc.d' EXIT
   fi
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  aptlog=$(mktemp)
+  if ! DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}" >"$aptlog" 2>&1; then
+    tail -40 "$aptlog" >&2; echo "setup: apt-get install failed (full log: $aptlog)" >&2; exit 1
+  fi
+  rm -f "$aptlog"
 fi
 
 # The venv must be built by Debian's python (the ABI of python3-rados/rbd).
@@ -44,7 +48,8 @@ fi
 stamp=.venv/.metastack-installed
 if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ]; then
   .venv/bin/pip install -q --upgrade "pip<25" >/dev/null
-  .venv/bin/pip install -q -e '.[test]'
+  .venv/bin/pip install -q -e '.[test]' 2>&1 | grep -v "^WARNING: Location\|DEPRECATION: Legacy editable" || true
+  .venv/bin/python -c 'import etcd3, click, libvirt, pytest, hypothesis' || { echo "setup: pip install failed" >&2; exit 1; }
   touch "$stamp"
 fi
 .venv/bin/python -c 'import etcd3, libvirt, click, rados, rbd' \
