@@ -29,7 +29,9 @@ schema, store (every etcd call), cluster view (watch-fed cache), hypervisor
 from __future__ import annotations
 
 import argparse
+import base64
 import configparser
+import contextlib
 import dataclasses
 import datetime as _dt
 import faulthandler
@@ -45,8 +47,9 @@ import socket
 import sys
 import threading
 import time
+import uuid
 import xml.etree.ElementTree as ET
-from typing import Any, Callable, Iterable, Mapping, Optional, Union
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping, Optional, Union
 
 # ---------------------------------------------------------------------------
 # Errors
@@ -77,12 +80,20 @@ class HypervisorError(MetaStackError):
     """libvirt refused or failed an operation."""
 
 
+class StorageError(MetaStackError):
+    """Ceph (rados/rbd) refused or failed an operation."""
+
+
+class StorageBusy(StorageError):
+    """An RBD image is still open by some client; retry later."""
+
+
 # ---------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------
 
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-DOMAIN_TYPES = ("kvm", "qemu", "test")
+DOMAIN_TYPES = ("kvm", "qemu", "test", "auto")
 ETCD_MIN_TTL = 2  # etcd silently raises smaller lease TTLs to about this
 
 
@@ -120,6 +131,35 @@ class EtcdConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CephConfig:
+    """How to reach the Ceph cluster that holds images and VM disks."""
+
+    conf: str
+    client: str = "admin"
+    keyring: Optional[str] = None
+    pool: str = "metastack"
+
+
+def ceph_config_from(cp: configparser.ConfigParser) -> Optional[CephConfig]:
+    """Read the [ceph] section; None when it is absent or has no conf."""
+    conf = cp.get("ceph", "conf", fallback="").strip()
+    if not conf:
+        return None
+    client = cp.get("ceph", "client", fallback="admin").strip() or "admin"
+    client = client[len("client."):] if client.startswith("client.") else client
+    pool = cp.get("ceph", "pool", fallback="metastack").strip() or "metastack"
+    if not re.match(r"^[A-Za-z0-9_.-]+$", pool):
+        raise ConfigError(f"[ceph] pool: {pool!r} is not a valid pool name")
+    if not re.match(r"^[A-Za-z0-9_.-]+$", client):
+        raise ConfigError(f"[ceph] client: {client!r} is not a valid cephx name")
+    keyring = cp.get("ceph", "keyring", fallback="").strip() or None
+    for key, path in (("conf", conf), ("keyring", keyring)):
+        if path is not None and not os.path.isfile(path):
+            raise ConfigError(f"[ceph] {key}: {path} does not exist")
+    return CephConfig(conf=conf, client=client, keyring=keyring, pool=pool)
+
+
+@dataclasses.dataclass(frozen=True)
 class AgentConfig:
     """Everything the agent reads from its ini file, validated."""
 
@@ -135,6 +175,8 @@ class AgentConfig:
     claim_spread: float
     syslog: str
     log_level: str
+    ceph: Optional[CephConfig] = None
+    state_dir: str = "/var/lib/metastack"
 
     @property
     def renew_interval(self) -> float:
@@ -210,6 +252,9 @@ def load_config(path: Optional[str]) -> AgentConfig:
     domain_type = cp.get("libvirt", "domain_type", fallback="kvm").strip()
     if domain_type not in DOMAIN_TYPES:
         raise ConfigError(f"[libvirt] domain_type: {domain_type!r} is not one of {', '.join(DOMAIN_TYPES)}")
+    state_dir = cp.get("node", "state_dir", fallback="/var/lib/metastack").strip() or "/var/lib/metastack"
+    if not state_dir.startswith("/"):
+        raise ConfigError(f"[node] state_dir: {state_dir!r} must be an absolute path")
     ttl_raw = cp.get("agent", "lease_ttl", fallback="5").strip()
     if not ttl_raw.isdigit():
         raise ConfigError(f"[agent] lease_ttl: {ttl_raw!r} must be a whole number of seconds")
@@ -229,6 +274,8 @@ def load_config(path: Optional[str]) -> AgentConfig:
         claim_spread=_get_float(cp, "agent", "claim_spread", 0.05, 0.0),
         syslog=cp.get("logging", "syslog", fallback="auto").strip(),
         log_level=level,
+        ceph=ceph_config_from(cp),
+        state_dir=state_dir,
     )
     check_timings(cfg)
     return cfg
@@ -312,7 +359,7 @@ VM_STATES = ("running", "stopped")
 class Keys:
     """The key layout under one prefix. See README "The contract in etcd"."""
 
-    KINDS = ("desired", "actual", "hosts", "flavours", "images")
+    KINDS = ("desired", "actual", "hosts", "flavours", "images", "console")
 
     def __init__(self, prefix: str = "/metastack") -> None:
         self.prefix = prefix.rstrip("/")
@@ -328,6 +375,12 @@ class Keys:
 
     def flavour(self, name: str) -> str:
         return f"{self.prefix}/flavours/{name}"
+
+    def image(self, name: str) -> str:
+        return f"{self.prefix}/images/{name}"
+
+    def console(self, vm: str) -> str:
+        return f"{self.prefix}/console/{vm}"
 
     def dir(self, kind: str) -> str:
         return f"{self.prefix}/{kind}/"
@@ -405,6 +458,7 @@ class DesiredVM:
     host: Optional[str] = None
     image: Optional[str] = None
     extra: tuple[tuple[str, Any], ...] = ()
+    generation: int = 0  # the desired key's etcd create_revision: new on every re-create
 
     KNOWN = ("flavour", "state", "host", "image")
 
@@ -446,9 +500,10 @@ class DesiredVM:
 class ActualVM:
     """``/metastack/actual/<vm>``: the claim and the VM's observed state.
 
-    JSON: {"host", "state", "reason", "updated", "vcpus", "ram_mb"}. The key
-    exists only while its owner's lease lives. ``vcpus``/``ram_mb`` record
-    what the owner reserved (0 for an error claim).
+    JSON: {"host", "state", "reason", "updated", "vcpus", "ram_mb", "disk"}.
+    The key exists only while its owner's lease lives. ``vcpus``/``ram_mb``
+    record what the owner reserved (0 for an error claim); ``disk`` names the
+    VM's RBD disk once it has one.
     """
 
     host: str
@@ -457,6 +512,7 @@ class ActualVM:
     vcpus: int = 0
     ram_mb: int = 0
     updated: str = ""
+    disk: str = ""  # "pool/image" of the VM's RBD disk, once it has one
 
     STATES = ("starting", "running", "stopping", "stopped", "error")
 
@@ -473,16 +529,66 @@ class ActualVM:
             return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
         return cls(host=str(obj.get("host", "")), state=str(obj.get("state", "error")),
                    reason=str(obj.get("reason", "")), vcpus=_int("vcpus"),
-                   ram_mb=_int("ram_mb"), updated=str(obj.get("updated", "")))
+                   ram_mb=_int("ram_mb"), updated=str(obj.get("updated", "")), disk=str(obj.get("disk", "")))
 
     def same_content(self, other: Optional["ActualVM"]) -> bool:
         """Equal but for the timestamp: whether a write would change anything."""
         return other is not None and dataclasses.replace(self, updated="") == dataclasses.replace(other, updated="")
 
     def encode(self) -> bytes:
-        return json.dumps({"host": self.host, "state": self.state, "reason": self.reason,
-                           "updated": self.updated or utc_now(), "vcpus": self.vcpus,
-                           "ram_mb": self.ram_mb}, sort_keys=True).encode()
+        obj: dict[str, Any] = {"host": self.host, "state": self.state, "reason": self.reason,
+                               "updated": self.updated or utc_now(), "vcpus": self.vcpus, "ram_mb": self.ram_mb}
+        if self.disk:
+            obj["disk"] = self.disk
+        return json.dumps(obj, sort_keys=True).encode()
+
+
+@dataclasses.dataclass(frozen=True)
+class Image:
+    """``/metastack/images/<name>``: a base image in RBD.
+
+    JSON: {"pool": str, "image": str, "snapshot": str, "size": int (bytes),
+    "kernel": str, "initrd": str (RADOS object names in the same pool, for
+    direct kernel boot; optional), "cmdline": str (optional)}. VM disks are
+    copy-on-write clones of ``pool/image@snapshot``.
+    """
+
+    pool: str
+    image: str
+    snapshot: str
+    size: int
+    kernel: Optional[str] = None
+    initrd: Optional[str] = None
+    cmdline: Optional[str] = None
+
+    @classmethod
+    def parse(cls, name: str, raw: bytes) -> "Image":
+        obj = _json_object(raw, f"image {name!r}")
+        for key in ("pool", "image", "snapshot"):
+            if not isinstance(obj.get(key), str) or not obj[key]:
+                raise SpecError(f"image {name!r}: {key!r} must be a non-empty string")
+        size = _positive_int(obj, "size", f"image {name!r}")
+        opt = {k: obj.get(k) for k in ("kernel", "initrd", "cmdline")}
+        for k, v in opt.items():
+            if v is not None and not isinstance(v, str):
+                raise SpecError(f"image {name!r}: {k!r} must be a string")
+        if (opt["kernel"] is None) != (opt["initrd"] is None):
+            raise SpecError(f"image {name!r}: 'kernel' and 'initrd' go together")
+        return cls(obj["pool"], obj["image"], obj["snapshot"], size, **opt)
+
+    @property
+    def direct_boot(self) -> bool:
+        return self.kernel is not None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+def disk_name(vm: str, generation: int) -> str:
+    """The RBD image holding ``vm``'s disk. The desired key's create_revision
+    is part of it, so a VM destroyed and created again never inherits an old
+    disk, while stop/start and moves keep the same one."""
+    return f"vm-{vm}-g{generation}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -518,6 +624,7 @@ class Entry:
     value: bytes
     mod_revision: int
     lease: int = 0
+    create_revision: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -528,6 +635,7 @@ class KeyEvent:
     value: Optional[bytes]
     mod_revision: int
     lease: int = 0
+    create_revision: int = 0
 
 
 class Store:
@@ -574,11 +682,12 @@ class Store:
     def list_prefix(self, prefix: str) -> tuple[int, dict[str, Entry]]:
         """All keys under ``prefix`` and the store revision they were read at."""
         resp = self._call("list", self._client.get_prefix_response, prefix)
-        return resp.header.revision, {kv.key.decode(): Entry(kv.value, kv.mod_revision, kv.lease) for kv in resp.kvs}
+        return resp.header.revision, {kv.key.decode(): Entry(kv.value, kv.mod_revision, kv.lease, kv.create_revision)
+                                      for kv in resp.kvs}
 
     def get(self, key: str) -> Optional[Entry]:
         value, meta = self._call("get", self._client.get, key)
-        return None if meta is None else Entry(value, meta.mod_revision, meta.lease_id)
+        return None if meta is None else Entry(value, meta.mod_revision, meta.lease_id, meta.create_revision)
 
     # -- writes ------------------------------------------------------------
     def _txn(self, what: str, compare: list, success: list, failure: Optional[list] = None) -> tuple[bool, list]:
@@ -607,9 +716,10 @@ class Store:
         ok, resp = self._txn("delete", [self._tx.mod(key) == mod_revision], [self._tx.delete(key)])
         return resp[0].response_delete_range.header.revision if ok else None
 
-    def put(self, key: str, value: bytes) -> int:
-        """Unconditional write (admin data only); returns the revision."""
-        return self._call("put", self._client.put, key, value).header.revision
+    def put(self, key: str, value: bytes, lease: int = 0) -> int:
+        """Unconditional write (admin data, or a key only its owner writes);
+        returns the revision."""
+        return self._call("put", self._client.put, key, value, lease=lease or None).header.revision
 
     def delete(self, key: str) -> bool:
         """Unconditional delete; True when the key existed."""
@@ -651,7 +761,7 @@ class Store:
                 on_error(resp if resp is not None else StoreUnavailable("watch closed"))
                 return
             events = [KeyEvent(ev.key.decode(), ev.value if isinstance(ev, PutEvent) else None,
-                               ev.mod_revision, ev.lease) for ev in resp.events]
+                               ev.mod_revision, ev.lease, ev.create_revision) for ev in resp.events]
             on_events(resp.header.revision, events)
 
         try:
@@ -682,6 +792,7 @@ class Snapshot:
     actual: dict[str, ActualVM]
     flavours: dict[str, Union[Flavour, SpecError]]
     hosts: dict[str, HostState]
+    images: dict[str, Union[Image, SpecError]] = dataclasses.field(default_factory=dict)
 
 
 class ClusterView:
@@ -711,19 +822,21 @@ class ClusterView:
             self.revision = revision
             self.synced = True
 
-    def _note(self, key: str, value: Optional[bytes], revision: int, lease: int) -> None:
+    def _note(self, key: str, value: Optional[bytes], revision: int, lease: int, created: int = 0) -> None:
         if revision <= self._list_revision or revision < self._seen.get(key, 0):
             return
         self._seen[key] = revision
         if value is None:
             self._entries.pop(key, None)
         else:
-            self._entries[key] = Entry(value, revision, lease)
+            old = self._entries.get(key)
+            created = created or (old.create_revision if old is not None else revision)
+            self._entries[key] = Entry(value, revision, lease, created)
 
     def apply(self, header_revision: int, events: Iterable[KeyEvent]) -> None:
         with self._lock:
             for ev in events:
-                self._note(ev.key, ev.value, ev.mod_revision, ev.lease)
+                self._note(ev.key, ev.value, ev.mod_revision, ev.lease, ev.create_revision)
             self.revision = max(self.revision, header_revision)
 
     def note(self, key: str, value: Optional[bytes], revision: int, lease: int = 0) -> None:
@@ -745,7 +858,8 @@ class ClusterView:
             kind, name = split
             if kind == "desired":
                 try:
-                    snap.desired[name] = DesiredVM.parse(name, entry.value)
+                    snap.desired[name] = dataclasses.replace(DesiredVM.parse(name, entry.value),
+                                                             generation=entry.create_revision)
                 except SpecError as exc:
                     snap.desired[name] = exc
             elif kind == "actual":
@@ -760,7 +874,281 @@ class ClusterView:
                     snap.hosts[name] = HostState.parse(entry.value)
                 except (SpecError, TypeError):
                     pass
+            elif kind == "images":
+                try:
+                    snap.images[name] = Image.parse(name, entry.value)
+                except SpecError as exc:
+                    snap.images[name] = exc
         return snap
+
+
+# ---------------------------------------------------------------------------
+# Storage: every rados/rbd call lives here
+# ---------------------------------------------------------------------------
+
+
+def read_keyring_key(path: str, client: str) -> str:
+    """The base64 cephx key of ``client.<client>`` in a keyring file."""
+    cp = configparser.ConfigParser()
+    try:
+        with open(path, encoding="utf-8") as fh:
+            cp.read_file(fh)
+    except (OSError, configparser.Error) as exc:
+        raise StorageError(f"cannot read keyring {path}: {exc}") from None
+    key = cp.get(f"client.{client}", "key", fallback="").strip()
+    if not key:
+        raise StorageError(f"keyring {path} holds no key for client.{client}")
+    return key
+
+
+def parse_mon_hosts(mon_host: str) -> list[tuple[str, int]]:
+    """Monitor addresses from a ``mon_host`` value, v1 (legacy) ones first
+    when both are given: ``[v2:127.0.0.1:3300/0,v1:127.0.0.1:6789/0]``."""
+    v1, v2, plain = [], [], []
+    for item in re.split(r"[,\s]+", mon_host.replace("[", " ").replace("]", " ")):
+        m = re.match(r"^(?:(v[12]):)?([^:/]+):(\d+)(?:/\d+)?$", item.strip())
+        if not m:
+            if item.strip() and re.match(r"^[\w.-]+$", item.strip()):
+                plain.append((item.strip(), 6789))
+            continue
+        (v1 if m.group(1) == "v1" else v2 if m.group(1) == "v2" else plain).append((m.group(2), int(m.group(3))))
+    return v1 or plain or v2
+
+
+class Storage:
+    """The only class that calls rados/rbd (Ceph's own Python bindings).
+
+    Contract: every rados/rbd handle is owned by a context manager; every
+    library error is raised as StorageError (StorageBusy when an image is
+    still open by a client); operations are idempotent: creating what exists
+    or removing what is gone is success. One cluster connection per Storage,
+    re-opened after a failure.
+    """
+
+    OP_TIMEOUT = 15  # seconds for any mon/osd operation: never hang the agent
+
+    def __init__(self, cfg: CephConfig) -> None:
+        import rados  # Debian's python3-rados: imported here, not at module import
+        import rbd
+        self._rados, self._rbd = rados, rbd
+        self.cfg = cfg
+        self._cluster: Any = None
+        self._lock = threading.Lock()
+
+    # -- connection ----------------------------------------------------------
+    def _connect(self) -> Any:
+        with self._lock:
+            if self._cluster is None:
+                conf = {"rados_osd_op_timeout": str(self.OP_TIMEOUT), "rados_mon_op_timeout": str(self.OP_TIMEOUT)}
+                if self.cfg.keyring:
+                    conf["keyring"] = self.cfg.keyring
+                try:
+                    cluster = self._rados.Rados(conffile=self.cfg.conf, name=f"client.{self.cfg.client}", conf=conf)
+                    cluster.connect(timeout=self.OP_TIMEOUT)
+                except self._rados.Error as exc:
+                    raise StorageError(f"cannot connect to Ceph ({self.cfg.conf}, client.{self.cfg.client}): {exc}") from None
+                self._cluster = cluster
+            return self._cluster
+
+    def close(self) -> None:
+        with self._lock:
+            if self._cluster is not None:
+                try:
+                    self._cluster.shutdown()
+                except self._rados.Error:
+                    pass
+                self._cluster = None
+
+    @contextlib.contextmanager
+    def _pool(self, pool: str) -> Iterator[Any]:
+        cluster = self._connect()
+        try:
+            ioctx = cluster.open_ioctx(pool)
+        except self._rados.ObjectNotFound:
+            raise StorageError(f"Ceph pool {pool!r} does not exist") from None
+        except self._rados.Error as exc:
+            self.close()
+            raise StorageError(f"cannot open Ceph pool {pool!r}: {exc}") from None
+        try:
+            yield ioctx
+        except (self._rados.Error, self._rbd.Error) as exc:
+            if isinstance(exc, self._rbd.ImageBusy):
+                raise StorageBusy(f"RBD image in pool {pool!r} is in use: {exc}") from None
+            if isinstance(exc, (self._rados.ConnectionShutdown, self._rados.TimedOut)):
+                self.close()
+            raise StorageError(f"Ceph operation in pool {pool!r} failed: {exc}") from None
+        finally:
+            ioctx.close()
+
+    @contextlib.contextmanager
+    def _image(self, ioctx: Any, name: str, snapshot: Optional[str] = None) -> Iterator[Any]:
+        img = self._rbd.Image(ioctx, name, snapshot=snapshot)
+        try:
+            yield img
+        finally:
+            img.close()
+
+    def pool_exists(self, pool: str) -> bool:
+        try:
+            return bool(self._connect().pool_exists(pool))
+        except self._rados.Error as exc:
+            raise StorageError(f"cannot check Ceph pool {pool!r}: {exc}") from None
+
+    def mon_hosts(self) -> list[tuple[str, int]]:
+        """Monitor addresses as QEMU's librbd should be given them."""
+        try:
+            return parse_mon_hosts(self._connect().conf_get("mon_host") or "")
+        except self._rados.Error as exc:
+            raise StorageError(f"cannot read mon_host: {exc}") from None
+
+    def fsid(self) -> str:
+        try:
+            return str(self._connect().get_fsid())
+        except self._rados.Error as exc:
+            raise StorageError(f"cannot read the cluster fsid: {exc}") from None
+
+    def key(self) -> str:
+        """This client's base64 cephx key (for the libvirt secret)."""
+        if self.cfg.keyring:
+            return read_keyring_key(self.cfg.keyring, self.cfg.client)
+        try:
+            ret, out, err = self._connect().mon_command(
+                json.dumps({"prefix": "auth get-key", "entity": f"client.{self.cfg.client}", "format": "json"}), b"")
+        except self._rados.Error as exc:
+            raise StorageError(f"cannot read the cephx key: {exc}") from None
+        if ret != 0:
+            raise StorageError(f"cannot read the cephx key: {err}")
+        return json.loads(out)["key"]
+
+    # -- VM disks --------------------------------------------------------------
+    def ensure_disk(self, pool: str, disk: str, base: "Image") -> bool:
+        """Clone ``disk`` from the base image's protected snapshot unless it
+        exists (copy-on-write, no data copied). True if it was created."""
+        with self._pool(base.pool) as parent, self._pool(pool) as ioctx:
+            if disk in self._rbd.RBD().list(ioctx):
+                return False
+            features = self._rbd.RBD_FEATURE_LAYERING | self._rbd.RBD_FEATURE_EXCLUSIVE_LOCK
+            try:
+                self._rbd.RBD().clone(parent, base.image, base.snapshot, ioctx, disk, features=features)
+            except self._rbd.ImageExists:
+                return False
+            except self._rbd.ImageNotFound:
+                raise StorageError(f"base image {base.pool}/{base.image}@{base.snapshot} does not exist") from None
+            return True
+
+    def disk_exists(self, pool: str, disk: str) -> bool:
+        with self._pool(pool) as ioctx:
+            return disk in self._rbd.RBD().list(ioctx)
+
+    def fence_disk(self, pool: str, disk: str) -> list[str]:
+        """Break every exclusive lock on ``disk``: Ceph blocklists each former
+        owner, so a stale writer (a QEMU left on a dead or cut-off node) can
+        no longer write. Returns the owners fenced."""
+        with self._pool(pool) as ioctx:
+            try:
+                with self._image(ioctx, disk) as img:
+                    owners = list(img.lock_get_owners())
+                    for owner in owners:
+                        img.lock_break(owner["mode"], owner["owner"])
+                    return [str(o["owner"]) for o in owners]
+            except self._rbd.ImageNotFound:
+                return []
+
+    def remove_disk(self, pool: str, disk: str) -> None:
+        """Remove a VM disk; gone already is success; StorageBusy while a
+        client (a QEMU) still has it open."""
+        with self._pool(pool) as ioctx:
+            try:
+                self._rbd.RBD().remove(ioctx, disk)
+            except self._rbd.ImageNotFound:
+                pass
+
+    def fetch_object(self, pool: str, obj: str, dest: str) -> None:
+        """Copy a RADOS object to a local file, atomically (kernel, initrd)."""
+        tmp = f"{dest}.part{os.getpid()}"
+        with self._pool(pool) as ioctx:
+            try:
+                size, _ = ioctx.stat(obj)
+            except self._rados.ObjectNotFound:
+                raise StorageError(f"RADOS object {pool}/{obj} does not exist") from None
+            with open(tmp, "wb") as fh:
+                offset, chunk = 0, 4 << 20
+                while offset < size:
+                    data = ioctx.read(obj, min(chunk, size - offset), offset)
+                    if not data:
+                        break
+                    fh.write(data)
+                    offset += len(data)
+        os.replace(tmp, dest)
+
+    # -- base images (used by metastackctl image ...) --------------------------
+    def import_base(self, pool: str, image: str, snapshot: str, src: BinaryIO, size: int,
+                    progress: Optional[Callable[[int], None]] = None) -> None:
+        """Create ``pool/image`` of ``size`` bytes from ``src``, snapshot it as
+        ``snapshot`` and protect the snapshot (clones need that). On any
+        failure nothing is left behind."""
+        with self._pool(pool) as ioctx:
+            try:
+                self._rbd.RBD().create(ioctx, image, size, old_format=False,
+                                       features=self._rbd.RBD_FEATURE_LAYERING)
+            except self._rbd.ImageExists:
+                raise StorageError(f"RBD image {pool}/{image} already exists") from None
+            try:
+                with self._image(ioctx, image) as img:
+                    offset, chunk = 0, 4 << 20
+                    while True:
+                        data = src.read(chunk)
+                        if not data:
+                            break
+                        if data.count(0) != len(data):  # keep the image sparse
+                            img.write(data, offset)
+                        offset += len(data)
+                        if progress:
+                            progress(offset)
+                    img.flush()
+                    img.create_snap(snapshot)
+                    img.protect_snap(snapshot)
+            except BaseException:
+                self._remove_base(ioctx, image, snapshot)
+                raise
+
+    def put_object(self, pool: str, obj: str, path: str) -> None:
+        """Store a local file as one RADOS object (kernel or initrd)."""
+        with self._pool(pool) as ioctx, open(path, "rb") as fh:
+            ioctx.write_full(obj, fh.read())
+
+    def remove_object(self, pool: str, obj: str) -> None:
+        with self._pool(pool) as ioctx:
+            try:
+                ioctx.remove_object(obj)
+            except self._rados.ObjectNotFound:
+                pass
+
+    def base_children(self, pool: str, image: str, snapshot: str) -> list[str]:
+        """Clones of a base image's snapshot (VM disks that depend on it)."""
+        with self._pool(pool) as ioctx:
+            try:
+                with self._image(ioctx, image, snapshot=snapshot) as img:
+                    return [f"{p}/{c}" for p, c in img.list_children()]
+            except self._rbd.ImageNotFound:
+                return []
+
+    def remove_base(self, pool: str, image: str, snapshot: str) -> None:
+        """Unprotect and remove the snapshot, then the image; idempotent."""
+        with self._pool(pool) as ioctx:
+            self._remove_base(ioctx, image, snapshot)
+
+    def _remove_base(self, ioctx: Any, image: str, snapshot: str) -> None:
+        try:
+            with self._image(ioctx, image) as img:
+                for snap in list(img.list_snaps()):
+                    if snap["name"] == snapshot:
+                        if img.is_protected_snap(snapshot):
+                            img.unprotect_snap(snapshot)
+                        img.remove_snap(snapshot)
+            self._rbd.RBD().remove(ioctx, image)
+        except self._rbd.ImageNotFound:
+            pass
 
 
 # ---------------------------------------------------------------------------
@@ -770,65 +1158,234 @@ class ClusterView:
 XMLNS = "https://metastack.dev/xmlns/domain/1"
 
 
-def build_domain_xml(vm: DesiredVM, flavour: Flavour, node: str, domain_type: str) -> str:
-    """The libvirt domain document for ``vm`` on ``node`` (ElementTree, no
-    text templates). It carries a <metastack:instance> metadata element
-    naming the owning node: the agent only ever touches domains so tagged."""
+@dataclasses.dataclass(frozen=True)
+class RBDDisk:
+    """A VM disk in RBD, reached by QEMU's librbd with a cephx secret."""
+
+    pool: str
+    name: str
+    hosts: tuple[tuple[str, int], ...]
+    user: str
+    secret_uuid: str
+
+
+@dataclasses.dataclass(frozen=True)
+class DirectBoot:
+    """Direct kernel boot: local paths of the kernel and initrd, and the command line."""
+
+    kernel: str
+    initrd: str
+    cmdline: str
+
+
+@dataclasses.dataclass(frozen=True)
+class DomainSpec:
+    """Everything the domain document says about one VM on one node."""
+
+    vm: str
+    node: str
+    domain_type: str
+    vcpus: int
+    ram_mb: int
+    flavour: str
+    image: Optional[str] = None
+    disk: Optional[RBDDisk] = None
+    boot: Optional[DirectBoot] = None
+    console: Optional[str] = None  # file that receives the serial console
+
+
+def domain_name(vm: str, node: str) -> str:
+    """libvirt name of ``vm``'s domain on ``node``. The node is part of it so
+    agents sharing one libvirtd (the demo) never collide, even mid-move."""
+    return f"{vm}.{node}"
+
+
+def build_domain_xml(spec: DomainSpec, uuid: Optional[str] = None) -> str:
+    """The libvirt domain document (ElementTree, never text templates). It
+    carries a <metastack:instance> metadata element naming the owning node
+    and the VM: the agent only ever touches domains so tagged. The cephx key
+    never appears here, only the uuid of the libvirt secret holding it."""
     ET.register_namespace("metastack", XMLNS)
-    dom = ET.Element("domain", type=domain_type)
-    ET.SubElement(dom, "name").text = vm.name
-    ET.SubElement(dom, "memory", unit="MiB").text = str(flavour.ram_mb)
-    ET.SubElement(dom, "vcpu").text = str(flavour.vcpus)
+    dom = ET.Element("domain", type=spec.domain_type)
+    ET.SubElement(dom, "name").text = domain_name(spec.vm, spec.node)
+    if uuid is not None:  # re-defining an existing domain keeps its identity
+        ET.SubElement(dom, "uuid").text = uuid
+    ET.SubElement(dom, "memory", unit="MiB").text = str(spec.ram_mb)
+    ET.SubElement(dom, "vcpu").text = str(spec.vcpus)
     meta = ET.SubElement(ET.SubElement(dom, "metadata"), f"{{{XMLNS}}}instance")
-    ET.SubElement(meta, f"{{{XMLNS}}}node").text = node
-    ET.SubElement(meta, f"{{{XMLNS}}}flavour").text = vm.flavour
-    if vm.image:
-        ET.SubElement(meta, f"{{{XMLNS}}}image").text = vm.image
+    ET.SubElement(meta, f"{{{XMLNS}}}node").text = spec.node
+    ET.SubElement(meta, f"{{{XMLNS}}}vm").text = spec.vm
+    ET.SubElement(meta, f"{{{XMLNS}}}flavour").text = spec.flavour
+    if spec.image:
+        ET.SubElement(meta, f"{{{XMLNS}}}image").text = spec.image
     os_el = ET.SubElement(dom, "os")
     ET.SubElement(os_el, "type").text = "hvm"
+    if spec.boot is not None:
+        ET.SubElement(os_el, "kernel").text = spec.boot.kernel
+        ET.SubElement(os_el, "initrd").text = spec.boot.initrd
+        ET.SubElement(os_el, "cmdline").text = spec.boot.cmdline
+    elif spec.disk is not None:
+        ET.SubElement(os_el, "boot", dev="hd")
+    ET.SubElement(ET.SubElement(dom, "features"), "acpi")
     ET.SubElement(dom, "on_poweroff").text = "destroy"
     ET.SubElement(dom, "on_reboot").text = "restart"
     ET.SubElement(dom, "on_crash").text = "destroy"
+    devices = ET.SubElement(dom, "devices")
+    if spec.disk is not None:
+        d = spec.disk
+        disk = ET.SubElement(devices, "disk", type="network", device="disk")
+        ET.SubElement(disk, "driver", name="qemu", type="raw", cache="none")
+        auth = ET.SubElement(disk, "auth", username=d.user)
+        ET.SubElement(auth, "secret", type="ceph", uuid=d.secret_uuid)
+        source = ET.SubElement(disk, "source", protocol="rbd", name=f"{d.pool}/{d.name}")
+        for host, port in d.hosts:
+            ET.SubElement(source, "host", name=host, port=str(port))
+        ET.SubElement(disk, "target", dev="vda", bus="virtio")
+    if spec.console is not None:
+        serial = ET.SubElement(devices, "serial", type="file")
+        ET.SubElement(serial, "source", path=spec.console)
+        ET.SubElement(serial, "target", port="0")
+        console = ET.SubElement(devices, "console", type="file")
+        ET.SubElement(console, "source", path=spec.console)
+        ET.SubElement(console, "target", type="serial", port="0")
+    ET.SubElement(devices, "memballoon", model="none")
     return ET.tostring(dom, encoding="unicode")
 
 
-def owner_of(metadata_xml: str) -> Optional[str]:
-    """The node named in a <metastack:instance> metadata element, if any."""
+def owner_of(metadata_xml: str) -> Optional[tuple[str, str]]:
+    """(node, vm) named in a <metastack:instance> metadata element, if any."""
     try:
         root = ET.fromstring(metadata_xml)
     except ET.ParseError:
         return None
-    node = root.find("node")
-    if node is None:
-        node = root.find(f"{{{XMLNS}}}node")
-    return node.text if node is not None else None
+
+    def text(tag: str) -> Optional[str]:
+        el = root.find(tag)
+        if el is None:
+            el = root.find(f"{{{XMLNS}}}{tag}")
+        return el.text if el is not None else None
+    node, vm = text("node"), text("vm")
+    return (node, vm) if node and vm else None
+
+
+_EVENT_LOOP_LOCK = threading.Lock()
+_EVENT_LOOP_STARTED = False
+
+
+def start_libvirt_event_loop(libvirt: Any) -> None:
+    """Register libvirt's default event loop and run it in a daemon thread,
+    once per process; must happen before a connection is opened."""
+    global _EVENT_LOOP_STARTED
+    with _EVENT_LOOP_LOCK:
+        if _EVENT_LOOP_STARTED:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+
+        def loop() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+        threading.Thread(target=loop, name="libvirt-events", daemon=True).start()
+        _EVENT_LOOP_STARTED = True
+
+
+# A 512-byte boot sector that writes "KVMOK" to the first serial port and
+# halts: real guest code, the smallest thing that proves KVM can run a guest.
+#   xor ax,ax; mov ds,ax; cld; mov dx,0x3f8; mov si,msg
+#   next: lodsb; test al,al; jz done; out dx,al; jmp next;  done: cli; hlt
+_PROBE_CODE = bytes.fromhex("31c08ed8fc" "baf803" "be157c" "ac" "84c0" "7403" "ee" "ebf8" "fa" "f4") + b"KVMOK\n\0"
+PROBE_SECTOR = _PROBE_CODE.ljust(510, b"\0") + b"\x55\xaa"
+
+
+def probe_kvm(emulator: str = "qemu-system-x86_64", timeout: float = 10.0) -> tuple[bool, str]:
+    """Does KVM really run guest code here? Boots PROBE_SECTOR under
+    ``-accel kvm`` and looks for its serial output; capabilities that
+    advertise kvm are not trusted. Returns (works, why)."""
+    import shutil
+    import subprocess
+    import tempfile
+    if not os.path.exists("/dev/kvm"):
+        return False, "/dev/kvm is missing"
+    exe = shutil.which(emulator)
+    if exe is None:
+        return False, f"{emulator} is not installed"
+    with tempfile.TemporaryDirectory(prefix="metastack-kvm-probe-") as tmp:
+        img, out = os.path.join(tmp, "boot.img"), os.path.join(tmp, "serial.txt")
+        with open(img, "wb") as fh:
+            fh.write(PROBE_SECTOR.ljust(1474560, b"\0"))
+        proc = subprocess.Popen([exe, "-accel", "kvm", "-machine", "pc", "-m", "16", "-display", "none",
+                                 "-nodefaults", "-no-reboot", "-serial", f"file:{out}",
+                                 "-drive", f"file={img},format=raw,if=floppy"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline and proc.poll() is None:
+                if os.path.exists(out) and b"KVMOK" in open(out, "rb").read():
+                    return True, "a test guest ran under KVM"
+                time.sleep(0.05)
+            err = b""
+            if proc.poll() is not None and proc.stderr is not None:
+                err = proc.stderr.read()
+            return False, ("KVM guest failed: " + err.decode(errors="replace").strip().splitlines()[0]
+                           if err.strip() else "the KVM test guest printed nothing")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
 
 
 class Hypervisor:
     """The only class that calls libvirt; one connection per agent.
 
     Contract: it lists and acts only on domains whose MetaStack metadata
-    names ``node``; every libvirt failure is raised as HypervisorError; a
-    domain that is already gone counts as destroyed (idempotent).
+    names ``node``, and keys them by VM name; every libvirt failure is raised
+    as HypervisorError; a domain already gone counts as destroyed
+    (idempotent). ``on_event(vm, what)`` is called from libvirt's event
+    thread for lifecycle events of our domains (started, stopped, crashed..).
     """
 
-    def __init__(self, uri: str, node: str, domain_type: str) -> None:
+    EVENTS = {0: "defined", 1: "undefined", 2: "started", 3: "suspended", 4: "resumed",
+              5: "stopped", 6: "shut down", 7: "pm-suspended", 8: "crashed"}
+    STOP_DETAILS = {0: "guest shutdown", 1: "destroyed", 2: "crashed", 3: "migrated", 4: "saved",
+                    5: "failed", 6: "restored from snapshot"}
+
+    def __init__(self, uri: str, node: str, domain_type: str,
+                 on_event: Optional[Callable[[str, str], None]] = None) -> None:
         import libvirt  # imported here: importing metastack has no side effects
         self._lv = libvirt
         libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # no stderr noise
         self.node = node
         self.domain_type = domain_type
+        self.last_event: dict[str, str] = {}
+        self._on_event = on_event
+        if on_event is not None:
+            start_libvirt_event_loop(libvirt)
         try:
             self._conn = libvirt.open(uri)
+            if on_event is not None:
+                self._conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, None)
         except libvirt.libvirtError as exc:
             raise HypervisorError(f"cannot connect to libvirt at {uri}: {exc}") from None
-        self._owner_cache: dict[bytes, Optional[str]] = {}
+        self._owner_cache: dict[bytes, Optional[tuple[str, str]]] = {}
 
     def close(self) -> None:
         try:
             self._conn.close()
         except self._lv.libvirtError:
             pass
+
+    def _lifecycle(self, _conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
+        try:
+            owner = self._owner(dom)
+        except self._lv.libvirtError:
+            return
+        if owner is None or owner[0] != self.node:
+            return
+        what = self.EVENTS.get(event, f"event {event}")
+        if event == 5:
+            what = f"stopped ({self.STOP_DETAILS.get(detail, detail)})"
+        self.last_event[owner[1]] = what
+        if self._on_event is not None:
+            self._on_event(owner[1], what)
 
     def capacity(self) -> tuple[int, int]:
         """(vcpus, ram_mb) of the host as libvirt reports it."""
@@ -838,7 +1395,7 @@ class Hypervisor:
             raise HypervisorError(f"cannot read host info: {exc}") from None
         return int(info[2]), int(info[1])
 
-    def _owner(self, dom: Any) -> Optional[str]:
+    def _owner(self, dom: Any) -> Optional[tuple[str, str]]:
         uuid = dom.UUID()
         if uuid not in self._owner_cache:
             try:
@@ -849,48 +1406,58 @@ class Hypervisor:
         return self._owner_cache[uuid]
 
     def domains(self) -> dict[str, str]:
-        """Our domains: name -> "running" (active) or "stopped"."""
+        """Our domains, by VM name: "running" (active) or "stopped"."""
         try:
-            doms = self._conn.listAllDomains()
-            return {d.name(): ("running" if d.isActive() else "stopped")
-                    for d in doms if self._owner(d) == self.node}
+            out = {}
+            for d in self._conn.listAllDomains():
+                owner = self._owner(d)
+                if owner is not None and owner[0] == self.node:
+                    out[owner[1]] = "running" if d.isActive() else "stopped"
+            return out
         except self._lv.libvirtError as exc:
             if exc.get_error_code() == self._lv.VIR_ERR_NO_DOMAIN:
                 return self.domains()  # one vanished while we listed: list again
             raise HypervisorError(f"cannot list domains: {exc}") from None
 
-    def _lookup(self, name: str) -> Optional[Any]:
+    def _lookup(self, vm: str) -> Optional[Any]:
+        name = domain_name(vm, self.node)
         try:
             dom = self._conn.lookupByName(name)
         except self._lv.libvirtError as exc:
             if exc.get_error_code() == self._lv.VIR_ERR_NO_DOMAIN:
                 return None
             raise HypervisorError(f"cannot look up domain {name}: {exc}") from None
-        if self._owner(dom) != self.node:
+        owner = self._owner(dom)
+        if owner is None or owner[0] != self.node:
             raise HypervisorError(f"domain {name} exists but is not MetaStack's on {self.node}: left alone")
         return dom
 
-    def ensure_running(self, vm: DesiredVM, flavour: Flavour) -> None:
-        """Define the domain if needed and start it if it is not running."""
-        self._ensure_defined(vm, flavour, start=True)
+    def ensure_running(self, spec: DomainSpec) -> bool:
+        """(Re)define the domain from ``spec`` unless it runs, and start it.
+        True if it was started now."""
+        return self._define(spec, start=True)
 
-    def ensure_defined(self, vm: DesiredVM, flavour: Flavour) -> None:
-        """Define the domain if needed, without starting it."""
-        self._ensure_defined(vm, flavour, start=False)
+    def ensure_defined(self, spec: DomainSpec) -> None:
+        """(Re)define the domain from ``spec`` unless it runs; do not start it."""
+        self._define(spec, start=False)
 
-    def _ensure_defined(self, vm: DesiredVM, flavour: Flavour, start: bool) -> None:
-        dom = self._lookup(vm.name)
+    def _define(self, spec: DomainSpec, start: bool) -> bool:
+        dom = self._lookup(spec.vm)
         try:
-            if dom is None:
-                dom = self._conn.defineXML(build_domain_xml(vm, flavour, self.node, self.domain_type))
-            if start and not dom.isActive():
+            if dom is not None and dom.isActive():
+                return False
+            dom = self._conn.defineXML(build_domain_xml(spec, dom.UUIDString() if dom is not None else None))
+            self._owner_cache.pop(dom.UUID(), None)
+            if start:
                 dom.create()
+                return True
+            return False
         except self._lv.libvirtError as exc:
-            raise HypervisorError(f"cannot {'start' if start else 'define'} {vm.name}: {exc}") from None
+            raise HypervisorError(f"cannot {'start' if start else 'define'} {spec.vm}: {exc}") from None
 
-    def request_shutdown(self, name: str) -> bool:
+    def request_shutdown(self, vm: str) -> bool:
         """Ask the guest to power off (ACPI); True if it is already off."""
-        dom = self._lookup(name)
+        dom = self._lookup(vm)
         try:
             if dom is None or not dom.isActive():
                 return True
@@ -899,29 +1466,53 @@ class Hypervisor:
         except self._lv.libvirtError as exc:
             if exc.get_error_code() in (self._lv.VIR_ERR_NO_DOMAIN, self._lv.VIR_ERR_OPERATION_INVALID):
                 return True
-            raise HypervisorError(f"cannot shut down {name}: {exc}") from None
+            raise HypervisorError(f"cannot shut down {vm}: {exc}") from None
 
-    def power_off(self, name: str) -> None:
+    def power_off(self, vm: str) -> None:
         """Hard power-off (virsh destroy); the definition stays."""
-        dom = self._lookup(name)
+        dom = self._lookup(vm)
         try:
             if dom is not None and dom.isActive():
                 dom.destroy()
         except self._lv.libvirtError as exc:
             if exc.get_error_code() not in (self._lv.VIR_ERR_NO_DOMAIN, self._lv.VIR_ERR_OPERATION_INVALID):
-                raise HypervisorError(f"cannot power off {name}: {exc}") from None
+                raise HypervisorError(f"cannot power off {vm}: {exc}") from None
 
-    def remove(self, name: str) -> None:
+    def remove(self, vm: str) -> None:
         """Power off and undefine; a missing domain is success."""
-        self.power_off(name)
-        dom = self._lookup(name)
+        self.power_off(vm)
+        dom = self._lookup(vm)
         try:
             if dom is not None:
                 self._owner_cache.pop(dom.UUID(), None)
                 dom.undefine()
         except self._lv.libvirtError as exc:
             if exc.get_error_code() != self._lv.VIR_ERR_NO_DOMAIN:
-                raise HypervisorError(f"cannot undefine {name}: {exc}") from None
+                raise HypervisorError(f"cannot undefine {vm}: {exc}") from None
+        self.last_event.pop(vm, None)
+
+    def ensure_ceph_secret(self, uuid: str, usage: str, key_b64: str) -> bool:
+        """Define the libvirt secret ``uuid`` holding a cephx key (private:
+        libvirt never shows its value) and set its value. False when this
+        hypervisor has no secret driver (the test driver)."""
+        ET.register_namespace("", "")
+        sec = ET.Element("secret", ephemeral="no", private="yes")
+        ET.SubElement(sec, "uuid").text = uuid
+        usage_el = ET.SubElement(sec, "usage", type="ceph")
+        ET.SubElement(usage_el, "name").text = usage
+        try:
+            try:
+                secret = self._conn.secretLookupByUUIDString(uuid)
+            except self._lv.libvirtError as exc:
+                if exc.get_error_code() == self._lv.VIR_ERR_NO_SUPPORT:
+                    return False
+                secret = self._conn.secretDefineXML(ET.tostring(sec, encoding="unicode"))
+            secret.setValue(base64.b64decode(key_b64))
+            return True
+        except self._lv.libvirtError as exc:
+            if exc.get_error_code() == self._lv.VIR_ERR_NO_SUPPORT:
+                return False
+            raise HypervisorError(f"cannot set the ceph secret: {exc}") from None
 
 
 # ---------------------------------------------------------------------------
@@ -996,6 +1587,12 @@ def plan(node: str, capacity: Capacity, snap: Snapshot, domains: Mapping[str, st
             return f"unknown flavour {spec.flavour!r}"
         if isinstance(flav, SpecError):
             return f"flavour {spec.flavour!r} is malformed: {flav}"
+        if spec.image is not None:
+            image = snap.images.get(spec.image)
+            if image is None:
+                return f"unknown image {spec.image!r}"
+            if isinstance(image, SpecError):
+                return f"image {spec.image!r} is malformed: {image}"
         return spec, flav
 
     def priority(name: str) -> tuple[int, str]:
@@ -1125,6 +1722,313 @@ class NodeTakenError(MetaStackError):
     """A live agent already holds this node name."""
 
 
+class Executor:
+    """Applies the planner's actions for one node: claims in etcd, disks in
+    Ceph, domains in libvirt, and the VM's actual state back into etcd.
+
+    Contract: every etcd write about a VM is a compare-and-swap against the
+    last revision this node saw, so it never overwrites a claim that is not
+    its own; a domain is started only after its disk exists and every stale
+    lock on it has been broken (fencing the former writer); nothing blocks
+    for long: a graceful shutdown is asked for, then checked on later ticks.
+    """
+
+    CONSOLE_BYTES = 4096  # tail of the serial console published to etcd
+    CONSOLE_PERIOD = 2.0  # seconds between console publications of one VM
+
+    def __init__(self, cfg: AgentConfig, store: Store, view: ClusterView, hv: Hypervisor,
+                 storage: Optional[Storage], lease: Callable[[], int]) -> None:
+        self.cfg = cfg
+        self.node = cfg.node_name
+        self.store, self.keys, self.view, self.hv, self.storage = store, store.keys, view, hv, storage
+        self._lease = lease
+        self.secret_uuid = ""
+        self.stopping: dict[str, float] = {}  # vm -> monotonic deadline of a graceful shutdown
+        self._console_sent: dict[str, tuple[float, bytes]] = {}
+        self._mon_hosts: Optional[tuple[tuple[str, int], ...]] = None
+        self._backoff: dict[str, tuple[int, float]] = {}  # vm -> (failures, monotonic time of next try)
+
+    BACKOFF_MAX = 60.0
+    NO_BACKOFF = ("kill", "release", "claim_error", "report")  # safety and reporting never wait
+
+    # -- dispatch ----------------------------------------------------------------
+    def apply(self, act: Action, snap: Snapshot, domains: Mapping[str, str]) -> str:
+        """Apply one action; returns a short note of what changed ('' if nothing).
+        A VM whose last attempt failed is retried with exponential back-off
+        (1 s doubling up to BACKOFF_MAX), except for safety actions."""
+        failures, next_try = self._backoff.get(act.vm, (0, 0.0))
+        if act.kind not in self.NO_BACKOFF and time.monotonic() < next_try:
+            return ""
+        try:
+            note = getattr(self, f"_do_{act.kind}")(act, snap, domains)
+            self._backoff.pop(act.vm, None)
+            return note
+        except (HypervisorError, StorageError) as exc:
+            delay = min(self.BACKOFF_MAX, 2.0 ** failures)
+            self._backoff[act.vm] = (failures + 1, time.monotonic() + delay)
+            self.publish(act.vm, "error", str(exc), act.vcpus, act.ram_mb)
+            return f"{act.vm}: {exc} (retry in {delay:.0f}s)"
+
+    def next_retry(self) -> Optional[float]:
+        """Monotonic time of the earliest pending retry, if any."""
+        return min((t for _, t in self._backoff.values()), default=None)
+
+    def _do_claim(self, act: Action, snap: Snapshot, domains: Mapping[str, str]) -> str:
+        if self.cfg.claim_spread > 0:  # willingness: a busier node waits a little longer
+            cpu, ram, _ = usage(self.node, self.view.snapshot().actual)
+            cap = self.capacity
+            load = max(cpu / cap.vcpus, ram / cap.ram_mb)
+            time.sleep(self.cfg.claim_spread * min(load, 1.0) + random.uniform(0, self.cfg.claim_spread / 10))
+        first = "starting" if act.state == "running" else "stopped"
+        if not self._create_claim(act.vm, self._value(first, "", act.vcpus, act.ram_mb)):
+            return ""
+        note = self._converge(act, snap, domains)
+        return f"claimed {act.vm}" + (f", {note}" if note else "")
+
+    def _do_claim_error(self, act: Action, snap: Snapshot, domains: Mapping[str, str]) -> str:
+        if self._create_claim(act.vm, self._value("error", act.reason, 0, 0)):
+            log.warning("%s: desired entry rejected: %s", act.vm, act.reason)
+            return f"{act.vm}: error ({act.reason})"
+        return ""
+
+    def _do_run(self, act: Action, snap: Snapshot, domains: Mapping[str, str]) -> str:
+        return self._converge(act, snap, domains)
+
+    _do_park = _do_run
+
+    def _do_report(self, act: Action, snap: Snapshot, domains: Mapping[str, str]) -> str:
+        if self.publish(act.vm, act.state, act.reason, act.vcpus, act.ram_mb):
+            log.warning("%s: desired entry rejected: %s", act.vm, act.reason)
+            return f"{act.vm}: {act.state} ({act.reason})"
+        return ""
+
+    def _do_remove(self, act: Action, snap: Snapshot, domains: Mapping[str, str]) -> str:
+        self.hv.remove(act.vm)
+        self.stopping.pop(act.vm, None)
+        claim = self._own_claim(act.vm)
+        disk = claim.disk if claim else ""
+        if disk:
+            if self.storage is None:
+                raise StorageError(f"cannot remove disk {disk}: no [ceph] storage configured on {self.node}")
+            pool, _, name = disk.partition("/")
+            try:
+                self.storage.remove_disk(pool, name)
+            except StorageBusy as exc:  # a client still has it open: keep the claim, retry next tick
+                self.publish(act.vm, "error", f"disk {disk} still in use, retrying its removal ({exc})",
+                             claim.vcpus if claim else 0, claim.ram_mb if claim else 0)
+                return f"{act.vm}: disk {disk} busy, will retry"
+        self._delete_claim(act.vm)
+        self._delete_console(act.vm)
+        return f"removed {act.vm}" + (f" and its disk {disk}" if disk else "") + f" ({act.reason})"
+
+    def _do_release(self, act: Action, snap: Snapshot, domains: Mapping[str, str]) -> str:
+        self.hv.remove(act.vm)  # the domain goes first: never two copies; the disk stays
+        self.stopping.pop(act.vm, None)
+        self._delete_claim(act.vm)
+        self._delete_console(act.vm)
+        return f"released {act.vm} ({act.reason})"
+
+    def _do_kill(self, act: Action, snap: Snapshot, domains: Mapping[str, str]) -> str:
+        self.hv.remove(act.vm)
+        self.stopping.pop(act.vm, None)
+        return f"killed local domain {act.vm} ({act.reason})"
+
+    # -- bringing a VM to its desired state ------------------------------------
+    @property
+    def capacity(self) -> "Capacity":
+        return self._capacity
+
+    @capacity.setter
+    def capacity(self, value: "Capacity") -> None:
+        self._capacity = value
+
+    def _converge(self, act: Action, snap: Snapshot, domains: Mapping[str, str]) -> str:
+        """Bring the domain to the desired state and publish what it is."""
+        vm = snap.desired[act.vm]
+        assert isinstance(vm, DesiredVM)
+        current = domains.get(act.vm)
+        if vm.state == "running":
+            self.stopping.pop(act.vm, None)
+            if current == "running":
+                changed = self.publish(act.vm, "running", self._kept_reason(act.vm), act.vcpus, act.ram_mb)
+                return f"running {act.vm}" if changed else ""
+            spec, disk, fenced = self._prepare(vm, act, snap)
+            started = self.hv.ensure_running(spec)
+            reason = ""
+            before = self._own_claim(act.vm)
+            if current == "stopped" and before is not None and before.state == "running":
+                reason = f"restarted after {self.hv.last_event.get(act.vm, 'it stopped')}"
+            if fenced:
+                reason = (reason + "; " if reason else "") + f"fenced the disk's former writer(s): {', '.join(fenced)}"
+            self.publish(act.vm, "running", reason, act.vcpus, act.ram_mb, disk)
+            return f"started {act.vm}" + (f" ({reason})" if reason else "") if started else ""
+        if current is None:
+            spec, disk, _ = self._prepare(vm, act, snap, fence=False)
+            self.hv.ensure_defined(spec)
+            changed = self.publish(act.vm, "stopped", "", act.vcpus, act.ram_mb, disk)
+            return f"defined {act.vm} (stopped)" if changed else ""
+        if current == "running":
+            if self._shut_down(act.vm):
+                self.publish(act.vm, "stopped", "", act.vcpus, act.ram_mb)
+                return f"stopped {act.vm}"
+            changed = self.publish(act.vm, "stopping", "", act.vcpus, act.ram_mb)
+            return f"stopping {act.vm}" if changed else ""
+        changed = self.publish(act.vm, "stopped", "", act.vcpus, act.ram_mb)
+        return f"{act.vm} stopped" if changed else ""
+
+    def _kept_reason(self, vm: str) -> str:
+        """Keep a 'restarted after ...' note while the VM stays up."""
+        claim = self._own_claim(vm)
+        return claim.reason if claim is not None and claim.state == "running" else ""
+
+    def _prepare(self, vm: DesiredVM, act: Action, snap: Snapshot,
+                 fence: bool = True) -> tuple[DomainSpec, str, list[str]]:
+        """The domain spec for ``vm``; makes sure its disk exists (a clone of
+        its image, made once and then reused) and, before a start, breaks any
+        lock a former writer still holds. Returns (spec, "pool/disk", fenced)."""
+        disk: Optional[RBDDisk] = None
+        boot: Optional[DirectBoot] = None
+        fenced: list[str] = []
+        if vm.image is not None:
+            image = snap.images.get(vm.image)
+            if not isinstance(image, Image):
+                raise StorageError(f"image {vm.image!r} is unknown or malformed")
+            if self.storage is None:
+                raise StorageError(f"VM needs image {vm.image!r} but {self.node} has no [ceph] storage configured")
+            name = disk_name(vm.name, vm.generation)
+            if self.storage.ensure_disk(image.pool, name, image):
+                log.info("%s: cloned disk %s/%s from %s/%s@%s", vm.name, image.pool, name,
+                         image.pool, image.image, image.snapshot)
+            if fence:
+                fenced = self.storage.fence_disk(image.pool, name)
+                if fenced:
+                    log.warning("%s: broke the lock of %s on %s/%s (blocklisted)", vm.name, fenced, image.pool, name)
+            if self._mon_hosts is None:
+                self._mon_hosts = tuple(self.storage.mon_hosts())
+            disk = RBDDisk(image.pool, name, self._mon_hosts, self.storage.cfg.client, self.secret_uuid)
+            if image.direct_boot:
+                boot = self._boot_files(image)
+        console = os.path.join(self.cfg.state_dir, "console", f"{vm.name}.log")
+        os.makedirs(os.path.dirname(console), mode=0o755, exist_ok=True)
+        spec = DomainSpec(vm=vm.name, node=self.node, domain_type=self.hv.domain_type, vcpus=act.vcpus,
+                          ram_mb=act.ram_mb, flavour=vm.flavour, image=vm.image, disk=disk, boot=boot,
+                          console=console)
+        return spec, (f"{disk.pool}/{disk.name}" if disk else ""), fenced
+
+    def _boot_files(self, image: Image) -> DirectBoot:
+        """Local copies of an image's kernel and initrd (fetched from RADOS
+        once; the cache path names the base image and snapshot, so a new
+        import never meets a stale copy)."""
+        assert self.storage is not None and image.kernel and image.initrd
+        d = os.path.join(self.cfg.state_dir, "cache", image.pool, f"{image.image}@{image.snapshot}")
+        os.makedirs(d, mode=0o755, exist_ok=True)
+        paths = []
+        for obj in (image.kernel, image.initrd):
+            path = os.path.join(d, obj.replace("/", "_"))
+            if not os.path.exists(path):
+                self.storage.fetch_object(image.pool, obj, path)
+            paths.append(path)
+        return DirectBoot(paths[0], paths[1], image.cmdline or "console=ttyS0")
+
+    def _shut_down(self, vm: str) -> bool:
+        """Graceful shutdown, then a hard power-off after shutdown_timeout.
+        Never blocks; True once the domain is off."""
+        now = time.monotonic()
+        deadline = self.stopping.setdefault(vm, now + self.cfg.shutdown_timeout)
+        if self.hv.request_shutdown(vm):
+            self.stopping.pop(vm, None)
+            return True
+        if now >= deadline:
+            log.warning("%s: no shutdown after %.0fs, powering off", vm, self.cfg.shutdown_timeout)
+            self.hv.power_off(vm)
+            self.stopping.pop(vm, None)
+            return True
+        return False
+
+    # -- etcd writes -----------------------------------------------------------------
+    def _value(self, state: str, reason: str, vcpus: int, ram_mb: int, disk: str = "") -> ActualVM:
+        return ActualVM(host=self.node, state=state, reason=reason, vcpus=vcpus, ram_mb=ram_mb,
+                        disk=disk, updated=utc_now())
+
+    def _own_claim(self, vm: str) -> Optional[ActualVM]:
+        entry = self.view.entry(self.keys.actual(vm))
+        if entry is None:
+            return None
+        claim = ActualVM.parse(entry.value)
+        return claim if claim.host == self.node else None
+
+    def _create_claim(self, vm: str, value: ActualVM) -> bool:
+        key = self.keys.actual(vm)
+        rev, existing = self.store.create(key, value.encode(), self._lease())
+        if rev is not None:
+            self.view.note(key, value.encode(), rev, self._lease())
+            return True
+        if existing is not None:
+            self.view.note(key, existing.value, existing.mod_revision, existing.lease)
+        return False
+
+    def _delete_claim(self, vm: str) -> None:
+        key = self.keys.actual(vm)
+        entry = self.view.entry(key)
+        if entry is None:
+            return
+        rev = self.store.delete_if(key, entry.mod_revision)
+        if rev is not None:
+            self.view.note(key, None, rev)
+
+    def publish(self, vm: str, state: str, reason: str, vcpus: int, ram_mb: int, disk: str = "") -> bool:
+        """Write our actual key if its content changes; True if written. The
+        disk is kept from the current record unless given. The write is a CAS
+        on the key's last revision: if another node has claimed the VM
+        meanwhile, nothing is written."""
+        key = self.keys.actual(vm)
+        entry = self.view.entry(key)
+        if entry is None:
+            return False
+        current = ActualVM.parse(entry.value)
+        if current.host != self.node:
+            return False
+        new = self._value(state, reason, vcpus, ram_mb, disk or current.disk)
+        if new.same_content(current):
+            return False
+        rev = self.store.replace(key, new.encode(), entry.mod_revision, self._lease())
+        if rev is None:
+            log.warning("%s: claim changed under us; not writing %s", vm, state)
+            return False
+        self.view.note(key, new.encode(), rev, self._lease())
+        return True
+
+    def publish_consoles(self, domains: Mapping[str, str]) -> bool:
+        """Publish the tail of each running VM's serial console under
+        ``console/<vm>`` (on change, at most every CONSOLE_PERIOD seconds).
+        True while some VM has a console worth polling again."""
+        now = time.monotonic()
+        polling = False
+        for vm, state in domains.items():
+            if state != "running" or self._own_claim(vm) is None:
+                continue
+            path = os.path.join(self.cfg.state_dir, "console", f"{vm}.log")
+            try:
+                with open(path, "rb") as fh:
+                    fh.seek(0, os.SEEK_END)
+                    size = fh.tell()
+                    fh.seek(max(0, size - self.CONSOLE_BYTES))
+                    tail = fh.read()
+            except OSError:
+                continue
+            polling = True
+            last_at, last = self._console_sent.get(vm, (0.0, b""))
+            if tail == last or now - last_at < self.CONSOLE_PERIOD:
+                continue
+            self.store.put(self.keys.console(vm), tail, self._lease())
+            self._console_sent[vm] = (now, tail)
+        return polling
+
+    def _delete_console(self, vm: str) -> None:
+        self._console_sent.pop(vm, None)
+        self.store.delete(self.keys.console(vm))
+
+
 class Agent:
     """One node's agent: claims, runs and reports VMs; see the module doc.
 
@@ -1134,17 +2038,30 @@ class Agent:
     keeper, until ``request_stop()`` (signal handlers only call that).
     """
 
-    def __init__(self, cfg: AgentConfig, store: Optional[Store] = None,
-                 hypervisor: Optional[Hypervisor] = None) -> None:
+    def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
         self.node = cfg.node_name
-        self.store = store or Store(cfg.etcd)
+        self._wake = threading.Event()
+        self.store = Store(cfg.etcd)
         self.keys = self.store.keys
-        self.hv = hypervisor or Hypervisor(cfg.libvirt_uri, cfg.node_name, cfg.domain_type)
+        domain_type = cfg.domain_type
+        if domain_type == "auto":
+            works, why = probe_kvm()
+            domain_type = "kvm" if works else "qemu"
+            log.info("domain_type auto: using %s (%s)", domain_type, why)
+        self.hv = Hypervisor(cfg.libvirt_uri, cfg.node_name, domain_type, on_event=self._on_domain_event)
         hv_cpu, hv_ram = self.hv.capacity()
         self.capacity = Capacity(cfg.vcpus or hv_cpu, cfg.ram_mb or hv_ram)
         self.view = ClusterView(self.keys)
-        self._wake = threading.Event()
+        self.storage = Storage(cfg.ceph) if cfg.ceph is not None else None
+        self.executor = Executor(cfg, self.store, self.view, self.hv, self.storage, lambda: self.lease_id)
+        self.executor.capacity = self.capacity
+        if self.storage is not None:
+            fsid = self.storage.fsid()
+            self.executor.secret_uuid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"metastack:{fsid}:client.{cfg.ceph.client}"))
+            self.hv.ensure_ceph_secret(self.executor.secret_uuid, f"metastack {fsid} client.{cfg.ceph.client}",
+                                       self.storage.key())
+        self._console_polling = False
         self._stop = threading.Event()
         self._watch_cancel: Optional[Callable[[], None]] = None
         self._watch_dead = threading.Event()
@@ -1154,7 +2071,6 @@ class Agent:
         self._store_trouble = False
         self._need_relist = False
         self._fenced = False
-        self._stopping: dict[str, float] = {}  # vm -> monotonic deadline of a graceful shutdown
         self._last_host: Optional[HostState] = None
         self.last_decision = ""
 
@@ -1165,6 +2081,12 @@ class Agent:
         return self._keeper.lease_id
 
     def wake(self) -> None:
+        self._wake.set()
+
+    def _on_domain_event(self, vm: str, what: str) -> None:
+        """libvirt lifecycle event of one of our domains (event thread)."""
+        if what.startswith(("stopped", "crashed", "shut down")):
+            log.info("%s: domain %s", vm, what)
         self._wake.set()
 
     def request_stop(self) -> None:
@@ -1275,8 +2197,13 @@ class Agent:
         waits = [max(0.05, until_resync)]
         if failures:
             waits.append(min(0.2 * failures, 1.0))
-        if self._stopping:
+        if self.executor.stopping:
             waits.append(0.5)
+        if self._console_polling:
+            waits.append(Executor.CONSOLE_PERIOD)
+        retry = self.executor.next_retry()
+        if retry is not None:
+            waits.append(max(0.05, retry - time.monotonic()))
         if self._keeper is not None and not self._fenced:
             waits.append(max(0.05, self._keeper.deadline() - time.monotonic()))
         return min(waits)
@@ -1306,8 +2233,15 @@ class Agent:
         snap = self.view.snapshot()
         domains = self.hv.domains()
         actions = plan(self.node, self.capacity, snap, domains)
-        done = self._execute(actions, snap, domains)
+        done: list[str] = []
+        for act in actions:
+            if self._stop.is_set() or not self._keeper.valid():
+                break
+            note = self.executor.apply(act, snap, domains)
+            if note:
+                done.append(note)
         self._publish_host()
+        self._console_polling = self.executor.publish_consoles(self.hv.domains())
         cpu, ram, vms = usage(self.node, self.view.snapshot().actual)
         summary = f"{vms} VM(s) here, {cpu}/{self.capacity.vcpus} vcpus, {ram}/{self.capacity.ram_mb} MiB"
         if done:
@@ -1326,152 +2260,9 @@ class Agent:
                 count += 1
             except HypervisorError as exc:
                 log.error("fence: %s", exc)
-        self._stopping.clear()
+        self.executor.stopping.clear()
         log.warning("fenced (%s): powered off %d domain(s)", why, count)
         return count
-
-    # -- executor ------------------------------------------------------------
-    def _execute(self, actions: list[Action], snap: Snapshot, domains: Mapping[str, str]) -> list[str]:
-        done: list[str] = []
-        for act in actions:
-            if self._stop.is_set() or not self._keeper or not self._keeper.valid():
-                break
-            try:
-                note = getattr(self, f"_do_{act.kind}")(act, snap, domains)
-            except HypervisorError as exc:
-                note = f"{act.vm}: {exc}"
-                self._publish(act.vm, "error", str(exc), act.vcpus, act.ram_mb)
-            if note:
-                done.append(note)
-        return done
-
-    def _claim_value(self, state: str, reason: str, vcpus: int, ram_mb: int) -> ActualVM:
-        return ActualVM(host=self.node, state=state, reason=reason, vcpus=vcpus, ram_mb=ram_mb, updated=utc_now())
-
-    def _do_claim(self, act: Action, snap: Snapshot, domains: Mapping[str, str]) -> str:
-        if self.cfg.claim_spread > 0:  # willingness: a busier node waits a little longer
-            cpu, ram, _ = usage(self.node, self.view.snapshot().actual)
-            load = max(cpu / self.capacity.vcpus, ram / self.capacity.ram_mb)
-            time.sleep(self.cfg.claim_spread * min(load, 1.0) + random.uniform(0, self.cfg.claim_spread / 10))
-        first = "starting" if act.state == "running" else "stopped"
-        if not self._create_claim(act.vm, self._claim_value(first, "", act.vcpus, act.ram_mb)):
-            return ""
-        spec = snap.desired[act.vm]
-        assert isinstance(spec, DesiredVM)
-        note = self._converge(act, spec, domains)
-        return f"claimed {act.vm}" + (f", {note}" if note else "")
-
-    def _do_claim_error(self, act: Action, snap: Snapshot, domains: Mapping[str, str]) -> str:
-        if self._create_claim(act.vm, self._claim_value("error", act.reason, 0, 0)):
-            log.warning("%s: desired entry rejected: %s", act.vm, act.reason)
-            return f"{act.vm}: error ({act.reason})"
-        return ""
-
-    def _create_claim(self, vm: str, value: ActualVM) -> bool:
-        key = self.keys.actual(vm)
-        rev, existing = self.store.create(key, value.encode(), self.lease_id)
-        if rev is not None:
-            self.view.note(key, value.encode(), rev, self.lease_id)
-            return True
-        if existing is not None:
-            self.view.note(key, existing.value, existing.mod_revision, existing.lease)
-        return False
-
-    def _do_run(self, act: Action, snap: Snapshot, domains: Mapping[str, str]) -> str:
-        spec = snap.desired[act.vm]
-        assert isinstance(spec, DesiredVM)
-        return self._converge(act, spec, domains)
-
-    _do_park = _do_run
-
-    def _converge(self, act: Action, spec: DesiredVM, domains: Mapping[str, str]) -> str:
-        """Bring the domain to the desired state and publish what it is."""
-        flav = Flavour(act.vcpus, act.ram_mb)
-        current = domains.get(act.vm)
-        if spec.state == "running":
-            self._stopping.pop(act.vm, None)
-            if current != "running":
-                self.hv.ensure_running(spec, flav)
-            changed = self._publish(act.vm, "running", "", act.vcpus, act.ram_mb)
-            return f"started {act.vm}" if current != "running" else ("running " + act.vm if changed else "")
-        if current is None:
-            self.hv.ensure_defined(spec, flav)
-        elif current == "running":
-            if self._shut_down(act.vm):
-                self._publish(act.vm, "stopped", "", act.vcpus, act.ram_mb)
-                return f"stopped {act.vm}"
-            changed = self._publish(act.vm, "stopping", "", act.vcpus, act.ram_mb)
-            return f"stopping {act.vm}" if changed else ""
-        changed = self._publish(act.vm, "stopped", "", act.vcpus, act.ram_mb)
-        return f"{act.vm} stopped" if changed else ""
-
-    def _shut_down(self, vm: str) -> bool:
-        """Graceful shutdown, then a hard power-off after shutdown_timeout.
-        Never blocks; True once the domain is off."""
-        now = time.monotonic()
-        deadline = self._stopping.setdefault(vm, now + self.cfg.shutdown_timeout)
-        if self.hv.request_shutdown(vm):
-            self._stopping.pop(vm, None)
-            return True
-        if now >= deadline:
-            log.warning("%s: no shutdown after %.0fs, powering off", vm, self.cfg.shutdown_timeout)
-            self.hv.power_off(vm)
-            self._stopping.pop(vm, None)
-            return True
-        return False
-
-    def _do_report(self, act: Action, snap: Snapshot, domains: Mapping[str, str]) -> str:
-        if self._publish(act.vm, act.state, act.reason, act.vcpus, act.ram_mb):
-            log.warning("%s: desired entry rejected: %s", act.vm, act.reason)
-            return f"{act.vm}: {act.state} ({act.reason})"
-        return ""
-
-    def _do_remove(self, act: Action, snap: Snapshot, domains: Mapping[str, str]) -> str:
-        self.hv.remove(act.vm)
-        self._stopping.pop(act.vm, None)
-        self._delete_claim(act.vm)
-        return f"removed {act.vm} ({act.reason})"
-
-    def _do_release(self, act: Action, snap: Snapshot, domains: Mapping[str, str]) -> str:
-        self.hv.remove(act.vm)  # the domain goes first: never two copies
-        self._stopping.pop(act.vm, None)
-        self._delete_claim(act.vm)
-        return f"released {act.vm} ({act.reason})"
-
-    def _do_kill(self, act: Action, snap: Snapshot, domains: Mapping[str, str]) -> str:
-        self.hv.remove(act.vm)
-        self._stopping.pop(act.vm, None)
-        return f"killed local domain {act.vm} ({act.reason})"
-
-    def _delete_claim(self, vm: str) -> None:
-        key = self.keys.actual(vm)
-        entry = self.view.entry(key)
-        if entry is None:
-            return
-        rev = self.store.delete_if(key, entry.mod_revision)
-        if rev is not None:
-            self.view.note(key, None, rev)
-
-    def _publish(self, vm: str, state: str, reason: str, vcpus: int, ram_mb: int) -> bool:
-        """Write our actual key if its content changes; True if written.
-        The write is a CAS on the key's last revision: if another node has
-        claimed the VM meanwhile, nothing is written."""
-        key = self.keys.actual(vm)
-        entry = self.view.entry(key)
-        if entry is None:
-            return False
-        current = ActualVM.parse(entry.value)
-        if current.host != self.node:
-            return False
-        new = self._claim_value(state, reason, vcpus, ram_mb)
-        if new.same_content(current):
-            return False
-        rev = self.store.replace(key, new.encode(), entry.mod_revision, self.lease_id)
-        if rev is None:
-            log.warning("%s: claim changed under us; not writing %s", vm, state)
-            return False
-        self.view.note(key, new.encode(), rev, self.lease_id)
-        return True
 
     def _host_state(self) -> HostState:
         cpu, ram, vms = usage(self.node, self.view.snapshot().actual)
@@ -1522,6 +2313,8 @@ class Agent:
                             len(names), exc, self.cfg.lease_ttl)
         self.hv.close()
         self.store.close()
+        if self.storage is not None:
+            self.storage.close()
 
 
 # ---------------------------------------------------------------------------

@@ -233,22 +233,96 @@ def test_missing_config_file() -> None:
 
 # -- domain XML ------------------------------------------------------------------
 
-def test_domain_xml_literal() -> None:
-    xml = ms.build_domain_xml(DesiredVM("web1", "small"), Flavour(2, 1024), "node1", "qemu")
+def test_domain_xml_literal_minimal() -> None:
+    spec = ms.DomainSpec(vm="web1", node="node1", domain_type="qemu", vcpus=2, ram_mb=1024, flavour="small")
     expected = (
         '<domain xmlns:metastack="https://metastack.dev/xmlns/domain/1" type="qemu">'
-        '<name>web1</name><memory unit="MiB">1024</memory><vcpu>2</vcpu>'
+        '<name>web1.node1</name><memory unit="MiB">1024</memory><vcpu>2</vcpu>'
         '<metadata><metastack:instance>'
-        '<metastack:node>node1</metastack:node><metastack:flavour>small</metastack:flavour>'
-        '</metastack:instance></metadata><os><type>hvm</type></os>'
+        '<metastack:node>node1</metastack:node><metastack:vm>web1</metastack:vm>'
+        '<metastack:flavour>small</metastack:flavour>'
+        '</metastack:instance></metadata><os><type>hvm</type></os><features><acpi /></features>'
         '<on_poweroff>destroy</on_poweroff><on_reboot>restart</on_reboot><on_crash>destroy</on_crash>'
-        '</domain>')
-    assert xml == expected
+        '<devices><memballoon model="none" /></devices></domain>')
+    assert ms.build_domain_xml(spec) == expected
+
+
+def test_domain_xml_literal_rbd_direct_boot() -> None:
+    spec = ms.DomainSpec(
+        vm="db1", node="n2", domain_type="kvm", vcpus=1, ram_mb=128, flavour="tiny", image="tiny",
+        disk=ms.RBDDisk("rbd", "vm-db1-g7", (("10.0.0.1", 6789), ("10.0.0.2", 6789)), "admin", "11111111-2222-3333-4444-555555555555"),
+        boot=ms.DirectBoot("/c/kernel", "/c/initrd", "console=ttyS0 quiet"),
+        console="/var/lib/metastack/console/db1.log")
+    expected = (
+        '<domain xmlns:metastack="https://metastack.dev/xmlns/domain/1" type="kvm">'
+        '<name>db1.n2</name><uuid>abcd</uuid><memory unit="MiB">128</memory><vcpu>1</vcpu>'
+        '<metadata><metastack:instance>'
+        '<metastack:node>n2</metastack:node><metastack:vm>db1</metastack:vm>'
+        '<metastack:flavour>tiny</metastack:flavour><metastack:image>tiny</metastack:image>'
+        '</metastack:instance></metadata>'
+        '<os><type>hvm</type><kernel>/c/kernel</kernel><initrd>/c/initrd</initrd>'
+        '<cmdline>console=ttyS0 quiet</cmdline></os><features><acpi /></features>'
+        '<on_poweroff>destroy</on_poweroff><on_reboot>restart</on_reboot><on_crash>destroy</on_crash>'
+        '<devices><disk type="network" device="disk"><driver name="qemu" type="raw" cache="none" />'
+        '<auth username="admin"><secret type="ceph" uuid="11111111-2222-3333-4444-555555555555" /></auth>'
+        '<source protocol="rbd" name="rbd/vm-db1-g7"><host name="10.0.0.1" port="6789" />'
+        '<host name="10.0.0.2" port="6789" /></source><target dev="vda" bus="virtio" /></disk>'
+        '<serial type="file"><source path="/var/lib/metastack/console/db1.log" /><target port="0" /></serial>'
+        '<console type="file"><source path="/var/lib/metastack/console/db1.log" />'
+        '<target type="serial" port="0" /></console>'
+        '<memballoon model="none" /></devices></domain>')
+    assert ms.build_domain_xml(spec, uuid="abcd") == expected
+
+
+def test_domain_xml_escapes_and_boots_from_disk() -> None:
+    spec = ms.DomainSpec(vm="a", node="n", domain_type="qemu", vcpus=1, ram_mb=64, flavour="f",
+                         disk=ms.RBDDisk("p", "d", (("h", 1),), "u", "x"),
+                         boot=None, console="/tmp/a&b<c>.log")
+    root = ET.fromstring(ms.build_domain_xml(spec))
+    assert root.find("os/boot").get("dev") == "hd"
+    assert root.find("devices/serial/source").get("path") == "/tmp/a&b<c>.log"
 
 
 def test_domain_xml_owner_tag_roundtrip() -> None:
-    xml = ms.build_domain_xml(DesiredVM("a", "small", image="tiny"), SMALL, "n9", "kvm")
-    meta = ET.fromstring(xml).find("metadata")[0]
-    assert ms.owner_of(ET.tostring(meta, encoding="unicode")) == "n9"
-    assert ms.owner_of("<instance><node>n2</node></instance>") == "n2"  # as libvirt returns it
+    spec = ms.DomainSpec(vm="a", node="n9", domain_type="kvm", vcpus=1, ram_mb=64, flavour="f")
+    meta = ET.fromstring(ms.build_domain_xml(spec)).find("metadata")[0]
+    assert ms.owner_of(ET.tostring(meta, encoding="unicode")) == ("n9", "a")
+    assert ms.owner_of("<instance><node>n2</node><vm>x</vm></instance>") == ("n2", "x")  # as libvirt returns it
+    assert ms.owner_of("<instance><node>n2</node></instance>") is None
     assert ms.owner_of("not xml") is None
+
+
+def test_kvm_probe_sector_is_a_boot_sector() -> None:
+    assert len(ms.PROBE_SECTOR) == 512 and ms.PROBE_SECTOR.endswith(b"\x55\xaa")
+    # mov si, imm16 points at the message inside the sector loaded at 0x7c00
+    si = int.from_bytes(ms.PROBE_SECTOR[9:11], "little")
+    assert ms.PROBE_SECTOR[si - 0x7C00:].startswith(b"KVMOK\n\0")
+
+
+@pytest.mark.parametrize("mon_host,expected", [
+    ("[v2:127.0.0.1:3300/0,v1:127.0.0.1:6789/0]", [("127.0.0.1", 6789)]),
+    ("10.0.0.1:6789,10.0.0.2:6789", [("10.0.0.1", 6789), ("10.0.0.2", 6789)]),
+    ("[v2:10.0.0.1:3300/0]", [("10.0.0.1", 3300)]),
+    ("mon1", [("mon1", 6789)]),
+])
+def test_parse_mon_hosts(mon_host, expected) -> None:
+    assert ms.parse_mon_hosts(mon_host) == expected
+
+
+@pytest.mark.parametrize("raw,reason", [
+    (b'{"pool": "p", "image": "i", "snapshot": "s"}', "'size' must be a positive integer"),
+    (b'{"pool": "p", "image": "i", "snapshot": "s", "size": 1, "kernel": "k"}', "go together"),
+    (b'{"image": "i", "snapshot": "s", "size": 1}', "'pool' must be"),
+])
+def test_image_record_rejects(raw, reason) -> None:
+    with pytest.raises(SpecError, match=reason):
+        ms.Image.parse("tiny", raw)
+
+
+def test_disk_name_changes_with_generation() -> None:
+    assert ms.disk_name("web1", 42) == "vm-web1-g42" != ms.disk_name("web1", 43)
+
+
+def test_unknown_image_is_an_error_claim() -> None:
+    acts = plan("n1", CAP, snap({"a": vm("a", image="nope")}), {})
+    assert acts == [Action("claim_error", "a", reason="unknown image 'nope'")]
