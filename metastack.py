@@ -2096,9 +2096,63 @@ class Agent:
 
     def start(self) -> None:
         """Take a lease, register the node (refusing a name a live agent
-        holds), list the prefix and start watching it."""
-        self._acquire_lease(wait_for_stale=self.cfg.lease_ttl + 2.0)
+        holds), list the prefix and start watching it. A lease left by this
+        node's previous run that is still alive is taken over instead, so
+        its claims and running domains are adopted without a restart."""
+        self._lock_node()
+        if not self._adopt_lease():
+            self._acquire_lease(wait_for_stale=self.cfg.lease_ttl + 2.0)
         self._resync()
+
+    def _lock_node(self) -> None:
+        """One agent per node name on this machine: an exclusive flock on
+        ``state_dir/agent-<node>.lock``, held for the life of the process
+        (the kernel drops it when the process dies, even by kill -9)."""
+        import fcntl
+        os.makedirs(self.cfg.state_dir, mode=0o755, exist_ok=True)
+        self._lock_fd = os.open(os.path.join(self.cfg.state_dir, f"agent-{self.node}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._lock_fd)
+            raise NodeTakenError(f"node name {self.node!r} is held by a live agent on this machine "
+                                 f"(lock {self.cfg.state_dir}/agent-{self.node}.lock); refusing to start") from None
+
+    @property
+    def _lease_file(self) -> str:
+        return os.path.join(self.cfg.state_dir, f"agent-{self.node}.lease")
+
+    def _adopt_lease(self) -> bool:
+        try:
+            with open(self._lease_file, encoding="ascii") as fh:
+                lease = int(fh.read().strip(), 16)
+        except (OSError, ValueError):
+            return False
+        started = time.monotonic()
+        if self.store.refresh_lease(lease) <= 0:
+            return False
+        host = self.store.get(self.keys.host(self.node))
+        if host is None or host.lease != lease:
+            return False
+        self.view.note(self.keys.host(self.node), host.value, host.mod_revision, lease)
+        self._start_keeper(lease, confirmed=started)
+        log.info("adopted lease %x of this node's previous run: its claims and domains are kept", lease)
+        return True
+
+    def _start_keeper(self, lease: int, confirmed: Optional[float] = None) -> None:
+        self._keeper = LeaseKeeper(self.store, lease, self.cfg.lease_ttl, self.cfg.fence_margin, self.wake)
+        if confirmed is not None:
+            self._keeper._confirmed = confirmed
+        self._keeper.start()
+        self._fenced = False
+        try:
+            os.makedirs(self.cfg.state_dir, mode=0o755, exist_ok=True)
+            with open(self._lease_file + ".tmp", "w", encoding="ascii") as fh:
+                fh.write(f"{lease:x}\n")
+            os.replace(self._lease_file + ".tmp", self._lease_file)
+        except OSError as exc:
+            log.warning("cannot record the lease in %s (%s): a restart will not adopt running VMs",
+                        self._lease_file, exc.strerror)
 
     def _acquire_lease(self, wait_for_stale: float) -> None:
         lease = self.store.grant_lease(self.cfg.lease_ttl)
@@ -2120,9 +2174,7 @@ class Agent:
             self.store.refresh_lease(lease)  # our own lease must outlive the wait
         self._last_host = host
         self.view.note(self.keys.host(self.node), host.encode(), rev, lease)
-        self._keeper = LeaseKeeper(self.store, lease, self.cfg.lease_ttl, self.cfg.fence_margin, self.wake)
-        self._keeper.start()
-        self._fenced = False
+        self._start_keeper(lease)
         log.info("registered node %s (lease %x, ttl %ss, %d vcpus, %d MiB)",
                  self.node, lease, self.cfg.lease_ttl, self.capacity.vcpus, self.capacity.ram_mb)
 
@@ -2307,6 +2359,8 @@ class Agent:
             self._keeper.stop()
             try:
                 self.store.revoke_lease(self._keeper.lease_id)
+                with contextlib.suppress(OSError):
+                    os.unlink(self._lease_file)
                 log.info("drained: %d VM(s) stopped, lease revoked", len(names))
             except StoreUnavailable as exc:
                 log.warning("drained: %d VM(s) stopped; lease not revoked (%s), it expires in %ss",

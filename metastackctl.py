@@ -14,7 +14,12 @@ Exit codes:
 from __future__ import annotations
 
 import json
+import os
+import secrets
+import shutil
+import subprocess
 import sys
+import tempfile
 from typing import Any, Callable, Optional, Sequence
 
 import click
@@ -34,10 +39,27 @@ class StoreDown(click.ClickException):
 class Context:
     """Lazily opened store plus the key schema; one per invocation."""
 
-    def __init__(self, etcd: ms.EtcdConfig) -> None:
+    def __init__(self, etcd: ms.EtcdConfig, ceph: Optional[ms.CephConfig] = None) -> None:
         self.etcd = etcd
+        self.ceph = ceph
         self.keys = ms.Keys(etcd.prefix)
         self._store: Optional[ms.Store] = None
+        self._storage: Optional[ms.Storage] = None
+
+    @property
+    def storage(self) -> ms.Storage:
+        if self.ceph is None:
+            raise click.UsageError("this needs Ceph: give a config file (-c) with a [ceph] section (conf, client, keyring, pool)")
+        if self._storage is None:
+            self._storage = ms.Storage(self.ceph)
+        return self._storage
+
+    def ceph_call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run a storage call, turning a Ceph failure into a clean error."""
+        try:
+            return fn(*args, **kwargs)
+        except ms.StorageError as exc:
+            raise click.ClickException(str(exc)) from None
 
     @property
     def store(self) -> ms.Store:
@@ -105,7 +127,7 @@ def cli(ctx: click.Context, config: Optional[str], endpoints: Optional[str], pre
             cp.read_dict({"etcd": {"endpoints": endpoints}})
         if prefix:
             cp.read_dict({"etcd": {"prefix": prefix}})
-        ctx.obj = Context(ms.etcd_config_from(cp))
+        ctx.obj = Context(ms.etcd_config_from(cp), ms.ceph_config_from(cp))
     except ms.ConfigError as exc:
         raise click.UsageError(str(exc)) from None
 
@@ -146,6 +168,9 @@ def _flavour_exists(c: Context, name: str) -> None:
 def create(c: Context, name: str, flavour: str, host: Optional[str], image: Optional[str], stopped: bool) -> None:
     """Create VM NAME; an agent with room claims and starts it."""
     _flavour_exists(c, flavour)
+    if image is not None and c.call(c.store.get, c.keys.image(image)) is None:
+        known = ", ".join(sorted(c.listing("images"))) or "none"
+        raise click.ClickException(f"no image named {image!r} (known: {known})")
     spec = ms.DesiredVM(name, flavour, "stopped" if stopped else "running", host, image)
     rev, _ = c.call(c.store.create, c.keys.desired(name), json.dumps(spec.to_json()).encode())
     if rev is None:
@@ -242,6 +267,7 @@ def show(c: Context, name: str, output: str) -> None:
     fields = dict(zip([k.lower() for k in VM_COLUMNS], row))
     fields["desired_entry"] = desired.value.decode(errors="replace") if desired else None
     fields["updated"] = ms.ActualVM.parse(actual.value).updated if actual else None
+    fields["disk"] = (ms.ActualVM.parse(actual.value).disk or None) if actual else None
     if output == "json":
         click.echo(json.dumps(fields, indent=2))
         return
@@ -262,6 +288,155 @@ def hosts(c: Context, output: str) -> None:
             continue
         rows.append([name, h.state, h.vcpus_used, h.vcpus, h.ram_mb_used, h.ram_mb, h.vms])
     print_output(("NODE", "STATE", "VCPUS_USED", "VCPUS", "RAM_MB_USED", "RAM_MB", "VMS"), rows, output)
+
+
+@cli.command()
+@click.argument("name", callback=name_arg("VM"))
+@pass_ctx
+def console(c: Context, name: str) -> None:
+    """Print the tail of VM NAME's serial console (published by its owner)."""
+    entry = c.call(c.store.get, c.keys.console(name))
+    if entry is None:
+        if c.call(c.store.get, c.keys.desired(name)) is None:
+            raise click.ClickException(f"no VM named {name!r}")
+        raise click.ClickException(f"no console output published for {name!r} (is it running?)")
+    click.echo(entry.value.decode("utf-8", errors="replace"), nl=False)
+
+
+# -- images -------------------------------------------------------------------
+
+
+@cli.group()
+def image() -> None:
+    """Manage base images (in Ceph RBD; VMs boot from copy-on-write clones)."""
+
+
+def _image_format(path: str) -> tuple[str, int]:
+    """(format, virtual size in bytes) of a disk image file, via qemu-img."""
+    if os.path.getsize(path) == 0:
+        raise click.ClickException(f"{path} is empty: not a disk image")
+    exe = shutil.which("qemu-img")
+    if exe is None:
+        raise click.ClickException("qemu-img is not installed (Debian package qemu-utils)")
+    r = subprocess.run([exe, "info", "--output=json", path], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise click.ClickException(f"{path} is not a readable disk image: {r.stderr.strip().splitlines()[-1:]}")
+    info = json.loads(r.stdout)
+    fmt, size = info.get("format", ""), int(info.get("virtual-size", 0))
+    if fmt == "raw" and size % 512:
+        raise click.ClickException(f"{path} is not a disk image: {size} bytes is not a whole number of 512-byte sectors")
+    if size <= 0:
+        raise click.ClickException(f"{path} has no content")
+    return fmt, size
+
+
+@image.command("import")
+@click.argument("name", callback=name_arg("image"))
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, readable=True))
+@click.option("--kernel", type=click.Path(exists=True, dir_okay=False, readable=True),
+              help="Kernel for direct boot (with --initrd).")
+@click.option("--initrd", type=click.Path(exists=True, dir_okay=False, readable=True),
+              help="Initrd for direct boot (with --kernel).")
+@click.option("--cmdline", help="Kernel command line for direct boot (default console=ttyS0).")
+@click.option("--pool", help="Ceph pool (default: [ceph] pool of the config file).")
+@pass_ctx
+def image_import(c: Context, name: str, file: str, kernel: Optional[str], initrd: Optional[str],
+                 cmdline: Optional[str], pool: Optional[str]) -> None:
+    """Upload disk image FILE (raw, or any format qemu-img reads: converted
+    to raw) into RBD as base image NAME, snapshot and protect it. Nothing is
+    left behind if any step fails."""
+    if (kernel is None) != (initrd is None):
+        raise click.UsageError("--kernel and --initrd go together")
+    if cmdline is not None and kernel is None:
+        raise click.UsageError("--cmdline needs --kernel and --initrd")
+    storage = c.storage
+    pool = pool or (c.ceph.pool if c.ceph else "metastack")
+    if c.call(c.store.get, c.keys.image(name)) is not None:
+        raise click.ClickException(f"an image named {name!r} already exists")
+    fmt, size = _image_format(file)
+    if not c.ceph_call(storage.pool_exists, pool):
+        raise click.ClickException(f"Ceph pool {pool!r} does not exist")
+    rbd_name = f"base-{name}-{secrets.token_hex(4)}"
+    record = ms.Image(pool=pool, image=rbd_name, snapshot="base", size=size,
+                      kernel=f"{rbd_name}.kernel" if kernel else None,
+                      initrd=f"{rbd_name}.initrd" if initrd else None,
+                      cmdline=(cmdline or "console=ttyS0") if kernel else None)
+    with tempfile.TemporaryDirectory(prefix="metastack-import-") as tmp:
+        src = file
+        if fmt != "raw":
+            src = os.path.join(tmp, "image.raw")
+            r = subprocess.run(["qemu-img", "convert", "-O", "raw", file, src], capture_output=True, text=True)
+            if r.returncode != 0:
+                raise click.ClickException(f"cannot convert {file} from {fmt}: {r.stderr.strip()}")
+        with open(src, "rb") as fh:
+            c.ceph_call(storage.import_base, pool, rbd_name, "base", fh, size)
+    try:
+        if kernel and initrd:
+            c.ceph_call(storage.put_object, pool, f"{rbd_name}.kernel", kernel)
+            c.ceph_call(storage.put_object, pool, f"{rbd_name}.initrd", initrd)
+        rev, _ = c.call(c.store.create, c.keys.image(name), json.dumps(record.to_json()).encode())
+        if rev is None:
+            raise click.ClickException(f"an image named {name!r} was created meanwhile")
+    except BaseException:
+        for obj in (record.kernel, record.initrd):
+            if obj:
+                c.ceph_call(storage.remove_object, pool, obj)
+        c.ceph_call(storage.remove_base, pool, rbd_name, "base")
+        raise
+    click.echo(f"imported {name}: {pool}/{rbd_name}@base, {size} bytes ({fmt})"
+               f"{', direct kernel boot' if kernel else ''}", err=True)
+
+
+@image.command("list")
+@OUTPUT
+@pass_ctx
+def image_list(c: Context, output: str) -> None:
+    """List base images."""
+    rows = []
+    for name, entry in sorted(c.listing("images").items()):
+        try:
+            i = ms.Image.parse(name, entry.value)
+            rows.append([name, i.pool, f"{i.image}@{i.snapshot}", i.size, "kernel" if i.direct_boot else "disk"])
+        except ms.SpecError:
+            rows.append([name, None, None, None, "malformed"])
+    print_output(("NAME", "POOL", "RBD", "SIZE", "BOOT"), rows, output)
+
+
+@image.command("delete")
+@click.argument("name", callback=name_arg("image"))
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@pass_ctx
+def image_delete(c: Context, name: str, yes: bool) -> None:
+    """Delete base image NAME (refused while a VM uses it)."""
+    entry = c.call(c.store.get, c.keys.image(name))
+    if entry is None:
+        raise click.ClickException(f"no image named {name!r}")
+    users = []
+    for vm, d in sorted(c.listing("desired").items()):
+        try:
+            if ms.DesiredVM.parse(vm, d.value).image == name:
+                users.append(vm)
+        except ms.SpecError:
+            continue
+    if users:
+        raise click.ClickException(f"image {name!r} is used by {len(users)} VM(s): {', '.join(users[:10])}")
+    try:
+        rec = ms.Image.parse(name, entry.value)
+    except ms.SpecError:
+        rec = None
+    if rec is not None:
+        children = c.ceph_call(c.storage.base_children, rec.pool, rec.image, rec.snapshot)
+        if children:
+            raise click.ClickException(f"image {name!r} still has {len(children)} disk clone(s): {', '.join(children[:10])}")
+    if not yes:
+        click.confirm(f"Delete image {name!r}?", abort=True, err=True)
+    if rec is not None:
+        for obj in (rec.kernel, rec.initrd):
+            if obj:
+                c.ceph_call(c.storage.remove_object, rec.pool, obj)
+        c.ceph_call(c.storage.remove_base, rec.pool, rec.image, rec.snapshot)
+    c.call(c.store.delete_if, c.keys.image(name), entry.mod_revision)
+    click.echo(f"deleted image {name}", err=True)
 
 
 # -- flavours -----------------------------------------------------------------

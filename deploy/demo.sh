@@ -80,6 +80,7 @@ endpoints = 127.0.0.1:$CLIENT
 prefix = /metastack
 [node]
 name = node$n
+state_dir = $demo/state-node$n
 [libvirt]
 uri = test://$demo/node$n.xml
 domain_type = test

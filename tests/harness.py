@@ -117,6 +117,7 @@ class AgentProc:
             timeout = {cluster.etcd_timeout}
             [node]
             name = {name}
+            state_dir = {d}/state-{name}
             [libvirt]
             uri = test://{xml}
             domain_type = test

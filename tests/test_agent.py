@@ -243,17 +243,47 @@ def test_sigterm_drains_before_handing_over(cluster: Cluster) -> None:
 
 
 def test_second_agent_with_same_name_is_refused(cluster: Cluster) -> None:
-    cluster.agent("node1")
+    first = cluster.agent("node1")
     cluster.wait_hosts("node1")
+    lease_before = cluster.store.get(cluster.keys.host("node1")).lease
+    # Same machine (same state_dir): refused at once by the node lock.
     dup = cluster.agent("node1", start=False)
-    dup.logpath = cluster.dir / "dup.log"
+    dup.logpath = cluster.dir / "dup-local.log"
     dup.start()
-    assert dup.wait(cluster.ttl + 15) == 3
-    assert "is held by a live agent" in dup.log()
-    assert cluster.agents[0].alive()
+    assert dup.wait(10) == 3
+    assert "is held by a live agent on this machine" in dup.log()
+    # Another machine (own state_dir): refused once the registration in etcd stays held.
+    other = cluster.agent("node1", start=False)
+    other.config.write_text(other.config.read_text().replace("state-node1", "state-elsewhere"))
+    other.logpath = cluster.dir / "dup-remote.log"
+    other.start()
+    assert other.wait(cluster.ttl + 15) == 3
+    assert "is held by a live agent (lease" in other.log()
+    assert first.alive()
+    assert cluster.store.get(cluster.keys.host("node1")).lease == lease_before
 
 
-def test_restart_after_kill_reuses_the_name_once_the_lease_expired(cluster: Cluster) -> None:
+def test_restart_after_kill_within_ttl_adopts_the_lease_and_claims(cluster: Cluster) -> None:
+    cluster.flavour("small", 1, 512)
+    n1 = cluster.agent("node1")
+    cluster.agent("node2")
+    cluster.wait_hosts("node1", "node2")
+    cluster.desire("r1", host="node1")
+    cluster.desire("r2")
+    states = cluster.wait_running(["r1", "r2"])
+    rec = ClaimRecorder(cluster)
+    n1.signal(signal.SIGKILL)
+    n1.wait()
+    n1.start()  # at once: the lease is still alive
+    wait_for(lambda: "adopted lease" in n1.log(), 10, what="lease adopted")
+    time.sleep(cluster.ttl + 1.0)  # past the old TTL: had the lease been lost, claims would have moved
+    rec.close()
+    assert cluster.states() == states  # same owners, still running
+    assert not rec.deleted and not rec.owners  # no claim was ever dropped or re-made
+    assert n1.alive()
+
+
+def test_restart_after_the_lease_expired_registers_anew(cluster: Cluster) -> None:
     cluster.flavour("small", 1, 512)
     n1 = cluster.agent("node1")
     cluster.wait_hosts("node1")
@@ -261,8 +291,10 @@ def test_restart_after_kill_reuses_the_name_once_the_lease_expired(cluster: Clus
     cluster.wait_running(["r1"])
     n1.signal(signal.SIGKILL)
     n1.wait()
-    n1.start()  # waits for the stale host key to expire, then registers
-    wait_for(lambda: cluster.states().get("r1") == ("running", "node1"), cluster.ttl + 15, what="r1 back")
+    wait_for(lambda: "node1" not in cluster.hosts(), cluster.ttl + 5, what="old lease expired")
+    n1.start()
+    wait_for(lambda: cluster.states().get("r1") == ("running", "node1"), 15, what="r1 back")
+    assert "adopted lease" not in n1.log()
     assert n1.alive()
 
 
