@@ -1296,10 +1296,22 @@ _PROBE_CODE = bytes.fromhex("31c08ed8fc" "baf803" "be157c" "ac" "84c0" "7403" "e
 PROBE_SECTOR = _PROBE_CODE.ljust(510, b"\0") + b"\x55\xaa"
 
 
-def probe_kvm(emulator: str = "qemu-system-x86_64", timeout: float = 10.0) -> tuple[bool, str]:
-    """Does KVM really run guest code here? Boots PROBE_SECTOR under
-    ``-accel kvm`` and looks for its serial output; capabilities that
-    advertise kvm are not trusted. Returns (works, why)."""
+def find_probe_kernel() -> Optional[str]:
+    """The newest Linux kernel image in /boot, if any (for the KVM probe)."""
+    import glob
+    kernels = sorted(glob.glob("/boot/vmlinuz-*"), key=os.path.getmtime)
+    return kernels[-1] if kernels else None
+
+
+def probe_kvm(kernel: Optional[str] = None, emulator: str = "qemu-system-x86_64",
+              timeout: float = 10.0) -> tuple[bool, str]:
+    """Does KVM really run guests here? Capabilities that advertise kvm are
+    not trusted: a guest is booted under ``-accel kvm`` and its serial output
+    checked. With a Linux ``kernel`` (default: the newest in /boot) the guest
+    must reach the kernel's first log line, which needs 64-bit long mode with
+    paging (seen here: a KVM that runs real-mode code but hangs the kernel's
+    decompressor); without one, PROBE_SECTOR only proves real-mode code runs.
+    Returns (works, why)."""
     import shutil
     import subprocess
     import tempfile
@@ -1308,25 +1320,34 @@ def probe_kvm(emulator: str = "qemu-system-x86_64", timeout: float = 10.0) -> tu
     exe = shutil.which(emulator)
     if exe is None:
         return False, f"{emulator} is not installed"
+    kernel = kernel or find_probe_kernel()
     with tempfile.TemporaryDirectory(prefix="metastack-kvm-probe-") as tmp:
-        img, out = os.path.join(tmp, "boot.img"), os.path.join(tmp, "serial.txt")
-        with open(img, "wb") as fh:
-            fh.write(PROBE_SECTOR.ljust(1474560, b"\0"))
-        proc = subprocess.Popen([exe, "-accel", "kvm", "-machine", "pc", "-m", "16", "-display", "none",
-                                 "-nodefaults", "-no-reboot", "-serial", f"file:{out}",
-                                 "-drive", f"file={img},format=raw,if=floppy"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        out = os.path.join(tmp, "serial.txt")
+        args = [exe, "-accel", "kvm", "-machine", "pc", "-m", "96", "-display", "none",
+                "-nodefaults", "-no-reboot", "-serial", f"file:{out}"]
+        if kernel is not None:
+            args += ["-kernel", kernel, "-append", "console=ttyS0 earlyprintk=ttyS0 panic=-1"]
+            expect, what = b"Linux version", f"kernel {kernel}"
+        else:
+            img = os.path.join(tmp, "boot.img")
+            with open(img, "wb") as fh:
+                fh.write(PROBE_SECTOR.ljust(1474560, b"\0"))
+            args += ["-drive", f"file={img},format=raw,if=floppy"]
+            expect, what = b"KVMOK", "a boot sector (no kernel in /boot: real mode only)"
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout
         try:
             while time.monotonic() < deadline and proc.poll() is None:
-                if os.path.exists(out) and b"KVMOK" in open(out, "rb").read():
-                    return True, "a test guest ran under KVM"
+                if os.path.exists(out):
+                    with open(out, "rb") as fh:
+                        if expect in fh.read():
+                            return True, f"{what} ran under KVM"
                 time.sleep(0.05)
-            err = b""
             if proc.poll() is not None and proc.stderr is not None:
-                err = proc.stderr.read()
-            return False, ("KVM guest failed: " + err.decode(errors="replace").strip().splitlines()[0]
-                           if err.strip() else "the KVM test guest printed nothing")
+                err = proc.stderr.read().decode(errors="replace").strip()
+                if err:
+                    return False, f"{what} failed under KVM: {err.splitlines()[-1]}"
+            return False, f"{what} did not get going under KVM within {timeout:.0f}s"
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -1383,7 +1404,8 @@ class Hypervisor:
         what = self.EVENTS.get(event, f"event {event}")
         if event == 5:
             what = f"stopped ({self.STOP_DETAILS.get(detail, detail)})"
-        self.last_event[owner[1]] = what
+        if event in (5, 6, 8):  # the last way the domain went down
+            self.last_event[owner[1]] = what
         if self._on_event is not None:
             self._on_event(owner[1], what)
 
@@ -1852,12 +1874,12 @@ class Executor:
             if current == "running":
                 changed = self.publish(act.vm, "running", self._kept_reason(act.vm), act.vcpus, act.ram_mb)
                 return f"running {act.vm}" if changed else ""
-            spec, disk, fenced = self._prepare(vm, act, snap)
-            started = self.hv.ensure_running(spec)
             reason = ""
             before = self._own_claim(act.vm)
             if current == "stopped" and before is not None and before.state == "running":
                 reason = f"restarted after {self.hv.last_event.get(act.vm, 'it stopped')}"
+            spec, disk, fenced = self._prepare(vm, act, snap)
+            started = self.hv.ensure_running(spec)
             if fenced:
                 reason = (reason + "; " if reason else "") + f"fenced the disk's former writer(s): {', '.join(fenced)}"
             self.publish(act.vm, "running", reason, act.vcpus, act.ram_mb, disk)

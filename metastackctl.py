@@ -323,8 +323,9 @@ def _image_format(path: str) -> tuple[str, int]:
         raise click.ClickException(f"{path} is not a readable disk image: {r.stderr.strip().splitlines()[-1:]}")
     info = json.loads(r.stdout)
     fmt, size = info.get("format", ""), int(info.get("virtual-size", 0))
-    if fmt == "raw" and size % 512:
-        raise click.ClickException(f"{path} is not a disk image: {size} bytes is not a whole number of 512-byte sectors")
+    if fmt == "raw" and os.path.getsize(path) % 512:
+        raise click.ClickException(f"{path} is not a disk image: {os.path.getsize(path)} bytes is not a "
+                                   f"whole number of 512-byte sectors")
     if size <= 0:
         raise click.ClickException(f"{path} has no content")
     return fmt, size

@@ -108,7 +108,10 @@ class AgentProc:
         self.cluster = cluster
         self.name = name
         d = cluster.dir
-        xml = node_xml(d / f"{name}.xml", vcpus, ram_mb)
+        if cluster.libvirt_uri is None:
+            uri, domain_type = f"test://{node_xml(d / f'{name}.xml', vcpus, ram_mb)}", "test"
+        else:
+            uri, domain_type = cluster.libvirt_uri, cluster.domain_type
         self.config = d / f"{name}.ini"
         self.config.write_text(textwrap.dedent(f"""\
             [etcd]
@@ -118,16 +121,18 @@ class AgentProc:
             [node]
             name = {name}
             state_dir = {d}/state-{name}
+            vcpus = {vcpus}
+            ram_mb = {ram_mb}
             [libvirt]
-            uri = test://{xml}
-            domain_type = test
+            uri = {uri}
+            domain_type = {domain_type}
             shutdown_timeout = 2
             [agent]
             lease_ttl = {cluster.ttl}
             resync_interval = 10
             [logging]
             syslog = none
-            """) + extra)
+            """) + cluster.ceph_section + extra)
         self.logpath = d / f"{name}.log"
         self.proc: Optional[subprocess.Popen] = None
 
@@ -177,6 +182,9 @@ class Cluster:
         self.ttl = 3
         self.etcd_timeout = 0.5
         self.agents: list[AgentProc] = []
+        self.libvirt_uri: Optional[str] = None  # None: a private test:/// host per agent
+        self.domain_type = "test"
+        self.ceph_section = ""  # "[ceph]\nconf = ...": agents get Ceph storage
 
     def agent(self, name: str, vcpus: int = 8, ram_mb: int = 16384, extra: str = "", start: bool = True) -> AgentProc:
         a = AgentProc(self, name, vcpus, ram_mb, extra)

@@ -1,0 +1,227 @@
+"""End to end: real etcd, a real single-node Ceph, libvirtd with QEMU (TCG
+here; KVM where it works) booting the tiny guest from RBD disks.
+
+The guest prints ``METASTACK-GUEST-UP boot=N`` on its serial console, N being
+a boot counter it keeps on its own (virtio, RBD) disk.
+"""
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import metastack as ms
+from harness import Cluster, wait_for
+from metastackctl import cli
+
+BOOT_TIMEOUT = 90  # TCG on 2 loaded cores: a boot takes 3-10 s, leave room
+
+
+def ctl(cluster: Cluster, *args: str):
+    ini = cluster.dir / "ctl.ini"
+    if not ini.exists():
+        ini.write_text(f"[etcd]\nendpoints = {cluster.etcd.endpoint}\nprefix = {cluster.prefix}\n"
+                       + cluster.ceph_section)
+    return CliRunner().invoke(cli, ["-c", str(ini), *args])
+
+
+def import_tiny(cluster: Cluster, guest: Path, name: str = "tiny", direct: bool = True) -> None:
+    args = ["image", "import", name, str(guest / "disk.raw")]
+    if direct:
+        args += ["--kernel", str(guest / "vmlinuz"), "--initrd", str(guest / "initrd.img"),
+                 "--cmdline", (guest / "cmdline").read_text().strip()]
+    r = ctl(cluster, *args)
+    assert r.exit_code == 0, r.output
+
+
+def boots(cluster: Cluster, vm: str) -> list[int]:
+    """Boot counters seen on the VM's console (as metastackctl console shows it)."""
+    r = ctl(cluster, "console", vm)
+    return [int(n) for n in re.findall(r"METASTACK-GUEST-UP boot=(\d+)", r.output)] if r.exit_code == 0 else []
+
+
+def wait_boot(cluster: Cluster, vm: str, n: int, timeout: float = BOOT_TIMEOUT) -> None:
+    wait_for(lambda: n in boots(cluster, vm), timeout, interval=0.5, what=f"{vm} console: boot={n}")
+
+
+def rbd_ls(ceph) -> list[str]:
+    r = subprocess.run(["rbd", "-c", ceph.conf, "--keyring", ceph.keyring, "--id", ceph.client,
+                        "ls", ceph.pool], capture_output=True, text=True, check=True)
+    return r.stdout.split()
+
+
+def virsh(*args: str, check: bool = True) -> str:
+    return subprocess.run(["virsh", "-c", "qemu:///system", *args], capture_output=True, text=True,
+                          check=check).stdout
+
+
+def setup(cluster: Cluster, guest: Path, *nodes: str) -> None:
+    cluster.flavour("tiny", 1, 128)
+    import_tiny(cluster, guest)
+    for n in nodes:
+        cluster.agent(n, vcpus=2, ram_mb=1024)
+    cluster.wait_hosts(*nodes)
+
+
+def test_two_vms_boot_from_rbd_clones_stop_start_and_destroy(real_cluster: Cluster, guest: Path, ceph) -> None:
+    c = real_cluster
+    setup(c, guest, "node1", "node2")
+    assert ctl(c, "create", "web1", "--flavour", "tiny", "--image", "tiny", "--host", "node1").exit_code == 0
+    assert ctl(c, "create", "web2", "--flavour", "tiny", "--image", "tiny", "--host", "node2").exit_code == 0
+    c.wait_running(["web1", "web2"], timeout=BOOT_TIMEOUT)
+    wait_boot(c, "web1", 1)
+    wait_boot(c, "web2", 1)
+    actual = c.actual()
+    disks = {actual["web1"]["disk"], actual["web2"]["disk"]}
+    assert all(d.startswith(f"{ceph.pool}/vm-") for d in disks)
+    clones = [i for i in rbd_ls(ceph) if i.startswith(("vm-web1-", "vm-web2-"))]
+    assert sorted(f"{ceph.pool}/{i}" for i in clones) == sorted(disks)  # exactly their two clones
+    # The cephx key never shows in the domain XML or in the logs.
+    key = ms.read_keyring_key(ceph.keyring, ceph.client)
+    xml = virsh("dumpxml", "web1.node1")
+    assert "<secret type='ceph'" in xml and key not in xml
+    assert all(key not in a.log() for a in c.agents)
+    # stop/start keeps the same disk: the boot counter goes on.
+    assert ctl(c, "stop", "web1").exit_code == 0
+    wait_for(lambda: c.states()["web1"][0] == "stopped", 30, what="web1 stopped")
+    assert "shut off" in virsh("domstate", "web1.node1")
+    assert ctl(c, "start", "web1").exit_code == 0
+    wait_boot(c, "web1", 2)
+    assert c.actual()["web1"]["disk"] in disks
+    # destroy removes the domain, then the disk.
+    for vm in ("web1", "web2"):
+        assert ctl(c, "destroy", vm, "--yes").exit_code == 0
+    wait_for(lambda: not ({"web1", "web2"} & set(c.states())), 30, what="claims gone")
+    assert not [i for i in rbd_ls(ceph) if i.startswith(("vm-web1-", "vm-web2-"))]
+    names = virsh("list", "--all", "--name")
+    assert "web1.node1" not in names and "web2.node2" not in names
+
+
+def test_boot_from_the_disk_itself(real_cluster: Cluster, guest: Path) -> None:
+    c = real_cluster
+    c.flavour("tiny", 1, 128)
+    import_tiny(c, guest, name="tinydisk", direct=False)
+    c.agent("node1", vcpus=2, ram_mb=1024)
+    c.wait_hosts("node1")
+    assert ctl(c, "create", "disk1", "--flavour", "tiny", "--image", "tinydisk").exit_code == 0
+    wait_boot(c, "disk1", 1)
+    xml = virsh("dumpxml", "disk1.node1")
+    assert "<kernel>" not in xml and "<boot dev='hd'/>" in xml
+
+
+def test_failover_fences_the_old_writer_and_reuses_the_disk(real_cluster: Cluster, guest: Path) -> None:
+    c = real_cluster
+    setup(c, guest, "node1")
+    assert ctl(c, "create", "mover", "--flavour", "tiny", "--image", "tiny").exit_code == 0
+    wait_boot(c, "mover", 1)
+    disk = c.actual()["mover"]["disk"]
+    n2 = c.agent("node2", vcpus=2, ram_mb=1024)
+    c.wait_hosts("node2")
+    n1 = c.agents[0]
+    n1.signal(signal.SIGKILL)  # the agent dies; its QEMU keeps running in the shared libvirtd
+    n1.wait()
+    assert "running" in virsh("domstate", "mover.node1")
+    wait_for(lambda: c.states().get("mover") == ("running", "node2"), c.ttl + 30, what="mover on node2")
+    a = c.actual()["mover"]
+    assert a["disk"] == disk  # the same RBD image, never a new clone
+    assert "fenced the disk's former writer" in a["reason"]
+    wait_boot(c, "mover", 2)
+    # The old node's agent comes back and removes its stale copy.
+    n1.start()
+    wait_for(lambda: "killed local domain mover (claimed by node2)" in n1.log(), 30, what="stale copy removed")
+    assert "mover.node1" not in virsh("list", "--all", "--name")
+    assert n2.alive()
+
+
+def test_crashed_guest_is_reported_and_restarted(real_cluster: Cluster, guest: Path) -> None:
+    c = real_cluster
+    setup(c, guest, "node1")
+    assert ctl(c, "create", "crashy", "--flavour", "tiny", "--image", "tiny").exit_code == 0
+    wait_boot(c, "crashy", 1)
+    virsh("destroy", "crashy.node1")  # behind the agent's back
+    wait_for(lambda: "crashy: domain stopped (destroyed)" in c.agents[0].log(), 10, what="lifecycle event")
+    wait_boot(c, "crashy", 2)
+    assert "restarted after stopped (destroyed)" in c.actual()["crashy"]["reason"]
+
+
+def test_agent_restart_within_ttl_adopts_running_domain(real_cluster: Cluster, guest: Path) -> None:
+    c = real_cluster
+    setup(c, guest, "node1")
+    assert ctl(c, "create", "keeper", "--flavour", "tiny", "--image", "tiny").exit_code == 0
+    wait_boot(c, "keeper", 1)
+    domid = virsh("domid", "keeper.node1").strip()
+    n1 = c.agents[0]
+    n1.signal(signal.SIGKILL)
+    n1.wait()
+    n1.start()
+    wait_for(lambda: "adopted lease" in n1.log(), 15, what="lease adopted")
+    time.sleep(c.ttl + 1.0)
+    assert virsh("domid", "keeper.node1").strip() == domid  # the same QEMU: not restarted
+    assert boots(c, "keeper") == [1]
+    assert c.states()["keeper"] == ("running", "node1")
+
+
+def test_foreign_domain_is_left_alone(real_cluster: Cluster, guest: Path, e2e_root: Path) -> None:
+    c = real_cluster
+    xml = e2e_root / "operator.xml"
+    xml.write_text("<domain type='qemu'><name>operator-vm</name><memory unit='MiB'>64</memory>"
+                   "<os><type>hvm</type></os></domain>")
+    virsh("define", str(xml))
+    try:
+        setup(c, guest, "node1")
+        c.desire("operator-vm", flavour="tiny")  # even a VM of the same name
+        wait_for(lambda: c.states().get("operator-vm", ("",))[0] == "running", 60, what="claimed")
+        assert "operator-vm" in virsh("list", "--all", "--name")
+        assert "operator-vm.node1" in virsh("list", "--all", "--name")
+    finally:
+        virsh("undefine", "operator-vm", check=False)
+
+
+def test_image_import_errors_leave_nothing_behind(real_cluster: Cluster, ceph, tmp_path: Path) -> None:
+    c = real_cluster
+    before = rbd_ls(ceph)
+    empty = tmp_path / "empty.img"
+    empty.write_bytes(b"")
+    odd = tmp_path / "odd.img"
+    odd.write_bytes(b"x" * 1000)
+    broken = tmp_path / "broken.qcow2"
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", str(broken), "64M"], check=True, capture_output=True)
+    broken.write_bytes(broken.read_bytes()[:100])  # a qcow2 header cut short
+    good = tmp_path / "good.img"
+    good.write_bytes(b"\0" * 4096)
+    cases = [
+        (["image", "import", "bad1", str(empty)], "is empty"),
+        (["image", "import", "bad2", str(odd)], "512-byte sectors"),
+        (["image", "import", "bad3", str(broken)], "not a readable disk image"),
+        (["image", "import", "bad4", str(good), "--pool", "nosuchpool"], "Ceph pool 'nosuchpool' does not exist"),
+        (["image", "import", "bad5", str(tmp_path / "missing.img")], "does not exist"),
+        (["image", "import", "bad6", str(good), "--kernel", str(good)], "--kernel and --initrd go together"),
+    ]
+    for args, message in cases:
+        r = ctl(c, *args)
+        assert r.exit_code != 0, args
+        assert message in r.output, (args, r.output)
+    c.flavour("tiny", 1, 128)
+    r = ctl(c, "create", "vm1", "--flavour", "tiny", "--image", "missing")
+    assert r.exit_code == 1 and "no image named 'missing'" in r.output
+    assert rbd_ls(ceph) == before
+    assert ctl(c, "image", "list", "-o", "json").output.strip() == "[]"
+    assert c.store.get(c.keys.desired("vm1")) is None
+    # qcow2 is converted; delete is refused while a VM uses the image.
+    q = tmp_path / "ok.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(good), str(q)], check=True)
+    assert ctl(c, "image", "import", "fromqcow", str(q)).exit_code == 0
+    listed = json.loads(ctl(c, "image", "list", "-o", "json").output)
+    assert listed[0]["name"] == "fromqcow" and listed[0]["size"] == 4096
+    c.desire("user1", flavour="tiny", image="fromqcow")
+    r = ctl(c, "image", "delete", "fromqcow", "--yes")
+    assert r.exit_code == 1 and "used by 1 VM(s): user1" in r.output
+    c.undesire("user1")
+    assert ctl(c, "image", "delete", "fromqcow", "--yes").exit_code == 0
+    assert rbd_ls(ceph) == before
