@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Local demo cluster: a private etcd, a central rsyslog, three agents on
-# simulated libvirt hosts (test:/// driver), flavours and two VMs.
+# All-in-one demo cluster on this machine: a private etcd, a central rsyslog,
+# a single-node Ceph (memstore), libvirtd (started unless one runs), and three
+# agents with distinct node names sharing that libvirtd, booting real QEMU
+# guests (KVM if it really works here, TCG otherwise) from RBD clones of a
+# tiny guest image built from Debian packages.
 #   bash deploy/demo.sh        set up (idempotent) and start; prints how to use it
-#   bash deploy/demo.sh down   stop everything it started (by pid files)
-# State lives in .demo/ in the checkout.
+#   bash deploy/demo.sh down   stop everything it started (by pid files) and
+#                              remove its state (Ceph's memstore keeps nothing)
+# State lives in .demo/ in the checkout; the guest build in .cache/guest.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
@@ -25,17 +29,28 @@ stop_pid() {  # stop_pid PIDFILE NAME: SIGTERM, wait up to 20 s, then SIGKILL
 }
 
 down() {
-  for n in 1 2 3; do stop_pid "$demo/agent$n.pid" "agent node$n"; done
+  for n in 1 2 3; do stop_pid "$demo/agent$n.pid" "agent node$n"; done  # agents drain: guests stop
+  if [ -f "$demo/libvirtd/supervisor.pid" ]; then "$PY" deploy/libvirtd.py stop "$demo/libvirtd"; fi
+  if [ -d "$demo/ceph" ]; then "$PY" deploy/cephdev.py stop "$demo/ceph"; fi
   stop_pid "$demo/etcd.pid" etcd
   stop_pid "$demo/rsyslog.pid" rsyslogd
+  rm -rf "$demo"
+  echo "demo: down, state removed"
 }
 
-if [ "${1:-up}" = "down" ]; then down; exit 0; fi
+if [ "${1:-up}" = "down" ]; then
+  if [ -d "$demo" ]; then down; else echo "demo: nothing to stop"; fi
+  exit 0
+fi
 if [ "${1:-up}" != "up" ]; then echo "usage: bash deploy/demo.sh [up|down]" >&2; exit 2; fi
 
 t0=$(date +%s.%N)
 bash deploy/setup.sh
 mkdir -p "$demo"
+chmod 755 "$demo"  # QEMU (user libvirt-qemu) reads kernels and writes consoles below it
+bash deploy/build-guest.sh "$here/.cache/guest" >/dev/null
+"$PY" deploy/cephdev.py start "$demo/ceph" --pool metastack >/dev/null
+"$PY" deploy/libvirtd.py start "$demo/libvirtd" >/dev/null
 free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 if [ ! -f "$demo/ports" ]; then
   echo "CLIENT=$(free_port) PEER=$(free_port) SYSLOG=$(free_port)" > "$demo/ports"
@@ -67,13 +82,6 @@ if ! alive "$demo/etcd.pid"; then
 fi
 
 for n in 1 2 3; do
-  cat > "$demo/node$n.xml" <<XML
-<node>
-  <cpu><mhz>2000</mhz><model>x86_64</model><active>4</active><total>4</total>
-       <nodes>1</nodes><sockets>1</sockets><cores>4</cores><threads>1</threads></cpu>
-  <memory>8388608</memory>
-</node>
-XML
   cat > "$demo/node$n.ini" <<INI
 [etcd]
 endpoints = 127.0.0.1:$CLIENT
@@ -81,9 +89,17 @@ prefix = /metastack
 [node]
 name = node$n
 state_dir = $demo/state-node$n
+vcpus = 2
+ram_mb = 1024
 [libvirt]
-uri = test://$demo/node$n.xml
-domain_type = test
+uri = qemu:///system
+domain_type = auto
+shutdown_timeout = 3
+[ceph]
+conf = $demo/ceph/ceph.conf
+client = admin
+keyring = $demo/ceph/ceph.client.admin.keyring
+pool = metastack
 [agent]
 lease_ttl = 5
 [logging]
@@ -96,16 +112,23 @@ INI
 done
 
 ctl() { "$here/.venv/bin/metastackctl" -c "$demo/node1.ini" "$@"; }
-for _ in $(seq 1 100); do
+for _ in $(seq 1 300); do  # each agent probes KVM first (up to 10 s)
   [ "$(ctl hosts -o json 2>/dev/null | grep -c '"node"')" = 3 ] && break; sleep 0.1
 done
-ctl flavour list -o json | grep -q '"small"' || ctl flavour create small --vcpus 1 --ram-mb 512
-ctl flavour list -o json | grep -q '"medium"' || ctl flavour create medium --vcpus 2 --ram-mb 2048
-ctl flavour list -o json | grep -q '"large"' || ctl flavour create large --vcpus 4 --ram-mb 4096
-ctl show web1 >/dev/null 2>&1 || ctl create web1 --flavour small
-ctl show db1 >/dev/null 2>&1 || ctl create db1 --flavour medium
-for _ in $(seq 1 100); do
-  [ "$(ctl list -o json | grep -c '"state": "running"')" -ge 2 ] && break; sleep 0.1
+g="$here/.cache/guest"
+ctl image list -o json | grep -q '"tiny"' ||
+  ctl image import tiny "$g/disk.raw" --kernel "$g/vmlinuz" --initrd "$g/initrd.img" --cmdline "$(cat "$g/cmdline")"
+ctl flavour list -o json | grep -q '"tiny"' || ctl flavour create tiny --vcpus 1 --ram-mb 128
+ctl flavour list -o json | grep -q '"small"' || ctl flavour create small --vcpus 1 --ram-mb 256
+ctl show web1 >/dev/null 2>&1 || ctl create web1 --flavour tiny --image tiny
+ctl show db1 >/dev/null 2>&1 || ctl create db1 --flavour small --image tiny
+deadline=$(( $(date +%s) + 120 ))
+while :; do
+  n=0
+  for vm in web1 db1; do ctl console "$vm" 2>/dev/null | grep -q METASTACK-GUEST-UP && n=$((n + 1)); done
+  [ "$n" = 2 ] && break
+  if [ "$(date +%s)" -ge "$deadline" ]; then echo "demo: WARNING: the guests did not all boot within 120 s" >&2; break; fi
+  sleep 0.2
 done
 t1=$(date +%s.%N)
 
@@ -114,14 +137,19 @@ ctl list
 echo
 ctl hosts
 echo
+echo "web1's console:"; ctl console web1 | tail -2
+echo
 printf "demo: up in %.1f s (etcd 127.0.0.1:%s, central syslog %s)\n" "$("$PY" -c "print($t1 - $t0)")" "$CLIENT" "$demo/syslog.log"
 cat <<USAGE
 Try:
-  .venv/bin/metastackctl -c .demo/node1.ini create web2 --flavour small
+  .venv/bin/metastackctl -c .demo/node1.ini create web2 --flavour tiny --image tiny
+  .venv/bin/metastackctl -c .demo/node1.ini console web2
   .venv/bin/metastackctl -c .demo/node1.ini list            (-o json for JSON)
   .venv/bin/metastackctl -c .demo/node1.ini stop web1
   .venv/bin/metastackctl -c .demo/node1.ini destroy web2 --yes
   ETCDCTL_API=3 etcdctl --endpoints 127.0.0.1:$CLIENT get --prefix /metastack/
   tail -f .demo/syslog.log
+  virsh -c qemu:///system list --all          (domains are named VM.NODE)
+  rbd -c .demo/ceph/ceph.conf --keyring .demo/ceph/ceph.client.admin.keyring ls metastack
 Stop everything:  bash deploy/demo.sh down
 USAGE

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up of a Debian 12 machine for MetaStack development:
-# Debian packages (etcd, libvirt, QEMU, Ceph, rsyslog) and a venv in .venv
+# Debian packages (etcd, libvirt, QEMU, Ceph, rsyslog, and what
+# deploy/build-guest.sh builds the tiny test guest from) and a venv in .venv
 # that sees Debian's rados/rbd bindings next to the pinned pip packages.
 # Usage: bash deploy/setup.sh            (run as root, or with sudo available)
 set -euo pipefail
@@ -12,7 +13,8 @@ PKGS=(
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev
   qemu-system-x86 qemu-block-extra qemu-utils
   ceph-mon ceph-osd ceph-mgr ceph-common python3-rados python3-rbd
-  rsyslog busybox-static
+  rsyslog
+  busybox-static cpio linux-image-cloud-amd64 mtools dosfstools syslinux syslinux-common fdisk
   python3-venv python3-dev gcc pkg-config
 )
 
