@@ -1759,9 +1759,10 @@ class Executor:
     CONSOLE_PERIOD = 2.0  # seconds between console publications of one VM
 
     def __init__(self, cfg: AgentConfig, store: Store, view: ClusterView, hv: Hypervisor,
-                 storage: Optional[Storage], lease: Callable[[], int]) -> None:
+                 storage: Optional[Storage], capacity: "Capacity", lease: Callable[[], int]) -> None:
         self.cfg = cfg
         self.node = cfg.node_name
+        self.capacity = capacity
         self.store, self.keys, self.view, self.hv, self.storage = store, store.keys, view, hv, storage
         self._lease = lease
         self.secret_uuid = ""
@@ -1856,14 +1857,6 @@ class Executor:
         return f"killed local domain {act.vm} ({act.reason})"
 
     # -- bringing a VM to its desired state ------------------------------------
-    @property
-    def capacity(self) -> "Capacity":
-        return self._capacity
-
-    @capacity.setter
-    def capacity(self, value: "Capacity") -> None:
-        self._capacity = value
-
     def _converge(self, act: Action, snap: Snapshot, domains: Mapping[str, str]) -> str:
         """Bring the domain to the desired state and publish what it is."""
         vm = snap.desired[act.vm]
@@ -2076,8 +2069,8 @@ class Agent:
         self.capacity = Capacity(cfg.vcpus or hv_cpu, cfg.ram_mb or hv_ram)
         self.view = ClusterView(self.keys)
         self.storage = Storage(cfg.ceph) if cfg.ceph is not None else None
-        self.executor = Executor(cfg, self.store, self.view, self.hv, self.storage, lambda: self.lease_id)
-        self.executor.capacity = self.capacity
+        self.executor = Executor(cfg, self.store, self.view, self.hv, self.storage, self.capacity,
+                                 lambda: self.lease_id)
         if self.storage is not None:
             fsid = self.storage.fsid()
             self.executor.secret_uuid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"metastack:{fsid}:client.{cfg.ceph.client}"))

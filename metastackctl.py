@@ -151,6 +151,18 @@ def _desired_obj(c: Context, name: str) -> tuple[dict[str, Any], ms.Entry]:
     return obj, entry
 
 
+def _vms_using(c: Context, field: str, name: str) -> list[str]:
+    """VMs whose desired entry names ``name`` as its ``field`` (flavour or image)."""
+    users = []
+    for vm, d in sorted(c.listing("desired").items()):
+        try:
+            if getattr(ms.DesiredVM.parse(vm, d.value), field) == name:
+                users.append(vm)
+        except ms.SpecError:
+            continue
+    return users
+
+
 def _flavour_exists(c: Context, name: str) -> None:
     entry = c.call(c.store.get, c.keys.flavour(name))
     if entry is None:
@@ -412,13 +424,7 @@ def image_delete(c: Context, name: str, yes: bool) -> None:
     entry = c.call(c.store.get, c.keys.image(name))
     if entry is None:
         raise click.ClickException(f"no image named {name!r}")
-    users = []
-    for vm, d in sorted(c.listing("desired").items()):
-        try:
-            if ms.DesiredVM.parse(vm, d.value).image == name:
-                users.append(vm)
-        except ms.SpecError:
-            continue
+    users = _vms_using(c, "image", name)
     if users:
         raise click.ClickException(f"image {name!r} is used by {len(users)} VM(s): {', '.join(users[:10])}")
     try:
@@ -485,13 +491,7 @@ def flavour_delete(c: Context, name: str) -> None:
     entry = c.call(c.store.get, c.keys.flavour(name))
     if entry is None:
         raise click.ClickException(f"no flavour named {name!r}")
-    users = []
-    for vm, d in sorted(c.listing("desired").items()):
-        try:
-            if ms.DesiredVM.parse(vm, d.value).flavour == name:
-                users.append(vm)
-        except ms.SpecError:
-            continue
+    users = _vms_using(c, "flavour", name)
     if users:
         raise click.ClickException(f"flavour {name!r} is used by {len(users)} VM(s): {', '.join(users[:10])}")
     if c.call(c.store.delete_if, c.keys.flavour(name), entry.mod_revision) is None:
