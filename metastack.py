@@ -1513,23 +1513,25 @@ class Hypervisor:
                 raise HypervisorError(f"cannot undefine {vm}: {exc}") from None
         self.last_event.pop(vm, None)
 
-    def ensure_ceph_secret(self, uuid: str, usage: str, key_b64: str) -> bool:
-        """Define the libvirt secret ``uuid`` holding a cephx key (private:
-        libvirt never shows its value) and set its value. False when this
-        hypervisor has no secret driver (the test driver)."""
-        ET.register_namespace("", "")
-        sec = ET.Element("secret", ephemeral="no", private="yes")
+    def ensure_ceph_secret(self, uuid: str, usage: str, key: Callable[[], str]) -> bool:
+        """Make sure the libvirt secret ``uuid`` exists and holds the cephx
+        key (``key()`` is called only to set it). The secret is private
+        (libvirt never shows its value) and ephemeral (it lives in libvirtd's
+        memory only, so nothing is left on disk; it is re-created when
+        missing). False when this hypervisor has no secret driver (test)."""
+        sec = ET.Element("secret", ephemeral="yes", private="yes")
         ET.SubElement(sec, "uuid").text = uuid
         usage_el = ET.SubElement(sec, "usage", type="ceph")
         ET.SubElement(usage_el, "name").text = usage
         try:
             try:
-                secret = self._conn.secretLookupByUUIDString(uuid)
+                self._conn.secretLookupByUUIDString(uuid)
+                return True
             except self._lv.libvirtError as exc:
                 if exc.get_error_code() == self._lv.VIR_ERR_NO_SUPPORT:
                     return False
-                secret = self._conn.secretDefineXML(ET.tostring(sec, encoding="unicode"))
-            secret.setValue(base64.b64decode(key_b64))
+            secret = self._conn.secretDefineXML(ET.tostring(sec, encoding="unicode"))
+            secret.setValue(base64.b64decode(key()))
             return True
         except self._lv.libvirtError as exc:
             if exc.get_error_code() == self._lv.VIR_ERR_NO_SUPPORT:
@@ -1856,6 +1858,14 @@ class Executor:
         self.stopping.pop(act.vm, None)
         return f"killed local domain {act.vm} ({act.reason})"
 
+    def use_ceph_secret(self, fsid: str) -> None:
+        """Name the libvirt secret that will hold this node's cephx key."""
+        assert self.storage is not None
+        client = self.storage.cfg.client
+        self.secret_uuid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"metastack:{fsid}:client.{client}"))
+        self._secret_usage = f"metastack {fsid} client.{client}"
+        self.hv.ensure_ceph_secret(self.secret_uuid, self._secret_usage, self.storage.key)
+
     # -- bringing a VM to its desired state ------------------------------------
     def _converge(self, act: Action, snap: Snapshot, domains: Mapping[str, str]) -> str:
         """Bring the domain to the desired state and publish what it is."""
@@ -1920,6 +1930,7 @@ class Executor:
                     log.warning("%s: broke the lock of %s on %s/%s (blocklisted)", vm.name, fenced, image.pool, name)
             if self._mon_hosts is None:
                 self._mon_hosts = tuple(self.storage.mon_hosts())
+            self.hv.ensure_ceph_secret(self.secret_uuid, self._secret_usage, self.storage.key)
             disk = RBDDisk(image.pool, name, self._mon_hosts, self.storage.cfg.client, self.secret_uuid)
             if image.direct_boot:
                 boot = self._boot_files(image)
@@ -2072,10 +2083,7 @@ class Agent:
         self.executor = Executor(cfg, self.store, self.view, self.hv, self.storage, self.capacity,
                                  lambda: self.lease_id)
         if self.storage is not None:
-            fsid = self.storage.fsid()
-            self.executor.secret_uuid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"metastack:{fsid}:client.{cfg.ceph.client}"))
-            self.hv.ensure_ceph_secret(self.executor.secret_uuid, f"metastack {fsid} client.{cfg.ceph.client}",
-                                       self.storage.key())
+            self.executor.use_ceph_secret(self.storage.fsid())
         self._console_polling = False
         self._stop = threading.Event()
         self._watch_cancel: Optional[Callable[[], None]] = None
@@ -2352,10 +2360,38 @@ class Agent:
     def drain(self) -> None:
         """SIGTERM path: stop every VM here (graceful, then hard after
         shutdown_timeout), and only then revoke the lease so other nodes
-        start them. Never hands over a VM that still runs here."""
-        log.info("draining: stopping %d domain(s) before releasing claims", len(self.hv.domains()))
-        names = [n for n, s in self.hv.domains().items() if s == "running"]
-        for n in names:
+        start them. Never hands over a VM that may still run here: if libvirt
+        cannot confirm the domains are down, the lease is left to expire, and
+        the next owner fences the disks before it boots them."""
+        try:
+            stopped = self._stop_all_domains()
+        except HypervisorError as exc:
+            stopped = None
+            log.error("drain: cannot confirm the domains are down (%s); leaving the lease to expire", exc)
+        if self._watch_cancel is not None:
+            self._watch_cancel()
+        if self._keeper is not None:
+            self._keeper.stop()
+            if stopped is not None:
+                try:
+                    self.store.revoke_lease(self._keeper.lease_id)
+                    with contextlib.suppress(OSError):
+                        os.unlink(self._lease_file)
+                    log.info("drained: %d VM(s) stopped, lease revoked", stopped)
+                except StoreUnavailable as exc:
+                    log.warning("drained: %d VM(s) stopped; lease not revoked (%s), it expires in %ss",
+                                stopped, exc, self.cfg.lease_ttl)
+        self.hv.close()
+        self.store.close()
+        if self.storage is not None:
+            self.storage.close()
+
+    def _stop_all_domains(self) -> int:
+        """Shut down (ACPI, then hard after shutdown_timeout) and undefine
+        every domain of ours; returns how many were running."""
+        running = [n for n, s in self.hv.domains().items() if s == "running"]
+        log.info("draining: stopping %d running domain(s) before releasing claims", len(running))
+        for n in running:
             try:
                 self.hv.request_shutdown(n)
             except HypervisorError as exc:
@@ -2363,27 +2399,9 @@ class Agent:
         deadline = time.monotonic() + self.cfg.shutdown_timeout
         while time.monotonic() < deadline and any(s == "running" for s in self.hv.domains().values()):
             time.sleep(0.2)
-        for n, s in self.hv.domains().items():
-            if s == "running":
-                self.hv.power_off(n)
         for n in list(self.hv.domains()):
-            self.hv.remove(n)
-        if self._watch_cancel is not None:
-            self._watch_cancel()
-        if self._keeper is not None:
-            self._keeper.stop()
-            try:
-                self.store.revoke_lease(self._keeper.lease_id)
-                with contextlib.suppress(OSError):
-                    os.unlink(self._lease_file)
-                log.info("drained: %d VM(s) stopped, lease revoked", len(names))
-            except StoreUnavailable as exc:
-                log.warning("drained: %d VM(s) stopped; lease not revoked (%s), it expires in %ss",
-                            len(names), exc, self.cfg.lease_ttl)
-        self.hv.close()
-        self.store.close()
-        if self.storage is not None:
-            self.storage.close()
+            self.hv.remove(n)  # powers off first
+        return len(running)
 
 
 # ---------------------------------------------------------------------------

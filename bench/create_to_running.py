@@ -15,11 +15,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
+import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -29,32 +28,8 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE.parent))
 
 import metastack as ms  # noqa: E402
-from harness import Cluster, EtcdServer, wait_for  # noqa: E402
+from harness import Cluster, EtcdServer, RunningWatch  # noqa: E402
 from metastackctl import cli  # noqa: E402
-
-
-class RunningWatch:
-    """Records when each VM's actual key first says running (watch thread)."""
-
-    def __init__(self, store: ms.Store) -> None:
-        self.at: dict[str, float] = {}
-        self.cond = threading.Condition()
-        rev, _ = store.list_prefix(store.keys.dir("actual"))
-        self.cancel = store.watch_prefix(store.keys.dir("actual"), rev + 1, self._on, lambda e: None)
-
-    def _on(self, _rev: int, events: list[ms.KeyEvent]) -> None:
-        now = time.perf_counter()
-        with self.cond:
-            for ev in events:
-                if ev.value is not None and json.loads(ev.value).get("state") == "running":
-                    self.at.setdefault(ev.key.rsplit("/", 1)[1], now)
-            self.cond.notify_all()
-
-    def wait(self, vm: str, timeout: float = 30) -> float:
-        with self.cond:
-            if not self.cond.wait_for(lambda: vm in self.at, timeout):
-                raise TimeoutError(vm)
-            return self.at[vm]
 
 
 def pct(values: list[float], p: float) -> float:
@@ -115,6 +90,7 @@ def main() -> int:
         cluster.stop_all()
         store.close()
         etcd.stop()
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

@@ -30,7 +30,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -47,7 +46,7 @@ from click.testing import CliRunner  # noqa: E402
 import cephdev  # noqa: E402
 import libvirtd as lvd  # noqa: E402
 import metastack as ms  # noqa: E402
-from harness import Cluster, EtcdServer, wait_for  # noqa: E402
+from harness import Cluster, EtcdServer, RunningWatch, wait_for  # noqa: E402
 from metastackctl import cli  # noqa: E402
 
 PREFIX = "/bench"
@@ -56,24 +55,6 @@ FLAVOUR_MB = 128
 UP = re.compile(r"METASTACK-GUEST-UP boot=1\b")
 POLL = 0.2
 BOOT_TIMEOUT = 90.0
-
-
-class RunningWatch:
-    """Records when each VM's actual key first says running (watch thread)."""
-
-    def __init__(self, store: ms.Store) -> None:
-        self.at: dict[str, float] = {}
-        self.cond = threading.Condition()
-        rev, _ = store.list_prefix(store.keys.dir("actual"))
-        self.cancel = store.watch_prefix(store.keys.dir("actual"), rev + 1, self._on, lambda e: None)
-
-    def _on(self, _rev: int, events: list[ms.KeyEvent]) -> None:
-        now = time.perf_counter()
-        with self.cond:
-            for ev in events:
-                if ev.value is not None and json.loads(ev.value).get("state") == "running":
-                    self.at.setdefault(ev.key.rsplit("/", 1)[1], now)
-            self.cond.notify_all()
 
 
 class Bench:
@@ -118,6 +99,7 @@ class Bench:
             t_round = time.perf_counter()
             if t_round > deadline:
                 raise TimeoutError(f"no console line within {BOOT_TIMEOUT:.0f}s: {sorted(set(started) - set(seen))}")
+            self.check_alive()
             for vm in started:
                 if vm not in in_file and self.file_up(vm):
                     in_file[vm] = time.perf_counter()
@@ -127,10 +109,24 @@ class Bench:
             time.sleep(max(0.0, t_round + POLL - time.perf_counter()))
         return seen, in_file
 
+    def check_alive(self) -> None:
+        """Fail fast if libvirtd went away (it may be shared: nothing stops
+        someone else from stopping it) or an agent died (with its log tail)."""
+        if not lvd.LIBVIRT_SOCK.exists():
+            raise RuntimeError(f"libvirtd went away: {lvd.LIBVIRT_SOCK} is gone")
+        for a in self.c.agents:
+            if not a.alive():
+                tail = "".join(a.log().splitlines(keepends=True)[-8:])
+                raise RuntimeError(f"agent {a.name} exited (code {a.proc.returncode if a.proc else None}); "
+                                   f"last lines of its log:\n{tail}")
+
     def destroy(self, *vms: str) -> None:
         for vm in vms:
             self.ctl("destroy", vm, "--yes")
-        wait_for(lambda: not (set(vms) & set(self.c.states())), 60, 0.1, what=f"claims of {vms} gone")
+        def gone() -> bool:
+            self.check_alive()
+            return not (set(vms) & set(self.c.states()))
+        wait_for(gone, 60, 0.1, what=f"claims of {vms} gone")
 
 
 def rss_kib(pid: int) -> int:
@@ -182,8 +178,8 @@ def main() -> int:
 
         # 1. one guest at a time
         one_console, one_file, one_running = [], [], []
-        for i in range(1, 4):
-            vm = f"one{i}"
+        one = [f"one{i}" for i in range(1, 4)]
+        for vm in one:
             t0 = time.perf_counter()
             b.ctl("create", vm, "--flavour", "tiny", "--image", "tiny")
             seen, in_file = b.wait_up({vm: t0})
@@ -258,6 +254,7 @@ def main() -> int:
             ("1. create -> line in host console file, median (s)", f"{med(one_file):.2f}   [{ms_(one_file)}]"),
             ("1. create -> running (actual key), median (s)", f"{med(one_running):.2f}"),
             ("1. create -> running (actual key), max (s)", f"{max(one_running):.2f}   [{ms_(one_running)}]"),
+            ("1. placement", ", ".join(f"{vm}@{b.hosts.get(vm, '?')}" for vm in one)),
             ("2. 5 at once: create -> console line, per VM (s)", ms_([five_console[v] for v in five])),
             ("2. 5 at once: create -> console line, median (s)", f"{med(list(five_console.values())):.2f}"),
             ("2. 5 at once: create -> console line, max (s)", f"{max(five_console.values()):.2f}"),
@@ -280,8 +277,13 @@ def main() -> int:
         if cluster is not None:
             try:
                 cluster.stop_all()  # drains: VMs shut down and undefined
-            except AssertionError as exc:
+            except AssertionError as exc:  # one agent hung: it was killed; stop the others too
                 print(f"warning: {exc}", file=sys.stderr)
+                for a in cluster.agents:
+                    try:
+                        a.stop()
+                    except AssertionError as exc2:
+                        print(f"warning: {exc2}", file=sys.stderr)
         if storage is not None:
             storage.close()
         secret = None

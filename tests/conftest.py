@@ -9,7 +9,7 @@ from typing import Iterator
 
 import pytest
 
-from harness import ROOT, AgentProc, Cluster, EtcdServer, free_port, wait_for  # noqa: F401  (re-exported)
+from harness import ROOT, Cluster, EtcdServer
 import metastack as ms
 
 

@@ -7,17 +7,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
+import threading
 import time
-import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -228,3 +226,25 @@ class Cluster:
             a.stop()
 
 
+class RunningWatch:
+    """Records when each VM's actual key first says running (watch thread)."""
+
+    def __init__(self, store: ms.Store) -> None:
+        self.at: dict[str, float] = {}
+        self.cond = threading.Condition()
+        rev, _ = store.list_prefix(store.keys.dir("actual"))
+        self.cancel = store.watch_prefix(store.keys.dir("actual"), rev + 1, self._on, lambda e: None)
+
+    def _on(self, _rev: int, events: list[ms.KeyEvent]) -> None:
+        now = time.perf_counter()
+        with self.cond:
+            for ev in events:
+                if ev.value is not None and json.loads(ev.value).get("state") == "running":
+                    self.at.setdefault(ev.key.rsplit("/", 1)[1], now)
+            self.cond.notify_all()
+
+    def wait(self, vm: str, timeout: float = 30) -> float:
+        with self.cond:
+            if not self.cond.wait_for(lambda: vm in self.at, timeout):
+                raise TimeoutError(vm)
+            return self.at[vm]

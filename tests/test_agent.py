@@ -9,7 +9,6 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -232,7 +231,7 @@ def test_sigterm_drains_before_handing_over(cluster: Cluster) -> None:
     n1.signal(signal.SIGTERM)
     assert n1.wait(20) == 0
     log1 = n1.log()
-    assert "draining: stopping 2 domain(s)" in log1
+    assert "draining: stopping 2 running domain(s)" in log1
     assert "drained: 2 VM(s) stopped, lease revoked" in log1
     # The lease was revoked, not left to expire: node2 takes over at once.
     states = cluster.wait_running(names, timeout=cluster.ttl)

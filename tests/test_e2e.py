@@ -13,7 +13,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
 from click.testing import CliRunner
 
 import metastack as ms

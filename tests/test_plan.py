@@ -1,7 +1,6 @@
 """Pure layer: the planner, spec parsing, config validation, domain XML."""
 from __future__ import annotations
 
-import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
