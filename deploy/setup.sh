@@ -49,7 +49,7 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import rados, rbd' 2>/dev
 fi
 stamp=.venv/.metastack-installed
 if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ]; then
-  .venv/bin/pip install -q --upgrade "pip<25" >/dev/null
+  .venv/bin/pip install -q --upgrade "pip<25" >/dev/null 2>&1 || true
   .venv/bin/pip install -q -e '.[test]' 2>&1 | grep -v "^WARNING: Location\|DEPRECATION: Legacy editable" || true
   .venv/bin/python -c 'import etcd3, click, libvirt, pytest, hypothesis' || { echo "setup: pip install failed" >&2; exit 1; }
   touch "$stamp"
