@@ -591,6 +591,32 @@ def disk_name(vm: str, generation: int) -> str:
     return f"vm-{vm}-g{generation}"
 
 
+def parse_disk_name(name: str) -> Optional[tuple[str, int]]:
+    """(vm, generation) of a name made by disk_name, else None."""
+    m = re.match(r"^vm-(.+)-g(\d+)$", name)
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+def orphan_disks(pool: str, disks: Iterable[str], snap: "Snapshot") -> list[str]:
+    """Disks in ``pool`` that no VM can still want: no desired entry of that
+    name *and generation*, and no claim that names the disk. Pure; callers
+    re-check each candidate against etcd before removing it."""
+    claimed = {a.disk for a in snap.actual.values() if a.disk}
+    out = []
+    for disk in disks:
+        parsed = parse_disk_name(disk)
+        if parsed is None or f"{pool}/{disk}" in claimed:
+            continue
+        vm, gen = parsed
+        spec = snap.desired.get(vm)
+        if isinstance(spec, DesiredVM) and spec.generation == gen:
+            continue
+        if isinstance(spec, SpecError):  # cannot tell which generation it wants: keep
+            continue
+        out.append(disk)
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class HostState:
     """``/metastack/hosts/<node>``: capacity and use, under the node's lease."""
@@ -981,8 +1007,9 @@ class Storage:
             ioctx.close()
 
     @contextlib.contextmanager
-    def _image(self, ioctx: Any, name: str, snapshot: Optional[str] = None) -> Iterator[Any]:
-        img = self._rbd.Image(ioctx, name, snapshot=snapshot)
+    def _image(self, ioctx: Any, name: str, snapshot: Optional[str] = None,
+               read_only: bool = False) -> Iterator[Any]:
+        img = self._rbd.Image(ioctx, name, snapshot=snapshot, read_only=read_only)
         try:
             yield img
         finally:
@@ -1039,6 +1066,21 @@ class Storage:
     def disk_exists(self, pool: str, disk: str) -> bool:
         with self._pool(pool) as ioctx:
             return disk in self._rbd.RBD().list(ioctx)
+
+    def vm_disks(self, pool: str) -> list[str]:
+        """Names of the VM disks (``vm-*``) in ``pool``."""
+        with self._pool(pool) as ioctx:
+            return [n for n in self._rbd.RBD().list(ioctx) if n.startswith("vm-")]
+
+    def in_use(self, pool: str, disk: str) -> bool:
+        """True while some client (a QEMU) has the image open. Opened
+        read-only, so this check does not count itself as a watcher."""
+        with self._pool(pool) as ioctx:
+            try:
+                with self._image(ioctx, disk, read_only=True) as img:
+                    return bool(list(img.watchers_list()))
+            except self._rbd.ImageNotFound:
+                return False
 
     def fence_disk(self, pool: str, disk: str) -> list[str]:
         """Break every exclusive lock on ``disk``: Ceph blocklists each former
@@ -1128,7 +1170,7 @@ class Storage:
         """Clones of a base image's snapshot (VM disks that depend on it)."""
         with self._pool(pool) as ioctx:
             try:
-                with self._image(ioctx, image, snapshot=snapshot) as img:
+                with self._image(ioctx, image, snapshot=snapshot, read_only=True) as img:
                     return [f"{p}/{c}" for p, c in img.list_children()]
             except self._rbd.ImageNotFound:
                 return []
@@ -2050,6 +2092,35 @@ class Executor:
             self._console_sent[vm] = (now, tail)
         return polling
 
+    def collect_orphan_disks(self, snap: Snapshot) -> list[str]:
+        """Remove VM disks left behind when a VM was destroyed while no agent
+        owned it (its owner was dead). A candidate is removed only if etcd,
+        asked again right now, has no desired entry of its generation and no
+        claim, and no client has it open. Every agent may do this; removal is
+        idempotent. Returns the disks removed."""
+        assert self.storage is not None
+        pools = {i.pool for i in snap.images.values() if isinstance(i, Image)}
+        removed = []
+        for pool in sorted(pools):
+            for disk in orphan_disks(pool, self.storage.vm_disks(pool), snap):
+                vm, gen = parse_disk_name(disk) or ("", 0)
+                desired = self.store.get(self.keys.desired(vm))
+                if desired is not None and desired.create_revision == gen:
+                    continue
+                claim = self.store.get(self.keys.actual(vm))
+                if claim is not None and ActualVM.parse(claim.value).disk == f"{pool}/{disk}":
+                    continue
+                if self.storage.in_use(pool, disk):
+                    log.info("orphan disk %s/%s is still open by a client; left for now", pool, disk)
+                    continue
+                try:
+                    self.storage.remove_disk(pool, disk)
+                except StorageBusy:
+                    continue
+                log.info("removed orphan disk %s/%s (its VM is gone)", pool, disk)
+                removed.append(f"{pool}/{disk}")
+        return removed
+
     def _delete_console(self, vm: str) -> None:
         self._console_sent.pop(vm, None)
         self.store.delete(self.keys.console(vm))
@@ -2202,12 +2273,18 @@ class Agent:
                  self.node, lease, self.cfg.lease_ttl, self.capacity.vcpus, self.capacity.ram_mb)
 
     def _resync(self) -> None:
-        """Full re-list, then watch from the listed revision."""
+        """Full re-list, then watch from the listed revision; then collect
+        disks nobody wants any more (judged from this fresh listing)."""
         revision, entries = self.store.list_prefix(self.keys.all)
         self.view.load(revision, entries)
         self._need_relist = False
         self._last_resync = time.monotonic()
         self._watch_from(revision + 1)
+        if self.storage is not None:
+            try:
+                self.executor.collect_orphan_disks(self.view.snapshot())
+            except StorageError as exc:
+                log.warning("disk clean-up skipped: %s", exc)
 
     def _rewatch(self) -> None:
         """Re-create the watch from the last revision seen; re-list if etcd

@@ -224,3 +224,25 @@ def test_image_import_errors_leave_nothing_behind(real_cluster: Cluster, ceph, t
     c.undesire("user1")
     assert ctl(c, "image", "delete", "fromqcow", "--yes").exit_code == 0
     assert rbd_ls(ceph) == before
+
+
+def test_disk_of_a_vm_destroyed_while_its_owner_was_dead_is_collected(real_cluster: Cluster, guest: Path,
+                                                                       ceph) -> None:
+    c = real_cluster
+    setup(c, guest, "node1")
+    assert ctl(c, "create", "orphan1", "--flavour", "tiny", "--image", "tiny").exit_code == 0
+    wait_boot(c, "orphan1", 1)
+    disk = c.actual()["orphan1"]["disk"].split("/", 1)[1]
+    n1 = c.agents[0]
+    n1.signal(signal.SIGKILL)  # the owner dies; its QEMU keeps the disk open
+    n1.wait()
+    assert ctl(c, "destroy", "orphan1", "--yes").exit_code == 0
+    wait_for(lambda: "node1" not in c.hosts(), c.ttl + 10, what="node1's lease expired")
+    assert disk in rbd_ls(ceph)  # nobody owned it: nothing removed it yet
+    n1.start()  # removes its stale domain, then collects the disk at a resync
+    try:
+        wait_for(lambda: disk not in rbd_ls(ceph), 40, interval=0.5, what="orphan disk removed")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\nnode1 log:\n{n1.log()[-3000:]}") from None
+    assert f"removed orphan disk {ceph.pool}/{disk}" in n1.log()
+    assert "orphan1.node1" not in virsh("list", "--all", "--name")

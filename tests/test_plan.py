@@ -1,6 +1,7 @@
 """Pure layer: the planner, spec parsing, config validation, domain XML."""
 from __future__ import annotations
 
+import dataclasses
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -325,3 +326,11 @@ def test_disk_name_changes_with_generation() -> None:
 def test_unknown_image_is_an_error_claim() -> None:
     acts = plan("n1", CAP, snap({"a": vm("a", image="nope")}), {})
     assert acts == [Action("claim_error", "a", reason="unknown image 'nope'")]
+
+
+def test_orphan_disks() -> None:
+    desired = {"a": dataclasses.replace(vm("a", image="t"), generation=7), "bad": SpecError("x")}
+    actual = {"b": ActualVM("n2", "running", disk="p/vm-b-g3")}
+    disks = ["vm-a-g7", "vm-a-g5", "vm-b-g3", "vm-c-g9", "vm-bad-g2", "base-t-1234", "vm-x"]
+    assert ms.orphan_disks("p", disks, snap(desired, actual)) == ["vm-a-g5", "vm-c-g9"]
+    assert ms.parse_disk_name("vm-my-vm-g12") == ("my-vm", 12)
