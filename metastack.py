@@ -95,6 +95,7 @@ class StorageBusy(StorageError):
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 DOMAIN_TYPES = ("kvm", "qemu", "test", "auto")
 ETCD_MIN_TTL = 2  # etcd silently raises smaller lease TTLs to about this
+RETRY_PAUSE = 0.2  # seconds between a failed lease keep-alive and the next attempt
 
 
 def valid_name(name: str) -> bool:
@@ -286,17 +287,19 @@ def check_timings(cfg: AgentConfig) -> None:
 
     The keeper renews every TTL/3 and the agent fences (stops its VMs) one
     etcd timeout before the lease could expire; a renewal must therefore get
-    at least two attempts, each bounded by the etcd timeout, before the
-    fence deadline: ``ttl/3 + 2*timeout <= ttl - timeout``.
+    at least two attempts, each bounded by the etcd timeout and separated by
+    the retry pause, before the fence deadline:
+    ``ttl/3 + 2*timeout + RETRY_PAUSE <= ttl - timeout``.
     """
     ttl, timeout = cfg.lease_ttl, cfg.etcd.timeout
     if ttl < ETCD_MIN_TTL:
         raise ConfigError(f"[agent] lease_ttl: {ttl}s is below etcd's minimum lease TTL ({ETCD_MIN_TTL}s)")
-    if cfg.renew_interval + 2 * timeout > ttl - cfg.fence_margin:
+    if cfg.renew_interval + 2 * timeout + RETRY_PAUSE > ttl - cfg.fence_margin:
         raise ConfigError(
             f"[agent] lease_ttl = {ttl}s is too short for [etcd] timeout = {timeout}s: "
             f"renewing every {cfg.renew_interval:.2f}s with two attempts of {timeout}s must finish "
-            f"{cfg.fence_margin}s before expiry (need lease_ttl >= {4.5 * timeout:.1f}s or a smaller timeout)")
+            f"{cfg.fence_margin}s before expiry (need lease_ttl >= {1.5 * (3 * timeout + RETRY_PAUSE):.1f}s "
+            f"or a smaller timeout)")
 
 
 # ---------------------------------------------------------------------------
@@ -500,10 +503,11 @@ class DesiredVM:
 class ActualVM:
     """``/metastack/actual/<vm>``: the claim and the VM's observed state.
 
-    JSON: {"host", "state", "reason", "updated", "vcpus", "ram_mb", "disk"}.
-    The key exists only while its owner's lease lives. ``vcpus``/``ram_mb``
-    record what the owner reserved (0 for an error claim); ``disk`` names the
-    VM's RBD disk once it has one.
+    JSON: {"host", "state", "reason", "updated", "vcpus", "ram_mb", "disk",
+    "generation"}. The key exists only while its owner's lease lives.
+    ``vcpus``/``ram_mb`` record what the owner reserved (0 for an error
+    claim); ``disk`` names the VM's RBD disk once it has one; ``generation``
+    is the create_revision of the desired entry the claim was made for.
     """
 
     host: str
@@ -513,6 +517,7 @@ class ActualVM:
     ram_mb: int = 0
     updated: str = ""
     disk: str = ""  # "pool/image" of the VM's RBD disk, once it has one
+    generation: int = 0  # create_revision of the desired entry this claim serves
 
     STATES = ("starting", "running", "stopping", "stopped", "error")
 
@@ -529,7 +534,8 @@ class ActualVM:
             return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
         return cls(host=str(obj.get("host", "")), state=str(obj.get("state", "error")),
                    reason=str(obj.get("reason", "")), vcpus=_int("vcpus"),
-                   ram_mb=_int("ram_mb"), updated=str(obj.get("updated", "")), disk=str(obj.get("disk", "")))
+                   ram_mb=_int("ram_mb"), updated=str(obj.get("updated", "")), disk=str(obj.get("disk", "")),
+                   generation=_int("generation"))
 
     def same_content(self, other: Optional["ActualVM"]) -> bool:
         """Equal but for the timestamp: whether a write would change anything."""
@@ -540,6 +546,8 @@ class ActualVM:
                                "updated": self.updated or utc_now(), "vcpus": self.vcpus, "ram_mb": self.ram_mb}
         if self.disk:
             obj["disk"] = self.disk
+        if self.generation:
+            obj["generation"] = self.generation
         return json.dumps(obj, sort_keys=True).encode()
 
 
@@ -954,8 +962,12 @@ class Storage:
     OP_TIMEOUT = 15  # seconds for any mon/osd operation: never hang the agent
 
     def __init__(self, cfg: CephConfig) -> None:
-        import rados  # Debian's python3-rados: imported here, not at module import
-        import rbd
+        try:
+            import rados  # Debian's python3-rados: imported here, not at module import
+            import rbd
+        except ImportError as exc:
+            raise StorageError(f"Ceph's Python bindings are missing ({exc}): install python3-rados and "
+                               f"python3-rbd and use a venv made with --system-site-packages") from None
         self._rados, self._rbd = rados, rbd
         self.cfg = cfg
         self._cluster: Any = None
@@ -1083,18 +1095,34 @@ class Storage:
                 return False
 
     def fence_disk(self, pool: str, disk: str) -> list[str]:
-        """Break every exclusive lock on ``disk``: Ceph blocklists each former
-        owner, so a stale writer (a QEMU left on a dead or cut-off node) can
-        no longer write. Returns the owners fenced."""
+        """Cut off every client that has ``disk`` open, before a new QEMU
+        boots it: each watcher of the image (a QEMU left on a dead or cut-off
+        node, whether or not it holds the lock right now) is blocklisted, so
+        its writes fail from then on, and every exclusive lock is broken
+        (which blocklists its owner too). Callers run this only when no
+        domain of theirs has the disk open. Returns the clients fenced."""
+        fenced: list[str] = []
         with self._pool(pool) as ioctx:
             try:
+                with self._image(ioctx, disk, read_only=True) as img:  # read-only: not a watcher itself
+                    watchers = [str(w["addr"]) for w in img.watchers_list()]
+                for addr in watchers:
+                    self._blocklist(addr)
+                    fenced.append(addr)
                 with self._image(ioctx, disk) as img:
                     owners = list(img.lock_get_owners())
                     for owner in owners:
                         img.lock_break(owner["mode"], owner["owner"])
-                    return [str(o["owner"]) for o in owners]
+                        fenced.append(str(owner["owner"]))
             except self._rbd.ImageNotFound:
                 return []
+        return fenced
+
+    def _blocklist(self, addr: str) -> None:
+        ret, _, err = self._connect().mon_command(
+            json.dumps({"prefix": "osd blocklist", "blocklistop": "add", "addr": addr}), b"")
+        if ret != 0:
+            raise StorageError(f"cannot blocklist {addr}: {err}")
 
     def remove_disk(self, pool: str, disk: str) -> None:
         """Remove a VM disk; gone already is success; StorageBusy while a
@@ -1108,20 +1136,24 @@ class Storage:
     def fetch_object(self, pool: str, obj: str, dest: str) -> None:
         """Copy a RADOS object to a local file, atomically (kernel, initrd)."""
         tmp = f"{dest}.part{os.getpid()}"
-        with self._pool(pool) as ioctx:
-            try:
-                size, _ = ioctx.stat(obj)
-            except self._rados.ObjectNotFound:
-                raise StorageError(f"RADOS object {pool}/{obj} does not exist") from None
-            with open(tmp, "wb") as fh:
-                offset, chunk = 0, 4 << 20
-                while offset < size:
-                    data = ioctx.read(obj, min(chunk, size - offset), offset)
-                    if not data:
-                        break
-                    fh.write(data)
-                    offset += len(data)
-        os.replace(tmp, dest)
+        try:
+            with self._pool(pool) as ioctx:
+                try:
+                    size, _ = ioctx.stat(obj)
+                except self._rados.ObjectNotFound:
+                    raise StorageError(f"RADOS object {pool}/{obj} does not exist") from None
+                with open(tmp, "wb") as fh:
+                    offset, chunk = 0, 4 << 20
+                    while offset < size:
+                        data = ioctx.read(obj, min(chunk, size - offset), offset)
+                        if not data:
+                            break
+                        fh.write(data)
+                        offset += len(data)
+            os.replace(tmp, dest)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
     # -- base images (used by metastackctl image ...) --------------------------
     def import_base(self, pool: str, image: str, snapshot: str, src: BinaryIO, size: int,
@@ -1420,15 +1452,34 @@ class Hypervisor:
         self.domain_type = domain_type
         self.last_event: dict[str, str] = {}
         self._on_event = on_event
+        self._uri = uri
         if on_event is not None:
             start_libvirt_event_loop(libvirt)
-        try:
-            self._conn = libvirt.open(uri)
-            if on_event is not None:
-                self._conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, None)
-        except libvirt.libvirtError as exc:
-            raise HypervisorError(f"cannot connect to libvirt at {uri}: {exc}") from None
         self._owner_cache: dict[bytes, Optional[tuple[str, str]]] = {}
+        self._conn = self._open()
+
+    def _open(self) -> Any:
+        try:
+            conn = self._lv.open(self._uri)
+            if self._on_event is not None:
+                conn.domainEventRegisterAny(None, self._lv.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, None)
+            return conn
+        except self._lv.libvirtError as exc:
+            raise HypervisorError(f"cannot connect to libvirt at {self._uri}: {exc}") from None
+
+    def _reconnect_if_dead(self) -> None:
+        """Re-open the connection when libvirtd went away (restart, upgrade);
+        raises HypervisorError while it cannot be reached."""
+        try:
+            if self._conn.isAlive():
+                return
+        except self._lv.libvirtError:
+            pass
+        with contextlib.suppress(self._lv.libvirtError):
+            self._conn.close()
+        self._owner_cache.clear()
+        self._conn = self._open()
+        log.info("re-connected to libvirt at %s", self._uri)
 
     def close(self) -> None:
         try:
@@ -1471,6 +1522,7 @@ class Hypervisor:
 
     def domains(self) -> dict[str, str]:
         """Our domains, by VM name: "running" (active) or "stopped"."""
+        self._reconnect_if_dead()
         try:
             out = {}
             for d in self._conn.listAllDomains():
@@ -1696,6 +1748,10 @@ def plan(node: str, capacity: Capacity, snap: Snapshot, domains: Mapping[str, st
                                       vcpus=claim.vcpus, ram_mb=claim.ram_mb))
             continue
         vm, flav = resolved
+        if claim.generation and vm.generation and claim.generation != vm.generation:
+            # destroyed and created again between two looks: the old VM goes first
+            actions.append(Action("remove", name, reason="the VM was re-created; removing the old one"))
+            continue
         if vm.host not in (None, node):
             actions.append(Action("release", name, reason=f"pinned to {vm.host}"))
             continue
@@ -1714,8 +1770,13 @@ def plan(node: str, capacity: Capacity, snap: Snapshot, domains: Mapping[str, st
         if claim.host == node and name not in snap.desired:
             actions.append(Action("remove", name, reason="desired entry deleted"))
     for name in sorted(domains):
-        if name not in snap.desired and name not in snap.actual:
+        if name in snap.desired:
+            continue
+        claim = snap.actual.get(name)
+        if claim is None:
             actions.append(Action("kill", name, reason="no desired entry and no claim"))
+        elif claim.host != node:
+            actions.append(Action("kill", name, reason=f"claimed by {claim.host or 'an unknown owner'}"))
     return actions
 
 
@@ -1763,13 +1824,13 @@ class LeaseKeeper(threading.Thread):
             started = time.monotonic()
             try:
                 remaining = self.store.refresh_lease(self.lease_id)
-            except StoreUnavailable as exc:
+            except Exception as exc:  # StoreUnavailable, or anything else: never let the keeper die
                 if not self.failing:
                     log.warning("lease %x: keep-alive failed: %s", self.lease_id, exc)
                 self.failing = True
                 self.troubles += 1
                 self._wake()
-                self._halt.wait(min(0.5, interval))
+                self._halt.wait(RETRY_PAUSE)
                 continue
             if remaining <= 0:
                 log.error("lease %x: etcd says it has expired", self.lease_id)
@@ -1788,6 +1849,10 @@ class NodeTakenError(MetaStackError):
     """A live agent already holds this node name."""
 
 
+class LeaseUnconfirmed(MetaStackError):
+    """The agent's lease is too close to its deadline to start anything."""
+
+
 class Executor:
     """Applies the planner's actions for one node: claims in etcd, disks in
     Ceph, domains in libvirt, and the VM's actual state back into etcd.
@@ -1803,8 +1868,10 @@ class Executor:
     CONSOLE_PERIOD = 2.0  # seconds between console publications of one VM
 
     def __init__(self, cfg: AgentConfig, store: Store, view: ClusterView, hv: Hypervisor,
-                 storage: Optional[Storage], capacity: "Capacity", lease: Callable[[], int]) -> None:
+                 storage: Optional[Storage], capacity: "Capacity", lease: Callable[[], int],
+                 lease_headroom: Callable[[], float]) -> None:
         self.cfg = cfg
+        self._headroom = lease_headroom
         self.node = cfg.node_name
         self.capacity = capacity
         self.store, self.keys, self.view, self.hv, self.storage = store, store.keys, view, hv, storage
@@ -1830,10 +1897,14 @@ class Executor:
             note = getattr(self, f"_do_{act.kind}")(act, snap, domains)
             self._backoff.pop(act.vm, None)
             return note
+        except LeaseUnconfirmed as exc:
+            return str(exc)
         except (HypervisorError, StorageError) as exc:
             delay = min(self.BACKOFF_MAX, 2.0 ** failures)
             self._backoff[act.vm] = (failures + 1, time.monotonic() + delay)
-            self.publish(act.vm, "error", str(exc), act.vcpus, act.ram_mb)
+            claim = self._own_claim(act.vm)  # keep the reservation the claim holds
+            cpu, ram = (claim.vcpus, claim.ram_mb) if claim and act.vcpus == 0 else (act.vcpus, act.ram_mb)
+            self.publish(act.vm, "error", str(exc), cpu, ram)
             return f"{act.vm}: {exc} (retry in {delay:.0f}s)"
 
     def next_retry(self) -> Optional[float]:
@@ -1847,7 +1918,9 @@ class Executor:
             load = max(cpu / cap.vcpus, ram / cap.ram_mb)
             time.sleep(self.cfg.claim_spread * min(load, 1.0) + random.uniform(0, self.cfg.claim_spread / 10))
         first = "starting" if act.state == "running" else "stopped"
-        if not self._create_claim(act.vm, self._value(first, "", act.vcpus, act.ram_mb)):
+        spec = snap.desired[act.vm]
+        generation = spec.generation if isinstance(spec, DesiredVM) else 0
+        if not self._create_claim(act.vm, self._value(first, "", act.vcpus, act.ram_mb, generation=generation)):
             return ""
         note = self._converge(act, snap, domains)
         return f"claimed {act.vm}" + (f", {note}" if note else "")
@@ -1924,6 +1997,11 @@ class Executor:
             if current == "stopped" and before is not None and before.state == "running":
                 reason = f"restarted after {self.hv.last_event.get(act.vm, 'it stopped')}"
             spec, disk, fenced = self._prepare(vm, act, snap)
+            # The disk work above may have taken a while: start only if the
+            # lease is still confirmed with room to spare (never run a VM we
+            # may no longer own).
+            if self._headroom() < self.cfg.etcd.timeout:
+                raise LeaseUnconfirmed(f"not starting {act.vm}: lease not confirmed recently enough")
             started = self.hv.ensure_running(spec)
             if fenced:
                 reason = (reason + "; " if reason else "") + f"fenced the disk's former writer(s): {', '.join(fenced)}"
@@ -2014,9 +2092,10 @@ class Executor:
         return False
 
     # -- etcd writes -----------------------------------------------------------------
-    def _value(self, state: str, reason: str, vcpus: int, ram_mb: int, disk: str = "") -> ActualVM:
+    def _value(self, state: str, reason: str, vcpus: int, ram_mb: int, disk: str = "",
+               generation: int = 0) -> ActualVM:
         return ActualVM(host=self.node, state=state, reason=reason, vcpus=vcpus, ram_mb=ram_mb,
-                        disk=disk, updated=utc_now())
+                        disk=disk, generation=generation, updated=utc_now())
 
     def _own_claim(self, vm: str) -> Optional[ActualVM]:
         entry = self.view.entry(self.keys.actual(vm))
@@ -2036,9 +2115,10 @@ class Executor:
         return False
 
     def _delete_claim(self, vm: str) -> None:
+        """Delete our claim (CAS on its last revision); never another node's."""
         key = self.keys.actual(vm)
         entry = self.view.entry(key)
-        if entry is None:
+        if entry is None or ActualVM.parse(entry.value).host != self.node:
             return
         rev = self.store.delete_if(key, entry.mod_revision)
         if rev is not None:
@@ -2056,7 +2136,7 @@ class Executor:
         current = ActualVM.parse(entry.value)
         if current.host != self.node:
             return False
-        new = self._value(state, reason, vcpus, ram_mb, disk or current.disk)
+        new = self._value(state, reason, vcpus, ram_mb, disk or current.disk, current.generation)
         if new.same_content(current):
             return False
         rev = self.store.replace(key, new.encode(), entry.mod_revision, self._lease())
@@ -2122,8 +2202,12 @@ class Executor:
         return removed
 
     def _delete_console(self, vm: str) -> None:
+        """Drop the published console, unless another node now owns the VM."""
         self._console_sent.pop(vm, None)
-        self.store.delete(self.keys.console(vm))
+        key = self.keys.console(vm)
+        entry = self.view.entry(key)
+        if entry is not None and entry.lease == self._lease():
+            self.store.delete_if(key, entry.mod_revision)
 
 
 class Agent:
@@ -2152,7 +2236,7 @@ class Agent:
         self.view = ClusterView(self.keys)
         self.storage = Storage(cfg.ceph) if cfg.ceph is not None else None
         self.executor = Executor(cfg, self.store, self.view, self.hv, self.storage, self.capacity,
-                                 lambda: self.lease_id)
+                                 lambda: self.lease_id, self._lease_headroom)
         if self.storage is not None:
             self.executor.use_ceph_secret(self.storage.fsid())
         self._console_polling = False
@@ -2176,6 +2260,12 @@ class Agent:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def _lease_headroom(self) -> float:
+        """Seconds left before this node must stop running VMs (<= 0: now)."""
+        if self._keeper is None or not self._keeper.valid():
+            return 0.0
+        return self._keeper.deadline() - time.monotonic()
 
     def _on_domain_event(self, vm: str, what: str) -> None:
         """libvirt lifecycle event of one of our domains (event thread)."""
@@ -2249,6 +2339,7 @@ class Agent:
                         self._lease_file, exc.strerror)
 
     def _acquire_lease(self, wait_for_stale: float) -> None:
+        confirmed = time.monotonic()  # before the grant: etcd's own expiry is never earlier
         lease = self.store.grant_lease(self.cfg.lease_ttl)
         host = self._host_state()
         deadline = time.monotonic() + wait_for_stale
@@ -2265,10 +2356,12 @@ class Agent:
                     f"node name {self.node!r} is held by a live agent "
                     f"(lease {existing.lease if existing else 0:x}); refusing to start")
             time.sleep(0.25)
-            self.store.refresh_lease(lease)  # our own lease must outlive the wait
+            sent = time.monotonic()
+            if self.store.refresh_lease(lease) > 0:  # our own lease must outlive the wait
+                confirmed = sent
         self._last_host = host
         self.view.note(self.keys.host(self.node), host.encode(), rev, lease)
-        self._start_keeper(lease)
+        self._start_keeper(lease, confirmed=confirmed)
         log.info("registered node %s (lease %x, ttl %ss, %d vcpus, %d MiB)",
                  self.node, lease, self.cfg.lease_ttl, self.capacity.vcpus, self.capacity.ram_mb)
 
@@ -2401,9 +2494,11 @@ class Agent:
         return f"no action: {summary}"
 
     def _fence(self, why: str) -> int:
-        """Power off every domain of ours at once: we may no longer own them."""
-        self._fenced = True
+        """Power off every domain of ours at once: we may no longer own them.
+        The node counts as fenced only once no domain of ours runs; until
+        then every tick tries again (a HypervisorError propagates)."""
         count = 0
+        failed = []
         for name, state in self.hv.domains().items():
             if state != "running":
                 continue
@@ -2411,8 +2506,12 @@ class Agent:
                 self.hv.power_off(name)
                 count += 1
             except HypervisorError as exc:
+                failed.append(name)
                 log.error("fence: %s", exc)
         self.executor.stopping.clear()
+        if failed:
+            raise HypervisorError(f"fence incomplete ({why}): {', '.join(failed)} may still run")
+        self._fenced = True
         log.warning("fenced (%s): powered off %d domain(s)", why, count)
         return count
 

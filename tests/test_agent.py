@@ -178,9 +178,10 @@ def test_etcd_restart_recovers_without_lost_or_duplicated_vms(cluster: Cluster) 
     time.sleep(1.0)
     states = cluster.states()
     assert set(states) == set(first[1:] + second)
-    hosts = cluster.hosts()
+    # host keys follow within a tick or two
+    hosts = wait_for(lambda: (h := cluster.hosts()) and set(h) == {"node1", "node2"}
+                     and h["node1"]["vms"] + h["node2"]["vms"] == len(states) and h, 10, what="host keys")
     assert set(hosts) == {"node1", "node2"}
-    assert hosts["node1"]["vms"] + hosts["node2"]["vms"] == len(states)
     for a in cluster.agents:
         assert a.alive()
 

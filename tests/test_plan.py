@@ -328,6 +328,19 @@ def test_unknown_image_is_an_error_claim() -> None:
     assert acts == [Action("claim_error", "a", reason="unknown image 'nope'")]
 
 
+def test_vm_re_created_between_two_looks_is_removed_first() -> None:
+    desired = {"a": dataclasses.replace(vm("a"), generation=9)}
+    actual = {"a": ActualVM("n1", "running", vcpus=1, ram_mb=512, disk="p/vm-a-g4", generation=4)}
+    assert kinds(plan("n1", CAP, snap(desired, actual), {"a": "running"})) == {"a": "remove"}
+    actual["a"] = dataclasses.replace(actual["a"], generation=9)
+    assert kinds(plan("n1", CAP, snap(desired, actual), {"a": "running"})) == {"a": "run"}
+
+
+def test_domain_of_an_undesired_vm_claimed_elsewhere_is_killed() -> None:
+    acts = plan("n1", CAP, snap({}, {"a": mine(host="n2")}), {"a": "running"})
+    assert acts == [Action("kill", "a", reason="claimed by n2")]
+
+
 def test_orphan_disks() -> None:
     desired = {"a": dataclasses.replace(vm("a", image="t"), generation=7), "bad": SpecError("x")}
     actual = {"b": ActualVM("n2", "running", disk="p/vm-b-g3")}
