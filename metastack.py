@@ -2606,7 +2606,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     try:
         agent = Agent(cfg)
-    except (HypervisorError, StoreUnavailable) as exc:
+    except (HypervisorError, StoreUnavailable, StorageError) as exc:
         log.error("cannot start: %s", exc)
         return 1
 
@@ -2620,8 +2620,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except NodeTakenError as exc:
         log.error("%s", exc)
         return 3
-    except StoreUnavailable as exc:
+    except (StoreUnavailable, StorageError, HypervisorError) as exc:
         log.error("cannot start: %s", exc)
+        return 1
+    except OSError as exc:
+        log.error("cannot start: %s (%s)", exc.strerror, exc.filename)
         return 1
     return 0
 

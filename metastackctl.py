@@ -39,19 +39,31 @@ class StoreDown(click.ClickException):
 class Context:
     """Lazily opened store plus the key schema; one per invocation."""
 
-    def __init__(self, etcd: ms.EtcdConfig, ceph: Optional[ms.CephConfig] = None) -> None:
+    def __init__(self, etcd: ms.EtcdConfig, ini: Optional[Any] = None) -> None:
         self.etcd = etcd
-        self.ceph = ceph
+        self._ini = ini  # the [ceph] section is read only by commands that need Ceph
         self.keys = ms.Keys(etcd.prefix)
         self._store: Optional[ms.Store] = None
         self._storage: Optional[ms.Storage] = None
 
     @property
+    def ceph(self) -> ms.CephConfig:
+        try:
+            cfg = ms.ceph_config_from(self._ini) if self._ini is not None else None
+        except ms.ConfigError as exc:
+            raise click.UsageError(str(exc)) from None
+        if cfg is None:
+            raise click.UsageError("this needs Ceph: give a config file (-c) with a [ceph] section "
+                                   "(conf, client, keyring, pool)")
+        return cfg
+
+    @property
     def storage(self) -> ms.Storage:
-        if self.ceph is None:
-            raise click.UsageError("this needs Ceph: give a config file (-c) with a [ceph] section (conf, client, keyring, pool)")
         if self._storage is None:
-            self._storage = ms.Storage(self.ceph)
+            try:
+                self._storage = ms.Storage(self.ceph)
+            except ms.StorageError as exc:
+                raise click.ClickException(str(exc)) from None
         return self._storage
 
     def ceph_call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -127,7 +139,7 @@ def cli(ctx: click.Context, config: Optional[str], endpoints: Optional[str], pre
             cp.read_dict({"etcd": {"endpoints": endpoints}})
         if prefix:
             cp.read_dict({"etcd": {"prefix": prefix}})
-        ctx.obj = Context(ms.etcd_config_from(cp), ms.ceph_config_from(cp))
+        ctx.obj = Context(ms.etcd_config_from(cp), cp)
     except ms.ConfigError as exc:
         raise click.UsageError(str(exc)) from None
 
@@ -363,7 +375,7 @@ def image_import(c: Context, name: str, file: str, kernel: Optional[str], initrd
     if cmdline is not None and kernel is None:
         raise click.UsageError("--cmdline needs --kernel and --initrd")
     storage = c.storage
-    pool = pool or (c.ceph.pool if c.ceph else "metastack")
+    pool = pool or c.ceph.pool
     if c.call(c.store.get, c.keys.image(name)) is not None:
         raise click.ClickException(f"an image named {name!r} already exists")
     fmt, size = _image_format(file)
@@ -437,12 +449,14 @@ def image_delete(c: Context, name: str, yes: bool) -> None:
             raise click.ClickException(f"image {name!r} still has {len(children)} disk clone(s): {', '.join(children[:10])}")
     if not yes:
         click.confirm(f"Delete image {name!r}?", abort=True, err=True)
+    # The record goes first (no new VM can name the image), then the data.
+    if c.call(c.store.delete_if, c.keys.image(name), entry.mod_revision) is None:
+        raise click.ClickException(f"image {name!r} changed while deleting it; try again")
     if rec is not None:
+        c.ceph_call(c.storage.remove_base, rec.pool, rec.image, rec.snapshot)
         for obj in (rec.kernel, rec.initrd):
             if obj:
                 c.ceph_call(c.storage.remove_object, rec.pool, obj)
-        c.ceph_call(c.storage.remove_base, rec.pool, rec.image, rec.snapshot)
-    c.call(c.store.delete_if, c.keys.image(name), entry.mod_revision)
     click.echo(f"deleted image {name}", err=True)
 
 

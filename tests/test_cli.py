@@ -165,3 +165,15 @@ def test_help_documents_exit_codes() -> None:
     r = CliRunner().invoke(cli, ["--help"])
     assert r.exit_code == 0
     assert "3  etcd could not be reached" in r.output
+
+
+def test_a_bad_ceph_section_only_matters_to_commands_that_need_ceph(etcd, prefix, tmp_path) -> None:
+    p = tmp_path / "c.ini"
+    p.write_text(f"[etcd]\nendpoints = {etcd.endpoint}\nprefix = {prefix}\n[ceph]\nconf = /nonexistent/ceph.conf\n")
+    assert CliRunner().invoke(cli, ["-c", str(p), "list"]).exit_code == 0
+    r = CliRunner().invoke(cli, ["-c", str(p), "image", "list"])
+    assert r.exit_code == 0  # listing reads etcd only
+    img = tmp_path / "x.img"
+    img.write_bytes(b"\0" * 512)
+    r = CliRunner().invoke(cli, ["-c", str(p), "image", "import", "x", str(img)])
+    assert r.exit_code == 2 and "[ceph] conf: /nonexistent/ceph.conf does not exist" in r.output
