@@ -177,7 +177,7 @@ class Cluster:
         self.store = store
         self.keys = store.keys
         self.dir = workdir
-        self.ttl = 3
+        self.ttl = 4  # with timeout 0.5: about 1 s of slack in the keep-alive timing on a loaded 2-core box
         self.etcd_timeout = 0.5
         self.agents: list[AgentProc] = []
         self.libvirt_uri: Optional[str] = None  # None: a private test:/// host per agent

@@ -250,17 +250,17 @@ def test_second_agent_with_same_name_is_refused(cluster: Cluster) -> None:
     dup = cluster.agent("node1", start=False)
     dup.logpath = cluster.dir / "dup-local.log"
     dup.start()
-    assert dup.wait(10) == 3
+    assert dup.wait(10) == 3, dup.log()
     assert "is held by a live agent on this machine" in dup.log()
     # Another machine (own state_dir): refused once the registration in etcd stays held.
     other = cluster.agent("node1", start=False)
     other.config.write_text(other.config.read_text().replace("state-node1", "state-elsewhere"))
     other.logpath = cluster.dir / "dup-remote.log"
     other.start()
-    assert other.wait(cluster.ttl + 15) == 3
+    assert other.wait(cluster.ttl + 15) == 3, other.log()
     assert "is held by a live agent (lease" in other.log()
     assert first.alive()
-    assert cluster.store.get(cluster.keys.host("node1")).lease == lease_before
+    assert cluster.store.get(cluster.keys.host("node1")).lease == lease_before, first.log()
 
 
 def test_restart_after_kill_within_ttl_adopts_the_lease_and_claims(cluster: Cluster) -> None:
