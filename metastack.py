@@ -799,11 +799,12 @@ class Store:
             on_events(resp.header.revision, events)
 
         try:
-            watch_id = self._call("watch", self._client.add_watch_prefix_callback, prefix, callback,
-                                  start_revision=start_revision)
-        except Compacted as exc:
+            watch_id = self._client.add_watch_prefix_callback(prefix, callback, start_revision=start_revision)
+        except Compacted as exc:  # before the general case: it is an Etcd3Exception too
             raise RevisionCompacted(f"revision {start_revision} is compacted "
                                     f"(oldest kept: {exc.compacted_revision})") from None
+        except self._errors as exc:
+            raise StoreUnavailable(f"etcd watch failed: {self.describe(exc)}") from None
 
         def cancel() -> None:
             try:
