@@ -1846,6 +1846,30 @@ class LeaseKeeper(threading.Thread):
             self._halt.wait(interval * random.uniform(0.9, 1.0))
 
 
+class Waker:
+    """Wakes the main loop: a self-pipe. ``wake()`` is safe from any thread
+    and from a signal handler (it takes no lock: a threading.Event would
+    deadlock if a signal arrived while the main thread held its lock);
+    ``wait(timeout)`` returns when woken or after ``timeout`` seconds and
+    drops the pending wake-ups."""
+
+    def __init__(self) -> None:
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+
+    def wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):  # a full pipe is already awake
+            os.write(self._w, b"!")
+
+    def wait(self, timeout: float) -> None:
+        import select
+        select.select([self._r], [], [], max(0.0, timeout))
+        with contextlib.suppress(BlockingIOError, OSError):
+            while os.read(self._r, 4096):
+                pass
+
+
 class NodeTakenError(MetaStackError):
     """A live agent already holds this node name."""
 
@@ -2223,7 +2247,7 @@ class Agent:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
         self.node = cfg.node_name
-        self._wake = threading.Event()
+        self._waker = Waker()
         self.store = Store(cfg.etcd)
         self.keys = self.store.keys
         domain_type = cfg.domain_type
@@ -2241,7 +2265,7 @@ class Agent:
         if self.storage is not None:
             self.executor.use_ceph_secret(self.storage.fsid())
         self._console_polling = False
-        self._stop = threading.Event()
+        self._stop_requested = False  # set by request_stop (signal handlers), read by the loop
         self._watch_cancel: Optional[Callable[[], None]] = None
         self._watch_dead = threading.Event()
         self._keeper: Optional[LeaseKeeper] = None
@@ -2260,7 +2284,7 @@ class Agent:
         return self._keeper.lease_id
 
     def wake(self) -> None:
-        self._wake.set()
+        self._waker.wake()
 
     def _lease_headroom(self) -> float:
         """Seconds left before this node must stop running VMs (<= 0: now)."""
@@ -2272,12 +2296,12 @@ class Agent:
         """libvirt lifecycle event of one of our domains (event thread)."""
         if what.startswith(("stopped", "crashed", "shut down")):
             log.info("%s: domain %s", vm, what)
-        self._wake.set()
+        self._waker.wake()
 
     def request_stop(self) -> None:
         """Ask the main loop to drain and exit (safe from a signal handler)."""
-        self._stop.set()
-        self._wake.set()
+        self._stop_requested = True
+        self._waker.wake()
 
     def start(self) -> None:
         """Take a lease, register the node (refusing a name a live agent
@@ -2401,7 +2425,7 @@ class Agent:
 
     def _on_events(self, revision: int, events: list[KeyEvent]) -> None:
         self.view.apply(revision, events)
-        self._wake.set()
+        self._waker.wake()
 
     def _on_watch_error(self, exc: BaseException) -> None:
         if isinstance(exc, RevisionCompacted):
@@ -2410,13 +2434,13 @@ class Agent:
         else:
             log.warning("watch ended: %s", self.store.describe(exc))
         self._watch_dead.set()
-        self._wake.set()
+        self._waker.wake()
 
     def run(self) -> None:
         """Main loop: tick on every wake-up; drain on stop."""
         self.start()
         failures = 0
-        while not self._stop.is_set():
+        while not self._stop_requested:
             try:
                 decision = self.tick()
                 failures = 0
@@ -2434,8 +2458,7 @@ class Agent:
             if decision != self.last_decision or decision.startswith("acted"):
                 log.info("%s", decision)
             self.last_decision = decision
-            self._wake.wait(self._next_wait(failures))
-            self._wake.clear()
+            self._waker.wait(self._next_wait(failures))
         self.drain()
 
     def _next_wait(self, failures: int) -> float:
@@ -2481,7 +2504,7 @@ class Agent:
         actions = plan(self.node, self.capacity, snap, domains)
         done: list[str] = []
         for act in actions:
-            if self._stop.is_set() or not self._keeper.valid():
+            if self._stop_requested or not self._keeper.valid():
                 break
             note = self.executor.apply(act, snap, domains)
             if note:

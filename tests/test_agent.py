@@ -352,12 +352,14 @@ def test_watch_lost_across_compaction_relists(cluster: Cluster) -> None:
     cluster.wait_running(["c0"])
     agent.signal(signal.SIGSTOP)
     try:
+        # etcd restarts first, so the frozen agent's watch stream is dead and
+        # none of the changes below can sit in its socket buffer.
+        cluster.etcd.stop()
+        cluster.etcd.start()
         cluster.desire("c1")
         cluster.undesire("c0")
         rev = cluster.store.put(cluster.keys.config, b"{}")
         cluster.etcd.etcdctl("compact", str(rev))
-        cluster.etcd.stop()
-        cluster.etcd.start()
     finally:
         agent.signal(signal.SIGCONT)
     wait_for(lambda: cluster.states() == {"c1": ("running", "node1")}, 20, what="c1 running, c0 gone")

@@ -347,3 +347,19 @@ def test_orphan_disks() -> None:
     disks = ["vm-a-g7", "vm-a-g5", "vm-b-g3", "vm-c-g9", "vm-bad-g2", "base-t-1234", "vm-x"]
     assert ms.orphan_disks("p", disks, snap(desired, actual)) == ["vm-a-g5", "vm-c-g9"]
     assert ms.parse_disk_name("vm-my-vm-g12") == ("my-vm", 12)
+
+
+def test_waker_returns_when_woken_from_another_thread() -> None:
+    import threading
+    w = ms.Waker()
+    done = threading.Event()
+
+    def waiter() -> None:
+        w.wait(60)
+        done.set()
+    t = threading.Thread(target=waiter, daemon=True)
+    t.start()
+    w.wake()
+    w.wake()  # several wake-ups fold into one
+    assert done.wait(30)
+    w.wait(0)  # nothing pending any more: returns at once with timeout 0
