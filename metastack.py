@@ -2509,10 +2509,10 @@ class Agent:
             note = self.executor.apply(act, snap, domains)
             if note:
                 done.append(note)
-        self._publish_host()
+        host = self._publish_host()
         self._console_polling = self.executor.publish_consoles(self.hv.domains())
-        cpu, ram, vms = usage(self.node, self.view.snapshot().actual)
-        summary = f"{vms} VM(s) here, {cpu}/{self.capacity.vcpus} vcpus, {ram}/{self.capacity.ram_mb} MiB"
+        summary = (f"{host.vms} VM(s) here, {host.vcpus_used}/{host.vcpus} vcpus, "
+                   f"{host.ram_mb_used}/{host.ram_mb} MiB")
         if done:
             return f"acted: {'; '.join(done)} | {summary}"
         return f"no action: {summary}"
@@ -2543,10 +2543,11 @@ class Agent:
         cpu, ram, vms = usage(self.node, self.view.snapshot().actual)
         return HostState(self.capacity.vcpus, self.capacity.ram_mb, cpu, ram, vms, "ready")
 
-    def _publish_host(self) -> None:
+    def _publish_host(self) -> HostState:
+        """Write this node's host key if its content changed; returns it."""
         host = self._host_state()
         if host == self._last_host:
-            return
+            return host
         key = self.keys.host(self.node)
         entry = self.view.entry(key)
         rev = self.store.replace(key, host.encode(), entry.mod_revision, self.lease_id) if entry else None
@@ -2555,6 +2556,7 @@ class Agent:
         if rev is not None:
             self.view.note(key, host.encode(), rev, self.lease_id)
             self._last_host = host
+        return host
 
     # -- shutdown ------------------------------------------------------------
     def drain(self) -> None:
