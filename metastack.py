@@ -72,6 +72,11 @@ class StoreUnavailable(MetaStackError):
     """etcd could not be reached or did not answer in time."""
 
 
+class LeaseNotFound(MetaStackError):
+    """etcd answered that the lease a write or keep-alive named is gone
+    (expired or revoked): the node's claims have vanished with it."""
+
+
 class RevisionCompacted(MetaStackError):
     """A watch asked for history etcd has already compacted away."""
 
@@ -86,6 +91,10 @@ class StorageError(MetaStackError):
 
 class StorageBusy(StorageError):
     """An RBD image is still open by some client; retry later."""
+
+
+class StorageFenced(StorageError):
+    """Ceph refused this node's own client: it is blocklisted (fenced)."""
 
 
 # ---------------------------------------------------------------------------
@@ -178,11 +187,36 @@ class AgentConfig:
     log_level: str
     ceph: Optional[CephConfig] = None
     state_dir: str = "/var/lib/metastack"
+    address: str = ""  # IP of this node's Ceph clients (agent and QEMUs): node-level fencing
+    on_stop: str = "keep"  # SIGTERM: keep guests running for the next agent, or drain them
+    failover_grace: float = 0.0  # seconds owners get to re-claim after a correlated loss (0: 2 x TTL)
+    config_path: str = ""  # the ini this came from (the watchdog process reads it too)
 
     @property
     def renew_interval(self) -> float:
         """Lease keep-alive period: a third of the TTL (kubelet, Patroni)."""
         return self.lease_ttl / 3.0
+
+    @property
+    def stall_limit(self) -> float:
+        """The lease is renewed only while the main loop proved progress
+        this recently; the loop beats at least twice as often."""
+        return self.lease_ttl / 3.0
+
+    @property
+    def watchdog_delay(self) -> float:
+        """Seconds after the main loop's last beat at which the watchdog
+        stops this node's domains. The last renewal came at most
+        ``stall_limit`` after that beat and at least a renew interval
+        before, so the lease outlives the beat by about a TTL: the watchdog
+        acts a third of the TTL before any other node may take over."""
+        return self.stall_limit + self.renew_interval
+
+    @property
+    def grace(self) -> float:
+        """How long other nodes leave VMs alone after a correlated loss of
+        leases (an etcd outage), so their owners can re-claim them."""
+        return self.failover_grace or 2.0 * self.lease_ttl
 
     @property
     def fence_margin(self) -> float:
@@ -259,6 +293,16 @@ def load_config(path: Optional[str]) -> AgentConfig:
     ttl_raw = cp.get("agent", "lease_ttl", fallback="5").strip()
     if not ttl_raw.isdigit():
         raise ConfigError(f"[agent] lease_ttl: {ttl_raw!r} must be a whole number of seconds")
+    address = cp.get("node", "address", fallback="").strip()
+    if address:
+        import ipaddress
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise ConfigError(f"[node] address: {address!r} is not an IP address") from None
+    on_stop = cp.get("agent", "on_stop", fallback="keep").strip() or "keep"
+    if on_stop not in ("keep", "drain"):
+        raise ConfigError(f"[agent] on_stop: {on_stop!r} is not keep or drain")
     level = cp.get("logging", "level", fallback="INFO").strip().upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"[logging] level: {level!r} is not DEBUG, INFO, WARNING or ERROR")
@@ -277,6 +321,10 @@ def load_config(path: Optional[str]) -> AgentConfig:
         log_level=level,
         ceph=ceph_config_from(cp),
         state_dir=state_dir,
+        address=address,
+        on_stop=on_stop,
+        failover_grace=_get_float(cp, "agent", "failover_grace", 0.0, 0.0),
+        config_path=os.path.abspath(path) if path else "",
     )
     check_timings(cfg)
     return cfg
@@ -362,7 +410,7 @@ VM_STATES = ("running", "stopped")
 class Keys:
     """The key layout under one prefix. See README "The contract in etcd"."""
 
-    KINDS = ("desired", "actual", "hosts", "flavours", "images", "console")
+    KINDS = ("desired", "actual", "hosts", "flavours", "images", "console", "fences", "nodes")
 
     def __init__(self, prefix: str = "/metastack") -> None:
         self.prefix = prefix.rstrip("/")
@@ -384,6 +432,12 @@ class Keys:
 
     def console(self, vm: str) -> str:
         return f"{self.prefix}/console/{vm}"
+
+    def fence(self, node: str) -> str:
+        return f"{self.prefix}/fences/{node}"
+
+    def node(self, node: str) -> str:
+        return f"{self.prefix}/nodes/{node}"
 
     def dir(self, kind: str) -> str:
         return f"{self.prefix}/{kind}/"
@@ -451,8 +505,14 @@ class DesiredVM:
     """``/metastack/desired/<vm>``: what the admin wants.
 
     JSON: {"flavour": str, "state": "running"|"stopped" (default running),
-    "host": str (optional pin), "image": str (optional)}. Unknown keys are
-    kept in ``extra`` and written back untouched by the CLI.
+    "host": str (optional pin), "image": str (optional), "uuid": str
+    (the VM's identity, written once at create)}. Unknown keys are kept in
+    ``extra`` and written back untouched by the CLI.
+
+    Identity: with a ``uuid`` the VM is that uuid, whatever happens to the
+    key (a restore, a tool that deletes and puts it again). An entry
+    written by hand without one is identified by its key's create_revision
+    (``generation``): deleting and re-creating such a key makes a new VM.
     """
 
     name: str
@@ -462,8 +522,14 @@ class DesiredVM:
     image: Optional[str] = None
     extra: tuple[tuple[str, Any], ...] = ()
     generation: int = 0  # the desired key's etcd create_revision: new on every re-create
+    uuid: Optional[str] = None
 
-    KNOWN = ("flavour", "state", "host", "image")
+    KNOWN = ("flavour", "state", "host", "image", "uuid")
+
+    @property
+    def identity(self) -> str:
+        """What makes this VM itself: its uuid, or ``g<create_revision>``."""
+        return self.uuid or f"g{self.generation}"
 
     @classmethod
     def parse(cls, name: str, raw: bytes) -> "DesiredVM":
@@ -486,8 +552,11 @@ class DesiredVM:
         image = obj.get("image")
         if image is not None and (not isinstance(image, str) or not valid_name(image)):
             raise SpecError(f"'image' must be an image name, got {image!r}")
+        vm_uuid = obj.get("uuid")
+        if vm_uuid is not None and not valid_uuid(vm_uuid):
+            raise SpecError(f"'uuid' must be a UUID like {uuid.UUID(int=0)}, got {vm_uuid!r}")
         extra = tuple(sorted((k, v) for k, v in obj.items() if k not in cls.KNOWN))
-        return cls(name, flavour, state, host, image, extra)
+        return cls(name, flavour, state, host, image, extra, uuid=vm_uuid)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.extra)
@@ -496,7 +565,19 @@ class DesiredVM:
             out["host"] = self.host
         if self.image is not None:
             out["image"] = self.image
+        if self.uuid is not None:
+            out["uuid"] = self.uuid
         return out
+
+
+def valid_uuid(text: Any) -> bool:
+    """True for a canonical lower-case UUID string."""
+    if not isinstance(text, str):
+        return False
+    try:
+        return str(uuid.UUID(text)) == text
+    except ValueError:
+        return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -504,10 +585,13 @@ class ActualVM:
     """``/metastack/actual/<vm>``: the claim and the VM's observed state.
 
     JSON: {"host", "state", "reason", "updated", "vcpus", "ram_mb", "disk",
-    "generation"}. The key exists only while its owner's lease lives.
+    "generation", "uuid"}. The key exists only while its owner's lease
+    lives, and is trusted only while attached to the lease that the named
+    host's record hangs on (``lease``, from etcd, not from the value).
     ``vcpus``/``ram_mb`` record what the owner reserved (0 for an error
-    claim); ``disk`` names the VM's RBD disk once it has one; ``generation``
-    is the create_revision of the desired entry the claim was made for.
+    claim); ``disk`` names the VM's RBD disk once it has one; ``uuid`` (or,
+    for entries without one, ``generation``: the create_revision) is the
+    identity of the desired entry the claim was made for.
     """
 
     host: str
@@ -518,8 +602,20 @@ class ActualVM:
     updated: str = ""
     disk: str = ""  # "pool/image" of the VM's RBD disk, once it has one
     generation: int = 0  # create_revision of the desired entry this claim serves
+    uuid: str = ""  # uuid of the desired entry this claim serves
+    lease: int = 0  # the etcd lease the key is attached to (not part of the value)
 
     STATES = ("starting", "running", "stopping", "stopped", "error")
+
+    def serves(self, vm: "DesiredVM") -> bool:
+        """Whether this claim was made for ``vm`` (the same identity). Only
+        comparable identities count: uuid with uuid, generation with
+        generation; a claim that cannot be compared is taken as serving."""
+        if self.uuid and vm.uuid:
+            return self.uuid == vm.uuid
+        if not self.uuid and not vm.uuid and self.generation and vm.generation:
+            return self.generation == vm.generation
+        return True
 
     @classmethod
     def parse(cls, raw: bytes) -> "ActualVM":
@@ -535,11 +631,12 @@ class ActualVM:
         return cls(host=str(obj.get("host", "")), state=str(obj.get("state", "error")),
                    reason=str(obj.get("reason", "")), vcpus=_int("vcpus"),
                    ram_mb=_int("ram_mb"), updated=str(obj.get("updated", "")), disk=str(obj.get("disk", "")),
-                   generation=_int("generation"))
+                   generation=_int("generation"), uuid=str(obj.get("uuid", "") or ""))
 
     def same_content(self, other: Optional["ActualVM"]) -> bool:
         """Equal but for the timestamp: whether a write would change anything."""
-        return other is not None and dataclasses.replace(self, updated="") == dataclasses.replace(other, updated="")
+        return other is not None and (dataclasses.replace(self, updated="", lease=0)
+                                      == dataclasses.replace(other, updated="", lease=0))
 
     def encode(self) -> bytes:
         obj: dict[str, Any] = {"host": self.host, "state": self.state, "reason": self.reason,
@@ -548,6 +645,8 @@ class ActualVM:
             obj["disk"] = self.disk
         if self.generation:
             obj["generation"] = self.generation
+        if self.uuid:
+            obj["uuid"] = self.uuid
         return json.dumps(obj, sort_keys=True).encode()
 
 
@@ -592,32 +691,37 @@ class Image:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
-def disk_name(vm: str, generation: int) -> str:
-    """The RBD image holding ``vm``'s disk. The desired key's create_revision
-    is part of it, so a VM destroyed and created again never inherits an old
-    disk, while stop/start and moves keep the same one."""
-    return f"vm-{vm}-g{generation}"
+def disk_name(vm: str, identity: str) -> str:
+    """The RBD image holding ``vm``'s disk: ``vm-<name>-<uuid hex>``, or
+    ``vm-<name>-g<create_revision>`` for an entry without a uuid (and every
+    disk made before uuids existed). The VM's identity is part of it, so a
+    VM destroyed and created again never inherits an old disk, while
+    stop/start, moves and a re-written key keep the same one."""
+    return f"vm-{vm}-{identity.replace('-', '')}" if valid_uuid(identity) else f"vm-{vm}-{identity}"
 
 
-def parse_disk_name(name: str) -> Optional[tuple[str, int]]:
-    """(vm, generation) of a name made by disk_name, else None."""
-    m = re.match(r"^vm-(.+)-g(\d+)$", name)
-    return (m.group(1), int(m.group(2))) if m else None
+def parse_disk_name(name: str) -> Optional[tuple[str, str]]:
+    """(vm, identity) of a name made by disk_name, else None."""
+    m = re.match(r"^vm-(.+)-(g\d+|[0-9a-f]{32})$", name)
+    if not m:
+        return None
+    ident = m.group(2)
+    return m.group(1), (ident if ident.startswith("g") else str(uuid.UUID(hex=ident)))
 
 
 def orphan_disks(pool: str, disks: Iterable[str], snap: "Snapshot") -> list[str]:
     """Disks in ``pool`` that no VM can still want: no desired entry of that
     name *and generation*, and no claim that names the disk. Pure; callers
     re-check each candidate against etcd before removing it."""
-    claimed = {a.disk for a in snap.actual.values() if a.disk}
+    claimed = {a.disk for a in list(snap.actual.values()) + list(snap.untrusted.values()) if a.disk}
     out = []
     for disk in disks:
         parsed = parse_disk_name(disk)
         if parsed is None or f"{pool}/{disk}" in claimed:
             continue
-        vm, gen = parsed
+        vm, ident = parsed
         spec = snap.desired.get(vm)
-        if isinstance(spec, DesiredVM) and spec.generation == gen:
+        if isinstance(spec, DesiredVM) and spec.identity == ident:
             continue
         if isinstance(spec, SpecError):  # cannot tell which generation it wants: keep
             continue
@@ -627,7 +731,14 @@ def orphan_disks(pool: str, disks: Iterable[str], snap: "Snapshot") -> list[str]
 
 @dataclasses.dataclass(frozen=True)
 class HostState:
-    """``/metastack/hosts/<node>``: capacity and use, under the node's lease."""
+    """``/metastack/hosts/<node>``: capacity and use, under the node's lease.
+
+    JSON: {"vcpus", "ram_mb", "vcpus_used", "ram_mb_used", "vms", "state",
+    "address" (its Ceph clients' IP, "" if not set), "cannot" ({vm: reason}
+    for VMs this node gave up on after repeated failures)}. ``lease`` is
+    the etcd lease the key hangs on (from etcd, not from the value): a
+    record without one is not a live node.
+    """
 
     vcpus: int
     ram_mb: int
@@ -635,12 +746,89 @@ class HostState:
     ram_mb_used: int = 0
     vms: int = 0
     state: str = "ready"
+    address: str = ""
+    cannot: tuple[tuple[str, str], ...] = ()
+    lease: int = 0
 
     @classmethod
     def parse(cls, raw: bytes) -> "HostState":
+        """Parse a host value; raises SpecError (only) when it is unusable."""
         obj = _json_object(raw, "host entry")
-        fields = {f.name: obj.get(f.name) for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in fields.items() if v is not None})
+        ints = {}
+        for key in ("vcpus", "ram_mb", "vcpus_used", "ram_mb_used", "vms"):
+            val = obj.get(key, 0)
+            if isinstance(val, bool) or not isinstance(val, int) or val < 0:
+                raise SpecError(f"host entry: {key!r} must be a non-negative integer, got {val!r}")
+            ints[key] = val
+        cannot = obj.get("cannot") or {}
+        if not isinstance(cannot, dict):
+            raise SpecError("host entry: 'cannot' must be an object")
+        return cls(**ints, state=str(obj.get("state", "ready")), address=str(obj.get("address", "") or ""),
+                   cannot=tuple(sorted((str(k), str(v)) for k, v in cannot.items())))
+
+    def encode(self) -> bytes:
+        obj = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("lease", "cannot")}
+        obj["cannot"] = dict(self.cannot)
+        return json.dumps(obj, sort_keys=True).encode()
+
+    def same_content(self, other: Optional["HostState"]) -> bool:
+        return other is not None and dataclasses.replace(self, lease=0) == dataclasses.replace(other, lease=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class FenceRecord:
+    """``/metastack/fences/<node>``: a node whose Ceph clients were cut off.
+
+    JSON: {"node", "by", "at", "mode": "range" (every client from
+    ``address`` is blocklisted) | "clients" (only the disk clients seen),
+    "address", "clients": [...], "state": "fenced" | "clean"}. Written by
+    the node that fenced, before it boots anything; no lease, so it
+    survives restarts. The fenced node kills its stale domains, then
+    marks the record clean; whoever may remove blocklist entries lifts a
+    clean fence (or an operator: ``metastackctl host unfence``).
+    """
+
+    node: str
+    by: str
+    at: str
+    mode: str
+    address: str = ""
+    clients: tuple[str, ...] = ()
+    state: str = "fenced"
+
+    @classmethod
+    def parse(cls, name: str, raw: bytes) -> "FenceRecord":
+        obj = _json_object(raw, f"fence record of {name!r}")
+        mode = obj.get("mode")
+        if mode not in ("range", "clients"):
+            raise SpecError(f"fence record of {name!r}: 'mode' must be range or clients, got {mode!r}")
+        clients = obj.get("clients") or []
+        if not isinstance(clients, list):
+            raise SpecError(f"fence record of {name!r}: 'clients' must be a list")
+        return cls(node=name, by=str(obj.get("by", "")), at=str(obj.get("at", "")), mode=mode,
+                   address=str(obj.get("address", "") or ""), clients=tuple(str(c) for c in clients),
+                   state="clean" if obj.get("state") == "clean" else "fenced")
+
+    def encode(self) -> bytes:
+        obj = dataclasses.asdict(self)
+        obj["clients"] = list(self.clients)
+        return json.dumps(obj, sort_keys=True).encode()
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeRecord:
+    """``/metastack/nodes/<node>``: a node as known to the cluster, whether
+    or not it lives now. JSON: {"address", "first_seen"}; created by the
+    node's agent on first start, no lease. Takers read the address of a
+    dead node here to fence it."""
+
+    address: str = ""
+    first_seen: str = ""
+
+    @classmethod
+    def parse(cls, name: str, raw: bytes) -> "NodeRecord":
+        obj = _json_object(raw, f"node record of {name!r}")
+        return cls(address=str(obj.get("address", "") or ""), first_seen=str(obj.get("first_seen", "")))
 
     def encode(self) -> bytes:
         return json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
@@ -696,6 +884,8 @@ class Store:
         try:
             return fn(*args, **kwargs)
         except self._errors as exc:
+            if "lease not found" in self.describe(exc):
+                raise LeaseNotFound(f"etcd {what} failed: the lease has expired") from None
             raise StoreUnavailable(f"etcd {what} failed: {self.describe(exc)}") from None
 
     @staticmethod
@@ -768,6 +958,12 @@ class Store:
         resp = self._call("lease keep-alive", lambda: list(self._client.refresh_lease(lease_id)))
         return max(0, resp[0].TTL) if resp else 0
 
+    def lease_ttl(self, lease_id: int) -> tuple[int, int]:
+        """(remaining, granted) TTL of a lease in seconds; remaining <= 0
+        when it no longer exists."""
+        info = self._call("lease info", self._client.get_lease_info, lease_id)
+        return int(info.TTL), int(info.grantedTTL)
+
     def revoke_lease(self, lease_id: int) -> None:
         self._call("lease revoke", self._client.revoke_lease, lease_id)
 
@@ -828,6 +1024,30 @@ class Snapshot:
     flavours: dict[str, Union[Flavour, SpecError]]
     hosts: dict[str, HostState]
     images: dict[str, Union[Image, SpecError]] = dataclasses.field(default_factory=dict)
+    untrusted: dict[str, ActualVM] = dataclasses.field(default_factory=dict)  # claims on no live host lease
+    fences: dict[str, FenceRecord] = dataclasses.field(default_factory=dict)
+    nodes: dict[str, NodeRecord] = dataclasses.field(default_factory=dict)
+
+
+def split_trusted(snap: Snapshot) -> None:
+    """Keep in ``snap.hosts`` only host records attached to a lease, and in
+    ``snap.actual`` only claims attached to the very lease the named host's
+    record hangs on; the other claims (written by hand, or left by a stale
+    tool) move to ``snap.untrusted``. Pure."""
+    snap.hosts = {n: h for n, h in snap.hosts.items() if h.lease}
+    for vm, claim in list(snap.actual.items()):
+        host = snap.hosts.get(claim.host)
+        if not claim.lease or host is None or host.lease != claim.lease:
+            snap.untrusted[vm] = snap.actual.pop(vm)
+
+
+@dataclasses.dataclass(frozen=True)
+class Vanished:
+    """A claim that disappeared: who held it and at which revision."""
+
+    host: str
+    revision: int
+    at: float  # monotonic time it was seen gone
 
 
 class ClusterView:
@@ -848,9 +1068,27 @@ class ClusterView:
         self._list_revision = 0
         self.revision = 0
         self.synced = False
+        # Memory of departures, for telling one node's death from a
+        # correlated loss of leases: vm -> its last claim's holder, and
+        # node -> (revision, monotonic time) its host record vanished.
+        self.vanished: dict[str, Vanished] = {}
+        self.lapsed: dict[str, tuple[int, float]] = {}
+
+    def _gone(self, key: str, old: Entry, revision: int) -> None:
+        split = self.keys.split(key)
+        if split is None:
+            return
+        kind, name = split
+        if kind == "actual":
+            self.vanished[name] = Vanished(ActualVM.parse(old.value).host, revision, time.monotonic())
+        elif kind == "hosts":
+            self.lapsed[name] = (revision, time.monotonic())
 
     def load(self, revision: int, entries: Mapping[str, Entry]) -> None:
         with self._lock:
+            for key, old in self._entries.items():
+                if key not in entries:  # went while we did not watch: remember who held it
+                    self._gone(key, old, revision)
             self._entries = dict(entries)
             self._seen = {k: e.mod_revision for k, e in entries.items()}
             self._list_revision = revision
@@ -862,7 +1100,9 @@ class ClusterView:
             return
         self._seen[key] = revision
         if value is None:
-            self._entries.pop(key, None)
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._gone(key, old, revision)
         else:
             old = self._entries.get(key)
             created = created or (old.create_revision if old is not None else revision)
@@ -898,7 +1138,7 @@ class ClusterView:
                 except SpecError as exc:
                     snap.desired[name] = exc
             elif kind == "actual":
-                snap.actual[name] = ActualVM.parse(entry.value)
+                snap.actual[name] = dataclasses.replace(ActualVM.parse(entry.value), lease=entry.lease)
             elif kind == "flavours":
                 try:
                     snap.flavours[name] = Flavour.parse(name, entry.value)
@@ -906,14 +1146,25 @@ class ClusterView:
                     snap.flavours[name] = exc
             elif kind == "hosts":
                 try:
-                    snap.hosts[name] = HostState.parse(entry.value)
+                    snap.hosts[name] = dataclasses.replace(HostState.parse(entry.value), lease=entry.lease)
                 except (SpecError, TypeError):
+                    pass
+            elif kind == "fences":
+                try:
+                    snap.fences[name] = FenceRecord.parse(name, entry.value)
+                except SpecError:
+                    pass
+            elif kind == "nodes":
+                try:
+                    snap.nodes[name] = NodeRecord.parse(name, entry.value)
+                except SpecError:
                     pass
             elif kind == "images":
                 try:
                     snap.images[name] = Image.parse(name, entry.value)
                 except SpecError as exc:
                     snap.images[name] = exc
+        split_trusted(snap)
         return snap
 
 
@@ -948,6 +1199,13 @@ def parse_mon_hosts(mon_host: str) -> list[tuple[str, int]]:
             continue
         (v1 if m.group(1) == "v1" else v2 if m.group(1) == "v2" else plain).append((m.group(2), int(m.group(3))))
     return v1 or plain or v2
+
+
+def watcher_ip(addr: str) -> str:
+    """The IP of a Ceph client address like ``10.0.0.5:0/3047`` or
+    ``v2:[::1]:0/12``; "" when it cannot be read."""
+    m = re.match(r"^(?:v[12]:)?\[?([0-9A-Fa-f.:]+?)\]?:\d+/\d+$", addr.strip())
+    return m.group(1) if m else ""
 
 
 class Storage:
@@ -1015,6 +1273,9 @@ class Storage:
                 raise StorageBusy(f"RBD image in pool {pool!r} is in use: {exc}") from None
             if isinstance(exc, (self._rados.ConnectionShutdown, self._rados.TimedOut)):
                 self.close()
+            if isinstance(exc, self._rados.ConnectionShutdown) or getattr(exc, "errno", None) == 108:
+                raise StorageFenced(f"Ceph refused this node's client in pool {pool!r} "
+                                    f"(blocklisted: fenced): {exc}") from None
             raise StorageError(f"Ceph operation in pool {pool!r} failed: {exc}") from None
         finally:
             ioctx.close()
@@ -1120,10 +1381,39 @@ class Storage:
         return fenced
 
     def _blocklist(self, addr: str) -> None:
-        ret, _, err = self._connect().mon_command(
-            json.dumps({"prefix": "osd blocklist", "blocklistop": "add", "addr": addr}), b"")
+        self._mon("osd blocklist", f"blocklist {addr}", blocklistop="add", addr=addr)
+
+    def _mon(self, prefix: str, what: str, **args: Any) -> str:
+        """One monitor command; StorageError (with the monitor's words) on
+        failure, PermissionError-like refusals included."""
+        try:
+            ret, out, err = self._connect().mon_command(json.dumps({"prefix": prefix, **args}), b"")
+        except self._rados.Error as exc:
+            raise StorageError(f"cannot {what}: {exc}") from None
         if ret != 0:
-            raise StorageError(f"cannot blocklist {addr}: {err}")
+            raise StorageError(f"cannot {what}: {err or os.strerror(-ret)}")
+        return out.decode(errors="replace") if isinstance(out, bytes) else str(out)
+
+    def watchers(self, pool: str, disk: str) -> list[str]:
+        """Addresses of the clients that have ``disk`` open right now."""
+        with self._pool(pool) as ioctx:
+            try:
+                with self._image(ioctx, disk, read_only=True) as img:
+                    return [str(w["addr"]) for w in img.watchers_list()]
+            except self._rbd.ImageNotFound:
+                return []
+
+    def blocklist_range(self, ip: str, expire: float) -> None:
+        """Blocklist every client from ``ip`` (node-level fence) for
+        ``expire`` seconds; adding an entry that exists is success."""
+        cidr = f"{ip}/{128 if ':' in ip else 32}"
+        self._mon("osd blocklist", f"blocklist {cidr}", range="range", blocklistop="add", addr=cidr,
+                  expire=float(expire))
+
+    def unblocklist_range(self, ip: str) -> None:
+        """Lift a node-level fence; needs more than ``profile rbd``."""
+        cidr = f"{ip}/{128 if ':' in ip else 32}"
+        self._mon("osd blocklist", f"lift the blocklist of {cidr}", range="range", blocklistop="rm", addr=cidr)
 
     def remove_disk(self, pool: str, disk: str) -> None:
         """Remove a VM disk; gone already is success; StorageBusy while a
@@ -1645,6 +1935,7 @@ class Action:
 
     claim        create the actual key (it is free and fits here), then run
     claim_error  create the actual key in state error (malformed desired)
+    purge        delete a claim that is on no live lease (compare-and-swap)
     run          ensure the domain is defined and running
     park         ensure the domain is defined and not running (desired stopped)
     report       publish ``state``/``reason`` for a VM we own (domain untouched)
@@ -1678,8 +1969,36 @@ def usage(node: str, actual: Mapping[str, ActualVM]) -> tuple[int, int, int]:
     return sum(a.vcpus for a in mine), sum(a.ram_mb for a in mine), len(mine)
 
 
-def plan(node: str, capacity: Capacity, snap: Snapshot, domains: Mapping[str, str]) -> list[Action]:
+def resolve(spec: Union[DesiredVM, SpecError], snap: Snapshot) -> Union[tuple[DesiredVM, Flavour], str]:
+    """The desired VM and its flavour, or why it cannot run anywhere."""
+    if isinstance(spec, SpecError):
+        return str(spec)
+    flav = snap.flavours.get(spec.flavour)
+    if flav is None:
+        return f"unknown flavour {spec.flavour!r}"
+    if isinstance(flav, SpecError):
+        return f"flavour {spec.flavour!r} is malformed: {flav}"
+    if spec.image is not None:
+        image = snap.images.get(spec.image)
+        if image is None:
+            return f"unknown image {spec.image!r}"
+        if isinstance(image, SpecError):
+            return f"image {spec.image!r} is malformed: {image}"
+    return spec, flav
+
+
+def plan(node: str, capacity: Capacity, snap: Snapshot, domains: Mapping[str, str],
+         hold: Iterable[str] = (), cannot: Iterable[str] = (), quiet: bool = False,
+         fenced: bool = False) -> list[Action]:
     """Decide what ``node`` should do, from one consistent view.
+
+    ``snap.actual`` holds only trusted claims (see split_trusted). ``hold``:
+    VMs other nodes' owners may still re-claim (grace after a correlated
+    loss): not claimed here unless their domain runs here. ``cannot``: VMs
+    this node gave up on. ``quiet``: this node itself just lost its lease
+    with everyone else: it re-claims its own running domains and nothing
+    new. ``fenced``: this node's Ceph clients are cut off: every domain
+    goes, every claim is released, nothing is claimed.
 
     Pure: no I/O, no clock. Rules:
       * a VM claimed by another node is theirs; a domain of ours for it is
@@ -1688,58 +2007,67 @@ def plan(node: str, capacity: Capacity, snap: Snapshot, domains: Mapping[str, st
         reported as error and the domain is left as it is;
       * a pin to another node, or an error claim whose entry became valid
         but no longer fits here, is released (domain stopped first);
-      * an unclaimed VM is claimed when its pin allows and it fits in the
-        free capacity left after every claim we hold or plan; an unclaimed
+      * an unclaimed VM whose domain runs here is re-claimed first (a lease
+        lost in an etcd outage must not reboot anything); other unclaimed
+        VMs are claimed when the pin allows and they fit in the free
+        capacity left after every claim we hold or plan; an unclaimed
         malformed entry is claimed as an error so the reason is visible;
       * a claim whose desired entry is gone is removed, and so is a domain
-        of ours that nobody desires.
+        of ours that nobody desires;
+      * claims on no live lease are purged by one node (the first live
+        node by name), or replaced by a claim of ours.
     """
     actions: list[Action] = []
+    if fenced:
+        for name, claim in sorted(snap.actual.items()):
+            if claim.host == node:
+                actions.append(Action("release", name, reason="this node is fenced"))
+        for name in sorted(set(domains) - {a.vm for a in actions}):
+            actions.append(Action("kill", name, reason="this node is fenced: stale copy"))
+        return actions
+    hold, cannot = frozenset(hold), frozenset(cannot)
     used_cpu, used_ram, _ = usage(node, snap.actual)
     free_cpu, free_ram = capacity.vcpus - used_cpu, capacity.ram_mb - used_ram
 
-    def resolve(spec: Union[DesiredVM, SpecError]) -> Union[tuple[DesiredVM, Flavour], str]:
-        if isinstance(spec, SpecError):
-            return str(spec)
-        flav = snap.flavours.get(spec.flavour)
-        if flav is None:
-            return f"unknown flavour {spec.flavour!r}"
-        if isinstance(flav, SpecError):
-            return f"flavour {spec.flavour!r} is malformed: {flav}"
-        if spec.image is not None:
-            image = snap.images.get(spec.image)
-            if image is None:
-                return f"unknown image {spec.image!r}"
-            if isinstance(image, SpecError):
-                return f"image {spec.image!r} is malformed: {image}"
-        return spec, flav
-
     def priority(name: str) -> tuple[int, str]:
-        """VMs pinned here first (they have nowhere else to go), then a
-        per-node pseudo-random order."""
+        """Our own running domains first (they must not reboot), then VMs
+        pinned here (they have nowhere else to go), then a per-node
+        pseudo-random order."""
         spec = snap.desired[name]
         pinned_here = isinstance(spec, DesiredVM) and spec.host == node
-        return (0 if pinned_here else 1, _order_key(node, name))
+        rank = 0 if domains.get(name) == "running" else 1 if pinned_here else 2
+        return (rank, _order_key(node, name))
 
+    claiming: set[str] = set()
     for name in sorted(snap.desired, key=priority):
         spec = snap.desired[name]
         claim = snap.actual.get(name)
-        resolved = resolve(spec)
+        resolved = resolve(spec, snap)
         if claim is not None and claim.host != node:
             if name in domains:
                 actions.append(Action("kill", name, reason=f"claimed by {claim.host or 'an unknown owner'}"))
             continue
         if claim is None:
+            running_here = domains.get(name) == "running"
             if isinstance(resolved, str):
-                actions.append(Action("claim_error", name, reason=resolved))
+                if not quiet or running_here:
+                    actions.append(Action("claim_error", name, reason=resolved))
+                    claiming.add(name)
                 continue
             vm, flav = resolved
+            if name in cannot:
+                if name in domains:
+                    actions.append(Action("kill", name, reason="given up on this node"))
+                continue
+            if (quiet or name in hold) and not running_here:
+                continue  # its owner may still come back for it
             if vm.host not in (None, node) or flav.vcpus > free_cpu or flav.ram_mb > free_ram:
                 if name in domains:  # a leftover domain we may not run: never let it race a new owner
                     actions.append(Action("kill", name, reason="unclaimed and not claimable here"))
                 continue
             free_cpu -= flav.vcpus
             free_ram -= flav.ram_mb
+            claiming.add(name)
             actions.append(Action("claim", name, state=vm.state, vcpus=flav.vcpus, ram_mb=flav.ram_mb))
             continue
         # We own it.
@@ -1749,12 +2077,15 @@ def plan(node: str, capacity: Capacity, snap: Snapshot, domains: Mapping[str, st
                                       vcpus=claim.vcpus, ram_mb=claim.ram_mb))
             continue
         vm, flav = resolved
-        if claim.generation and vm.generation and claim.generation != vm.generation:
+        if not claim.serves(vm):
             # destroyed and created again between two looks: the old VM goes first
             actions.append(Action("remove", name, reason="the VM was re-created; removing the old one"))
             continue
         if vm.host not in (None, node):
             actions.append(Action("release", name, reason=f"pinned to {vm.host}"))
+            continue
+        if name in cannot:
+            actions.append(Action("release", name, reason="given up on this node"))
             continue
         cpu, ram = claim.vcpus, claim.ram_mb  # what the claim reserved
         if cpu == 0 and ram == 0:  # an error claim whose entry became valid
@@ -1778,6 +2109,11 @@ def plan(node: str, capacity: Capacity, snap: Snapshot, domains: Mapping[str, st
             actions.append(Action("kill", name, reason="no desired entry and no claim"))
         elif claim.host != node:
             actions.append(Action("kill", name, reason=f"claimed by {claim.host or 'an unknown owner'}"))
+    if snap.untrusted and snap.hosts and min(snap.hosts) == node:
+        for name, bogus in sorted(snap.untrusted.items()):
+            if name not in claiming:
+                actions.append(Action("purge", name, reason=f"claim naming {bogus.host or 'nobody'} "
+                                                            f"is on no live lease of that node"))
     return actions
 
 
@@ -1787,31 +2123,41 @@ def plan(node: str, capacity: Capacity, snap: Snapshot, domains: Mapping[str, st
 
 
 class LeaseKeeper(threading.Thread):
-    """Keeps the agent's one lease alive, renewing every TTL/3 with jitter.
+    """Keeps the agent's one lease alive, renewing every TTL/3 with jitter,
+    but only while the main loop proves progress.
 
     Contract: ``valid()`` is True while the lease was confirmed by etcd less
     than ``ttl - margin`` seconds ago (time taken at the *start* of the
     confirming request, so etcd's own expiry is never earlier). ``lost``
-    is set once etcd says the lease no longer exists. ``wake`` is called
-    whenever validity may have changed.
+    is set once etcd says the lease no longer exists. A renewal is sent
+    only when ``last_beat()`` (the main loop's last proof of progress) is
+    at most ``stall_limit`` seconds old: an agent stuck in a call loses
+    its lease, and so its VMs, instead of holding them forever. ``wake``
+    is called whenever validity may have changed.
     """
 
-    def __init__(self, store: Store, lease_id: int, ttl: int, margin: float, wake: Callable[[], None]) -> None:
+    def __init__(self, store: Store, lease_id: int, ttl: int, margin: float, wake: Callable[[], None],
+                 last_beat: Callable[[], float], stall_limit: float) -> None:
         super().__init__(name="lease-keeper", daemon=True)
         self.store = store
         self.lease_id = lease_id
         self.ttl = ttl
         self.margin = margin
         self._wake = wake
-        self._confirmed = time.monotonic()
+        self._last_beat = last_beat
+        self.stall_limit = stall_limit
+        self.confirmed = time.monotonic()
         self.lost = threading.Event()
         self.failing = False
+        self.stalled = False
         self.troubles = 0  # count of failed keep-alives, ever
+        self.trouble_since: Optional[float] = None  # monotonic start of the current run of failures
         self._halt = threading.Event()
 
     def deadline(self) -> float:
-        """Monotonic time after which this node must not run VMs."""
-        return self._confirmed + self.ttl - self.margin
+        """Monotonic time after which this node may no longer count on its
+        lease (it must not start or claim anything)."""
+        return self.confirmed + self.ttl - self.margin
 
     def valid(self) -> bool:
         return not self.lost.is_set() and time.monotonic() < self.deadline()
@@ -1823,11 +2169,23 @@ class LeaseKeeper(threading.Thread):
         interval = self.ttl / 3.0
         while not self._halt.is_set() and not self.lost.is_set():
             started = time.monotonic()
+            beat_age = started - self._last_beat()
+            if beat_age > self.stall_limit:
+                if not self.stalled:
+                    log.error("lease %x: main loop made no progress for %.1fs: not renewing (the watchdog "
+                              "stops this node's domains if it stays stuck)", self.lease_id, beat_age)
+                self.stalled = True
+                self._halt.wait(0.1)
+                continue
+            if self.stalled:
+                log.info("lease %x: main loop makes progress again", self.lease_id)
+                self.stalled = False
             try:
                 remaining = self.store.refresh_lease(self.lease_id)
             except Exception as exc:  # StoreUnavailable, or anything else: never let the keeper die
                 if not self.failing:
                     log.warning("lease %x: keep-alive failed: %s", self.lease_id, exc)
+                    self.trouble_since = started
                 self.failing = True
                 self.troubles += 1
                 self._wake()
@@ -1838,10 +2196,11 @@ class LeaseKeeper(threading.Thread):
                 self.lost.set()
                 self._wake()
                 return
-            self._confirmed = started
+            self.confirmed = started
             if self.failing:
                 log.info("lease %x: keep-alive works again", self.lease_id)
                 self.failing = False
+                self.trouble_since = None
                 self._wake()
             self._halt.wait(interval * random.uniform(0.9, 1.0))
 
@@ -1878,25 +2237,41 @@ class LeaseUnconfirmed(MetaStackError):
     """The agent's lease is too close to its deadline to start anything."""
 
 
+class NodeFenced(MetaStackError):
+    """This node is fenced: it may not start anything until unfenced."""
+
+
 class Executor:
     """Applies the planner's actions for one node: claims in etcd, disks in
     Ceph, domains in libvirt, and the VM's actual state back into etcd.
 
     Contract: every etcd write about a VM is a compare-and-swap against the
     last revision this node saw, so it never overwrites a claim that is not
-    its own; a domain is started only after its disk exists and every stale
-    lock on it has been broken (fencing the former writer); nothing blocks
-    for long: a graceful shutdown is asked for, then checked on later ticks.
+    its own; a domain is started only after its disk exists and its former
+    writers are fenced (the former owner node recorded under ``fences/``
+    and, where its address is its own, range-blocklisted; every client
+    that has the disk open blocklisted); nothing blocks for long: a
+    graceful shutdown is asked for, then checked on later ticks. A failing
+    action affects only its own VM: it is retried with back-off, and after
+    MAX_TRIES failures to run a VM here the VM is handed back (domain
+    removed, claim released) and this node leaves it alone for GIVE_UP_FOR
+    seconds, with the reason published in the host record.
     """
 
     CONSOLE_BYTES = 4096  # tail of the serial console published to etcd
     CONSOLE_PERIOD = 2.0  # seconds between console publications of one VM
+    BACKOFF_MAX = 60.0
+    NO_BACKOFF = ("kill", "release", "claim_error", "report", "purge")  # safety and reporting never wait
+    MAX_TRIES = 3  # failures to run a VM here before handing it to another node
+    GIVE_UP_FOR = 600.0  # seconds a node leaves a VM it gave up on alone
+    FENCE_EXPIRE = 10 * 365 * 86400  # a node range-blocklist lasts until it is lifted
 
     def __init__(self, cfg: AgentConfig, store: Store, view: ClusterView, hv: Hypervisor,
                  storage: Optional[Storage], capacity: "Capacity", lease: Callable[[], int],
-                 lease_headroom: Callable[[], float]) -> None:
+                 lease_headroom: Callable[[], float], beat: Callable[[], None] = lambda: None) -> None:
         self.cfg = cfg
         self._headroom = lease_headroom
+        self._beat = beat
         self.node = cfg.node_name
         self.capacity = capacity
         self.store, self.keys, self.view, self.hv, self.storage = store, store.keys, view, hv, storage
@@ -1906,15 +2281,16 @@ class Executor:
         self._console_sent: dict[str, tuple[float, bytes]] = {}
         self._mon_hosts: Optional[tuple[tuple[str, int], ...]] = None
         self._backoff: dict[str, tuple[int, float]] = {}  # vm -> (failures, monotonic time of next try)
-
-    BACKOFF_MAX = 60.0
-    NO_BACKOFF = ("kill", "release", "claim_error", "report")  # safety and reporting never wait
+        self.gave_up: dict[str, tuple[str, str, float]] = {}  # vm -> (identity, reason, monotonic until)
+        self.ceph_refused = False  # Ceph refused our own client (blocklisted): we are fenced
 
     # -- dispatch ----------------------------------------------------------------
     def apply(self, act: Action, snap: Snapshot, domains: Mapping[str, str]) -> str:
         """Apply one action; returns a short note of what changed ('' if nothing).
         A VM whose last attempt failed is retried with exponential back-off
-        (1 s doubling up to BACKOFF_MAX), except for safety actions."""
+        (1 s doubling up to BACKOFF_MAX), except for safety actions. Only
+        the loss of etcd (StoreUnavailable, LeaseNotFound) propagates: any
+        other failure is this VM's alone."""
         failures, next_try = self._backoff.get(act.vm, (0, 0.0))
         if act.kind not in self.NO_BACKOFF and time.monotonic() < next_try:
             return ""
@@ -1922,36 +2298,98 @@ class Executor:
             note = getattr(self, f"_do_{act.kind}")(act, snap, domains)
             self._backoff.pop(act.vm, None)
             return note
-        except LeaseUnconfirmed as exc:
+        except (LeaseUnconfirmed, NodeFenced) as exc:
             return str(exc)
-        except (HypervisorError, StorageError) as exc:
-            delay = min(self.BACKOFF_MAX, 2.0 ** failures)
-            self._backoff[act.vm] = (failures + 1, time.monotonic() + delay)
-            claim = self._own_claim(act.vm)  # keep the reservation the claim holds
-            cpu, ram = (claim.vcpus, claim.ram_mb) if claim and act.vcpus == 0 else (act.vcpus, act.ram_mb)
-            self.publish(act.vm, "error", str(exc), cpu, ram)
-            return f"{act.vm}: {exc} (retry in {delay:.0f}s)"
+        except (StoreUnavailable, LeaseNotFound):
+            raise
+        except Exception as exc:  # noqa: BLE001 - one VM's trouble, whatever it is, stays that VM's
+            if isinstance(exc, StorageFenced):
+                self.ceph_refused = True
+            if not isinstance(exc, (HypervisorError, StorageError)):
+                log.exception("%s: unexpected error in %s", act.vm, act.kind)
+            return self._failed(act, snap, domains, failures, exc)
+
+    def _failed(self, act: Action, snap: Snapshot, domains: Mapping[str, str], failures: int,
+                exc: BaseException) -> str:
+        """Record a failure of ``act``: back off, report the error (an error
+        claim reserves nothing), and give the VM up after MAX_TRIES."""
+        delay = min(self.BACKOFF_MAX, 2.0 ** failures)
+        self._backoff[act.vm] = (failures + 1, time.monotonic() + delay)
+        why = str(exc) or type(exc).__name__
+        spec = snap.desired.get(act.vm)
+        if (act.kind in ("claim", "run", "park") and failures + 1 >= self.MAX_TRIES
+                and domains.get(act.vm) != "running" and isinstance(spec, DesiredVM)):
+            return self._give_up(act.vm, spec, why)
+        self.publish(act.vm, "error", why, 0, 0)
+        return f"{act.vm}: {why} (retry in {delay:.0f}s)"
+
+    def _give_up(self, vm: str, spec: DesiredVM, why: str) -> str:
+        """Hand ``vm`` to another node: remove the domain here (never two
+        copies), release the claim, and leave it alone for GIVE_UP_FOR."""
+        with contextlib.suppress(HypervisorError):
+            self.hv.remove(vm)
+        self.stopping.pop(vm, None)
+        self._delete_claim(vm)
+        self._delete_console(vm)
+        self._backoff.pop(vm, None)
+        self.gave_up[vm] = (spec.identity, why, time.monotonic() + self.GIVE_UP_FOR)
+        log.warning("%s: gave up after %d failures here, handing it over: %s", vm, self.MAX_TRIES, why)
+        return f"gave up {vm} after {self.MAX_TRIES} failures ({why})"
+
+    def cannot(self, snap: Snapshot) -> dict[str, str]:
+        """VMs this node gave up on and still leaves alone: vm -> reason.
+        An entry ends after GIVE_UP_FOR, or when the VM's identity changes."""
+        now = time.monotonic()
+        for vm, (ident, _, until) in list(self.gave_up.items()):
+            spec = snap.desired.get(vm)
+            if now >= until or not isinstance(spec, DesiredVM) or spec.identity != ident:
+                del self.gave_up[vm]
+        return {vm: why for vm, (_, why, _) in sorted(self.gave_up.items())[:100]}
+
+    def prune(self, acted: Iterable[str]) -> None:
+        """Forget back-off state of VMs that got no action this tick (their
+        claim moved away or they are gone): no retry timer for them."""
+        keep = set(acted)
+        for vm in list(self._backoff):
+            if vm not in keep:
+                del self._backoff[vm]
 
     def next_retry(self) -> Optional[float]:
         """Monotonic time of the earliest pending retry, if any."""
         return min((t for _, t in self._backoff.values()), default=None)
 
     def _do_claim(self, act: Action, snap: Snapshot, domains: Mapping[str, str]) -> str:
-        if self.cfg.claim_spread > 0:  # willingness: a busier node waits a little longer
-            cpu, ram, _ = usage(self.node, self.view.snapshot().actual)
+        if self.cfg.claim_spread > 0 and domains.get(act.vm) != "running":
+            # willingness: a busier node waits a little longer (never for a re-claim)
+            cpu, ram, _ = usage(self.node, snap.actual)
             cap = self.capacity
             load = max(cpu / cap.vcpus, ram / cap.ram_mb)
             time.sleep(self.cfg.claim_spread * min(load, 1.0) + random.uniform(0, self.cfg.claim_spread / 10))
         first = "starting" if act.state == "running" else "stopped"
         spec = snap.desired[act.vm]
-        generation = spec.generation if isinstance(spec, DesiredVM) else 0
-        if not self._create_claim(act.vm, self._value(first, "", act.vcpus, act.ram_mb, generation=generation)):
+        assert isinstance(spec, DesiredVM)
+        value = self._value(first, "", act.vcpus, act.ram_mb, generation=0 if spec.uuid else spec.generation,
+                            vm_uuid=spec.uuid or "")
+        if not self._create_claim(act.vm, value, snap):
             return ""
         note = self._converge(act, snap, domains)
         return f"claimed {act.vm}" + (f", {note}" if note else "")
 
+    def _do_purge(self, act: Action, snap: Snapshot, domains: Mapping[str, str]) -> str:
+        """Delete a claim on no live lease, unless it changed since seen."""
+        key = self.keys.actual(act.vm)
+        entry = self.view.entry(key)
+        if entry is None:
+            return ""
+        rev = self.store.delete_if(key, entry.mod_revision)
+        if rev is None:
+            return ""
+        self.view.note(key, None, rev)
+        log.warning("%s: purged an untrusted claim (%s)", act.vm, act.reason)
+        return f"purged untrusted claim of {act.vm} ({act.reason})"
+
     def _do_claim_error(self, act: Action, snap: Snapshot, domains: Mapping[str, str]) -> str:
-        if self._create_claim(act.vm, self._value("error", act.reason, 0, 0)):
+        if self._create_claim(act.vm, self._value("error", act.reason, 0, 0), snap):
             log.warning("%s: desired entry rejected: %s", act.vm, act.reason)
             return f"{act.vm}: error ({act.reason})"
         return ""
@@ -2065,11 +2503,13 @@ class Executor:
                 raise StorageError(f"image {vm.image!r} is unknown or malformed")
             if self.storage is None:
                 raise StorageError(f"VM needs image {vm.image!r} but {self.node} has no [ceph] storage configured")
-            name = disk_name(vm.name, vm.generation)
+            name = disk_name(vm.name, vm.identity)
             if self.storage.ensure_disk(image.pool, name, image):
                 log.info("%s: cloned disk %s/%s from %s/%s@%s", vm.name, image.pool, name,
                          image.pool, image.image, image.snapshot)
             if fence:
+                for node in self._former_writers(vm.name, self.storage.watchers(image.pool, name), snap):
+                    self._fence_node(node, snap)
                 fenced = self.storage.fence_disk(image.pool, name)
                 if fenced:
                     log.warning("%s: broke the lock of %s on %s/%s (blocklisted)", vm.name, fenced, image.pool, name)
@@ -2085,6 +2525,51 @@ class Executor:
                           ram_mb=act.ram_mb, flavour=vm.flavour, image=vm.image, disk=disk, boot=boot,
                           console=console)
         return spec, (f"{disk.pool}/{disk.name}" if disk else ""), fenced
+
+    def _former_writers(self, vm: str, watchers: Iterable[str], snap: Snapshot) -> list[str]:
+        """Nodes that may still write ``vm``'s disk and are not alive: the
+        node whose claim of it vanished, and any node whose registered
+        address has the disk open. Live nodes are left out: they see the
+        new claim and kill their copy, and their open clients are fenced
+        one by one (Storage.fence_disk)."""
+        targets: set[str] = set()
+        gone = self.view.vanished.get(vm)
+        if gone is not None and gone.host:
+            targets.add(gone.host)
+        ips = {watcher_ip(w) for w in watchers}
+        targets.update(n for n, rec in snap.nodes.items() if rec.address and rec.address in ips)
+        targets.discard(self.node)
+        return sorted(t for t in targets if t not in snap.hosts)
+
+    def _fence_node(self, node: str, snap: Snapshot) -> None:
+        """Record that ``node`` is fenced (``fences/<node>``, first writer
+        wins) and, when its address is its own (no other node registered
+        it), blocklist every Ceph client from that address: whatever it
+        runs or starts late can no longer write. Idempotent."""
+        key = self.keys.fence(node)
+        entry = self.view.entry(key)
+        record: Optional[FenceRecord] = None
+        if entry is not None:
+            with contextlib.suppress(SpecError):
+                record = FenceRecord.parse(node, entry.value)
+        if record is None:
+            addr = snap.nodes[node].address if node in snap.nodes else ""
+            shared = [n for n, rec in snap.nodes.items() if addr and rec.address == addr]
+            own = bool(addr) and shared == [node] and addr != self.cfg.address
+            record = FenceRecord(node=node, by=self.node, at=utc_now(), mode="range" if own else "clients",
+                                 address=addr if own else "")
+            rev, existing = self.store.create(key, record.encode())
+            if rev is not None:
+                self.view.note(key, record.encode(), rev)
+                log.warning("fencing node %s: %s", node,
+                            f"blocklisting every client from {addr}" if own else
+                            "its address is unknown or shared: blocklisting the disk clients it has open")
+            elif existing is not None:
+                with contextlib.suppress(SpecError):
+                    record = FenceRecord.parse(node, existing.value)
+        if record.mode == "range" and record.address:
+            assert self.storage is not None
+            self.storage.blocklist_range(record.address, self.FENCE_EXPIRE)
 
     def _boot_files(self, image: Image) -> DirectBoot:
         """Local copies of an image's kernel and initrd (fetched from RADOS
@@ -2118,19 +2603,30 @@ class Executor:
 
     # -- etcd writes -----------------------------------------------------------------
     def _value(self, state: str, reason: str, vcpus: int, ram_mb: int, disk: str = "",
-               generation: int = 0) -> ActualVM:
+               generation: int = 0, vm_uuid: str = "") -> ActualVM:
         return ActualVM(host=self.node, state=state, reason=reason, vcpus=vcpus, ram_mb=ram_mb,
-                        disk=disk, generation=generation, updated=utc_now())
+                        disk=disk, generation=generation, uuid=vm_uuid, updated=utc_now())
 
     def _own_claim(self, vm: str) -> Optional[ActualVM]:
+        """Our claim of ``vm``: naming this node and on our current lease."""
         entry = self.view.entry(self.keys.actual(vm))
-        if entry is None:
+        if entry is None or entry.lease != self._lease():
             return None
         claim = ActualVM.parse(entry.value)
         return claim if claim.host == self.node else None
 
-    def _create_claim(self, vm: str, value: ActualVM) -> bool:
+    def _create_claim(self, vm: str, value: ActualVM, snap: Optional[Snapshot] = None) -> bool:
+        """Claim ``vm``: create its actual key on our lease if it is absent,
+        or replace a claim on no live lease (``snap.untrusted``) if it is
+        unchanged since seen. True if we own it now."""
         key = self.keys.actual(vm)
+        bogus = self.view.entry(key) if snap is not None and vm in snap.untrusted else None
+        if bogus is not None:
+            rev = self.store.replace(key, value.encode(), bogus.mod_revision, self._lease())
+            if rev is not None:
+                log.warning("%s: replaced an untrusted claim naming %s", vm, snap.untrusted[vm].host or "nobody")
+                self.view.note(key, value.encode(), rev, self._lease())
+            return rev is not None
         rev, existing = self.store.create(key, value.encode(), self._lease())
         if rev is not None:
             self.view.note(key, value.encode(), rev, self._lease())
@@ -2143,7 +2639,7 @@ class Executor:
         """Delete our claim (CAS on its last revision); never another node's."""
         key = self.keys.actual(vm)
         entry = self.view.entry(key)
-        if entry is None or ActualVM.parse(entry.value).host != self.node:
+        if entry is None or self._own_claim(vm) is None:
             return
         rev = self.store.delete_if(key, entry.mod_revision)
         if rev is not None:
@@ -2159,9 +2655,9 @@ class Executor:
         if entry is None:
             return False
         current = ActualVM.parse(entry.value)
-        if current.host != self.node:
+        if current.host != self.node or entry.lease != self._lease():
             return False
-        new = self._value(state, reason, vcpus, ram_mb, disk or current.disk, current.generation)
+        new = self._value(state, reason, vcpus, ram_mb, disk or current.disk, current.generation, current.uuid)
         if new.same_content(current):
             return False
         rev = self.store.replace(key, new.encode(), entry.mod_revision, self._lease())
@@ -2200,7 +2696,7 @@ class Executor:
     def collect_orphan_disks(self, snap: Snapshot) -> list[str]:
         """Remove VM disks left behind when a VM was destroyed while no agent
         owned it (its owner was dead). A candidate is removed only if etcd,
-        asked again right now, has no desired entry of its generation and no
+        asked again right now, has no desired entry of its identity and no
         claim, and no client has it open. Every agent may do this; removal is
         idempotent. Returns the disks removed."""
         assert self.storage is not None
@@ -2208,10 +2704,16 @@ class Executor:
         removed = []
         for pool in sorted(pools):
             for disk in orphan_disks(pool, self.storage.vm_disks(pool), snap):
-                vm, gen = parse_disk_name(disk) or ("", 0)
+                vm, ident = parse_disk_name(disk) or ("", "")
                 desired = self.store.get(self.keys.desired(vm))
-                if desired is not None and desired.create_revision == gen:
-                    continue
+                if desired is not None:
+                    try:
+                        spec = dataclasses.replace(DesiredVM.parse(vm, desired.value),
+                                                   generation=desired.create_revision)
+                    except SpecError:
+                        continue  # cannot tell what it wants: keep
+                    if spec.identity == ident:
+                        continue
                 claim = self.store.get(self.keys.actual(vm))
                 if claim is not None and ActualVM.parse(claim.value).disk == f"{pool}/{disk}":
                     continue
@@ -2235,33 +2737,273 @@ class Executor:
             self.store.delete_if(key, entry.mod_revision)
 
 
+class WatchdogFeed:
+    """The agent's side of the node watchdog (see Watchdog): a small file
+    in state_dir holding the CLOCK_MONOTONIC deadline by which the main
+    loop must feed again, and the feeding agent's pid. Written atomically;
+    ``disarm()`` tells the watchdog to exit without touching domains."""
+
+    def __init__(self, state_dir: str, node: str) -> None:
+        self.path = os.path.join(state_dir, f"watchdog-{node}.feed")
+        self.pidfile = os.path.join(state_dir, f"watchdog-{node}.pid")
+        self.lockfile = os.path.join(state_dir, f"watchdog-{node}.lock")
+        self._last = 0.0
+
+    def feed(self, deadline: float, force: bool = False) -> None:
+        """Move the deadline (rate-limited: only a move of 0.2 s or more is
+        written, unless ``force``)."""
+        if not force and abs(deadline - self._last) < 0.2:
+            return
+        self._write(f"{deadline:.3f} {os.getpid()}\n")
+        self._last = deadline
+
+    def disarm(self) -> None:
+        self._write(f"disarm {os.getpid()}\n")
+
+    def _write(self, text: str) -> None:
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="ascii") as fh:
+            fh.write(text)
+        os.replace(tmp, self.path)
+
+    def running(self) -> bool:
+        """True when a watchdog process holds this node's watchdog lock."""
+        import fcntl
+        fd = os.open(self.lockfile, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)  # closing drops the lock if we took it
+        return False
+
+    def ensure_running(self, config_path: str, timeout: float = 5.0) -> None:
+        """Start the watchdog process (own session: it outlives the agent)
+        unless one runs; wait until it holds its lock."""
+        if self.running():
+            return
+        import subprocess
+        subprocess.Popen([sys.executable, os.path.abspath(__file__), "--watchdog", "-c", config_path],
+                         start_new_session=True, stdin=subprocess.DEVNULL, close_fds=True)
+        deadline = time.monotonic() + timeout
+        while not self.running():
+            if time.monotonic() > deadline:
+                raise MetaStackError(f"the watchdog did not start within {timeout:.0f}s (see the log)")
+            time.sleep(0.05)
+
+    @staticmethod
+    def read(path: str) -> tuple[Optional[float], int]:
+        """(deadline or None when disarmed, feeder pid); (inf, 0) if unreadable."""
+        try:
+            with open(path, encoding="ascii") as fh:
+                word, _, pid = fh.read().strip().partition(" ")
+            return (None if word == "disarm" else float(word)), int(pid or 0)
+        except (OSError, ValueError):
+            return float("inf"), 0
+
+
+class Watchdog:
+    """``metastack.py --watchdog``: a separate process per node that stops
+    the node's domains when the agent's main loop stops proving progress.
+
+    Contract: it holds ``watchdog-<node>.lock`` (one per node) and polls the
+    feed file every 0.1 s. When the deadline passes it powers off every
+    domain tagged with this node, through its own libvirt connection with a
+    bounded wait, and, if libvirt does not answer in time, by killing the
+    QEMU processes (found in /proc by their ``-name guest=<vm>.<node>``);
+    it keeps doing so while the deadline stays in the past. It exits when
+    disarmed, on SIGTERM (touching nothing), or once it has fired, no domain
+    of the node runs and the feeding agent is gone. A SIGSTOP of the agent
+    does not stop it: it is its own process.
+    """
+
+    POLL = 0.1
+    LIBVIRT_WAIT = 2.0
+
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.node = cfg.node_name
+        self.feed = WatchdogFeed(cfg.state_dir, cfg.node_name)
+        self._stop = False
+
+    def request_stop(self) -> None:
+        self._stop = True
+
+    def run(self) -> int:
+        import fcntl
+        os.makedirs(self.cfg.state_dir, mode=0o755, exist_ok=True)
+        fd = os.open(self.feed.lockfile, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            log.info("watchdog: another watchdog guards node %s", self.node)
+            return 0
+        with open(self.feed.pidfile + ".tmp", "w", encoding="ascii") as fh:
+            fh.write(f"{os.getpid()}\n")
+        os.replace(self.feed.pidfile + ".tmp", self.feed.pidfile)
+        log.info("watchdog armed for node %s (pid %d)", self.node, os.getpid())
+        fired = False
+        try:
+            while not self._stop:
+                deadline, feeder = WatchdogFeed.read(self.feed.path)
+                if deadline is None:
+                    log.info("watchdog: disarmed by the agent; exiting")
+                    return 0
+                if time.monotonic() > deadline:
+                    if not fired:
+                        log.error("watchdog: node %s's agent (pid %d) stopped feeding %.1fs ago: stopping the "
+                                  "node's domains before its lease can lapse", self.node, feeder,
+                                  time.monotonic() - deadline)
+                    fired = True
+                    left = self.stop_domains()
+                    if left == 0 and not _pid_alive(feeder):
+                        log.info("watchdog: no domain of %s runs and its agent is gone; exiting", self.node)
+                        return 0
+                    time.sleep(0.5)
+                    continue
+                if fired:
+                    log.info("watchdog: fed again; standing guard")
+                    fired = False
+                time.sleep(self.POLL)
+            log.info("watchdog: stopped by signal; domains left as they are")
+            return 0
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(self.feed.pidfile)
+            os.close(fd)
+
+    def stop_domains(self) -> int:
+        """Power off every running domain of this node; returns how many
+        still run afterwards (by /proc)."""
+        result: list[Any] = []
+
+        def via_libvirt() -> None:
+            hv = Hypervisor(self.cfg.libvirt_uri, self.node, "qemu")
+            try:
+                for vm, state in hv.domains().items():
+                    if state == "running":
+                        hv.power_off(vm)
+                        log.warning("watchdog: powered off %s", domain_name(vm, self.node))
+            finally:
+                hv.close()
+            result.append(True)
+        t = threading.Thread(target=via_libvirt, name="watchdog-libvirt", daemon=True)
+        t.start()
+        t.join(self.LIBVIRT_WAIT)
+        if not result:
+            log.error("watchdog: libvirt did not power the domains off within %.0fs: killing QEMU by pid",
+                      self.LIBVIRT_WAIT)
+        for pid, name in qemu_processes(self.node):
+            if not result:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+                    log.warning("watchdog: killed QEMU %d of %s", pid, name)
+        return len(qemu_processes(self.node))
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is gone for our purpose
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def qemu_processes(node: str) -> list[tuple[int, str]]:
+    """(pid, domain name) of every QEMU running a domain of ``node``,
+    found by its ``-name guest=<vm>.<node>`` argument."""
+    pattern = re.compile(rf"^guest=([a-z0-9-]+\.{re.escape(node)})(,|$)")
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                args = fh.read().split(b"\0")
+        except OSError:
+            continue
+        for i, arg in enumerate(args[:-1]):
+            if arg == b"-name":
+                m = pattern.match(args[i + 1].decode(errors="replace"))
+                if m:
+                    out.append((int(entry), m.group(1)))
+                break
+    return out
+
+
+def resolve_domain_type(cfg: AgentConfig, beat: Callable[[], None]) -> str:
+    """The domain type to use: as configured, or for ``auto`` the result of
+    the KVM probe, cached in state_dir (keyed by kernel and emulator) so a
+    restarted agent does not spend 10 s probing while its VMs wait. A probe
+    that must run runs in a thread while ``beat`` keeps proving progress."""
+    if cfg.domain_type != "auto":
+        return cfg.domain_type
+    import shutil
+    kernel, exe = find_probe_kernel(), shutil.which("qemu-system-x86_64")
+    key = {"kernel": kernel, "kernel_mtime": os.path.getmtime(kernel) if kernel else 0,
+           "qemu": exe, "qemu_mtime": os.path.getmtime(exe) if exe else 0}
+    cache = os.path.join(cfg.state_dir, "kvm-probe.json")
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        with open(cache, encoding="utf-8") as fh:
+            cached = json.load(fh)
+        if cached["key"] == key:
+            log.info("domain_type auto: using %s (cached probe: %s)", cached["type"], cached["why"])
+            return str(cached["type"])
+    result: list[tuple[bool, str]] = []
+    t = threading.Thread(target=lambda: result.append(probe_kvm()), name="kvm-probe", daemon=True)
+    t.start()
+    while t.is_alive():
+        beat()
+        t.join(0.2)
+    works, why = result[0] if result else (False, "the probe failed")
+    domain_type = "kvm" if works else "qemu"
+    log.info("domain_type auto: using %s (%s)", domain_type, why)
+    with contextlib.suppress(OSError):
+        os.makedirs(cfg.state_dir, mode=0o755, exist_ok=True)
+        with open(cache + ".tmp", "w", encoding="utf-8") as fh:
+            json.dump({"key": key, "type": domain_type, "why": why}, fh)
+        os.replace(cache + ".tmp", cache)
+    return domain_type
+
+
 class Agent:
     """One node's agent: claims, runs and reports VMs; see the module doc.
 
     ``tick()`` is one level-triggered reconcile of the full desired set
     against what this node owns and runs; it returns a one-line decision.
     ``run()`` loops on ticks, woken early by watch events and the lease
-    keeper, until ``request_stop()`` (signal handlers only call that).
+    keeper, until ``request_stop()`` (signal handlers only call that). Each
+    loop turn, and each action, is a beat: proof of progress that the lease
+    keeper and the watchdog depend on.
     """
 
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
         self.node = cfg.node_name
         self._waker = Waker()
+        self._beat_at = time.monotonic()
         self.store = Store(cfg.etcd)
         self.keys = self.store.keys
-        domain_type = cfg.domain_type
-        if domain_type == "auto":
-            works, why = probe_kvm()
-            domain_type = "kvm" if works else "qemu"
-            log.info("domain_type auto: using %s (%s)", domain_type, why)
-        self.hv = Hypervisor(cfg.libvirt_uri, cfg.node_name, domain_type, on_event=self._on_domain_event)
+        self.watchdog: Optional[WatchdogFeed] = None
+        if not cfg.libvirt_uri.startswith("test:"):  # test:/// domains live and die with this process
+            self.watchdog = WatchdogFeed(cfg.state_dir, cfg.node_name)
+        known = cfg.domain_type if cfg.domain_type != "auto" else "qemu"  # resolved in start(), after adoption
+        self.hv = Hypervisor(cfg.libvirt_uri, cfg.node_name, known, on_event=self._on_domain_event)
         hv_cpu, hv_ram = self.hv.capacity()
         self.capacity = Capacity(cfg.vcpus or hv_cpu, cfg.ram_mb or hv_ram)
         self.view = ClusterView(self.keys)
         self.storage = Storage(cfg.ceph) if cfg.ceph is not None else None
         self.executor = Executor(cfg, self.store, self.view, self.hv, self.storage, self.capacity,
-                                 lambda: self.lease_id, self._lease_headroom)
+                                 lambda: self.lease_id, self._lease_headroom, self.beat)
         if self.storage is not None:
             self.executor.use_ceph_secret(self.storage.fsid())
         self._console_polling = False
@@ -2273,7 +3015,9 @@ class Agent:
         self._troubles_at_watch = 0
         self._store_trouble = False
         self._need_relist = False
-        self._fenced = False
+        self._quiet_until = 0.0  # after our own lease loss: re-claim our running VMs, nothing new
+        self._own_trouble_at = -1e9  # monotonic time our lease was last in doubt
+        self._cannot_lift: set[str] = set()  # fences we were refused the right to lift
         self._last_host: Optional[HostState] = None
         self.last_decision = ""
 
@@ -2286,8 +3030,15 @@ class Agent:
     def wake(self) -> None:
         self._waker.wake()
 
+    def beat(self) -> None:
+        """Proof that the main loop makes progress: the lease keeper renews
+        only while beats are fresh, and the watchdog is fed from here."""
+        self._beat_at = time.monotonic()
+        if self.watchdog is not None:
+            self.watchdog.feed(self._beat_at + self.cfg.watchdog_delay)
+
     def _lease_headroom(self) -> float:
-        """Seconds left before this node must stop running VMs (<= 0: now)."""
+        """Seconds left before this node's lease may lapse (<= 0: now)."""
         if self._keeper is None or not self._keeper.valid():
             return 0.0
         return self._keeper.deadline() - time.monotonic()
@@ -2299,18 +3050,25 @@ class Agent:
         self._waker.wake()
 
     def request_stop(self) -> None:
-        """Ask the main loop to drain and exit (safe from a signal handler)."""
+        """Ask the main loop to stop (safe from a signal handler)."""
         self._stop_requested = True
         self._waker.wake()
 
     def start(self) -> None:
-        """Take a lease, register the node (refusing a name a live agent
-        holds), list the prefix and start watching it. A lease left by this
-        node's previous run that is still alive is taken over instead, so
-        its claims and running domains are adopted without a restart."""
+        """Arm the watchdog, take a lease, register the node (refusing a
+        name a live agent holds), list the prefix and start watching it. A
+        lease left by this node's previous run that is still alive is taken
+        over first, so its claims and running domains are adopted without a
+        restart; only then may slow start-up work (the KVM probe) run."""
         self._lock_node()
+        if self.watchdog is not None:
+            self.beat()
+            self.watchdog.feed(self._beat_at + self.cfg.watchdog_delay, force=True)
+            self.watchdog.ensure_running(self.cfg.config_path)
         if not self._adopt_lease():
             self._acquire_lease(wait_for_stale=self.cfg.lease_ttl + 2.0)
+        self.hv.domain_type = resolve_domain_type(self.cfg, self.beat)
+        self._register_node()
         self._resync()
 
     def _lock_node(self) -> None:
@@ -2327,11 +3085,26 @@ class Agent:
             raise NodeTakenError(f"node name {self.node!r} is held by a live agent on this machine "
                                  f"(lock {self.cfg.state_dir}/agent-{self.node}.lock); refusing to start") from None
 
+    def _register_node(self) -> None:
+        """Create ``nodes/<node>`` on first start; keep its address current."""
+        key = self.keys.node(self.node)
+        entry = self.store.get(key)
+        old: Optional[NodeRecord] = None
+        if entry is not None:
+            with contextlib.suppress(SpecError):
+                old = NodeRecord.parse(self.node, entry.value)
+        if old is None or old.address != self.cfg.address:
+            rec = NodeRecord(address=self.cfg.address, first_seen=old.first_seen if old else utc_now())
+            self.store.put(key, rec.encode())
+
     @property
     def _lease_file(self) -> str:
         return os.path.join(self.cfg.state_dir, f"agent-{self.node}.lease")
 
     def _adopt_lease(self) -> bool:
+        """Take over the previous run's lease if it still lives and the
+        node's host record hangs on it. The keeper then uses the TTL the
+        lease was granted with, whatever the configuration says now."""
         try:
             with open(self._lease_file, encoding="ascii") as fh:
                 lease = int(fh.read().strip(), 16)
@@ -2340,20 +3113,24 @@ class Agent:
         started = time.monotonic()
         if self.store.refresh_lease(lease) <= 0:
             return False
+        _, granted = self.store.lease_ttl(lease)
         host = self.store.get(self.keys.host(self.node))
-        if host is None or host.lease != lease:
+        if host is None or host.lease != lease or granted <= 0:
             return False
         self.view.note(self.keys.host(self.node), host.value, host.mod_revision, lease)
-        self._start_keeper(lease, confirmed=started)
+        if granted != self.cfg.lease_ttl:
+            log.warning("adopted lease %x was granted %ss, not the configured %ss: keeping %ss until it is "
+                        "replaced", lease, granted, self.cfg.lease_ttl, granted)
+        self._start_keeper(lease, confirmed=started, ttl=granted)
         log.info("adopted lease %x of this node's previous run: its claims and domains are kept", lease)
         return True
 
-    def _start_keeper(self, lease: int, confirmed: Optional[float] = None) -> None:
-        self._keeper = LeaseKeeper(self.store, lease, self.cfg.lease_ttl, self.cfg.fence_margin, self.wake)
+    def _start_keeper(self, lease: int, confirmed: Optional[float] = None, ttl: Optional[int] = None) -> None:
+        self._keeper = LeaseKeeper(self.store, lease, ttl or self.cfg.lease_ttl, self.cfg.fence_margin, self.wake,
+                                   lambda: self._beat_at, self.cfg.stall_limit)
         if confirmed is not None:
-            self._keeper._confirmed = confirmed
+            self._keeper.confirmed = confirmed
         self._keeper.start()
-        self._fenced = False
         try:
             os.makedirs(self.cfg.state_dir, mode=0o755, exist_ok=True)
             with open(self._lease_file + ".tmp", "w", encoding="ascii") as fh:
@@ -2369,13 +3146,14 @@ class Agent:
         host = self._host_state()
         deadline = time.monotonic() + wait_for_stale
         while True:
+            self.beat()
             rev, existing = self.store.create(self.keys.host(self.node), host.encode(), lease)
             if rev is not None:
                 break
             if time.monotonic() >= deadline:
                 try:
                     self.store.revoke_lease(lease)
-                except StoreUnavailable:
+                except (StoreUnavailable, LeaseNotFound):
                     pass  # it expires by itself
                 raise NodeTakenError(
                     f"node name {self.node!r} is held by a live agent "
@@ -2392,17 +3170,22 @@ class Agent:
 
     def _resync(self) -> None:
         """Full re-list, then watch from the listed revision; then collect
-        disks nobody wants any more (judged from this fresh listing)."""
+        disks nobody wants any more (judged from this fresh listing) and
+        lift fences that their nodes proved clean."""
         revision, entries = self.store.list_prefix(self.keys.all)
         self.view.load(revision, entries)
         self._need_relist = False
         self._last_resync = time.monotonic()
         self._watch_from(revision + 1)
         if self.storage is not None:
+            snap = self.view.snapshot()
             try:
-                self.executor.collect_orphan_disks(self.view.snapshot())
+                self.executor.collect_orphan_disks(snap)
             except StorageError as exc:
                 log.warning("disk clean-up skipped: %s", exc)
+            for node, record in snap.fences.items():
+                if record.state == "clean" and node != self.node and node not in self._cannot_lift:
+                    self._lift_fence(record)
 
     def _rewatch(self) -> None:
         """Re-create the watch from the last revision seen; re-list if etcd
@@ -2437,13 +3220,20 @@ class Agent:
         self._waker.wake()
 
     def run(self) -> None:
-        """Main loop: tick on every wake-up; drain on stop."""
+        """Main loop: tick on every wake-up; on stop, keep the guests
+        running for the next agent (``on_stop = keep``) or drain them."""
         self.start()
         failures = 0
         while not self._stop_requested:
+            self.beat()
             try:
                 decision = self.tick()
                 failures = 0
+            except LeaseNotFound:
+                assert self._keeper is not None
+                self._keeper.lost.set()
+                failures += 1
+                decision = "lease lost (etcd says it expired)"
             except StoreUnavailable as exc:
                 failures += 1
                 self._store_trouble = True
@@ -2458,12 +3248,16 @@ class Agent:
             if decision != self.last_decision or decision.startswith("acted"):
                 log.info("%s", decision)
             self.last_decision = decision
+            self.beat()
             self._waker.wait(self._next_wait(failures))
-        self.drain()
+        if self.cfg.on_stop == "drain":
+            self.drain()
+        else:
+            self.leave_running()
 
     def _next_wait(self, failures: int) -> float:
         until_resync = self._last_resync + self.cfg.resync_interval - time.monotonic()
-        waits = [max(0.05, until_resync)]
+        waits = [max(0.05, until_resync), self.cfg.stall_limit / 2]  # beat well within the stall limit
         if failures:
             waits.append(min(0.2 * failures, 1.0))
         if self.executor.stopping:
@@ -2473,80 +3267,147 @@ class Agent:
         retry = self.executor.next_retry()
         if retry is not None:
             waits.append(max(0.05, retry - time.monotonic()))
-        if self._keeper is not None and not self._fenced:
-            waits.append(max(0.05, self._keeper.deadline() - time.monotonic()))
         return min(waits)
 
     # -- one reconcile -------------------------------------------------------
     def tick(self) -> str:
         """One level-triggered reconcile; returns the decision as one line."""
         assert self._keeper is not None
+        now = time.monotonic()
+        if self._keeper.failing or self._keeper.lost.is_set() or self._keeper.stalled:
+            self._own_trouble_at = now
         if self._keeper.lost.is_set():
-            fenced = self._fence("lease expired")
             self._keeper.stop()
+            self._quiet_until = now + self.cfg.grace
             self._acquire_lease(wait_for_stale=self.cfg.lease_ttl + 2.0)
             self._resync()
-            return f"fenced: lease lost, stopped {fenced} VM(s); re-registered with a new lease"
+            running = sum(1 for s in self.hv.domains().values() if s == "running")
+            return (f"lease lost: re-registered with a new lease; re-claiming the {running} VM(s) running here, "
+                    f"claiming nothing else for {self.cfg.grace:.0f}s")
         if not self._keeper.valid():
-            if not self._fenced:
-                n = self._fence("lease not confirmed in time (etcd unreachable?)")
-                return f"fenced: cannot confirm lease, stopped {n} VM(s) until etcd answers"
-            return "fenced: waiting for etcd to confirm the lease"
-        if (self._fenced or self._need_relist
-                or time.monotonic() - self._last_resync >= self.cfg.resync_interval):
-            self._resync()  # periodic repair of anything missed, and after a fence
-            self._fenced = False
+            running = sum(1 for s in self.hv.domains().values() if s == "running")
+            return (f"etcd unreachable: lease not confirmed; keeping {running} VM(s) running, "
+                    f"claiming and starting nothing")
+        if self._need_relist or time.monotonic() - self._last_resync >= self.cfg.resync_interval:
+            self._resync()  # periodic repair of anything missed
         elif (self._watch_dead.is_set() or self._store_trouble
               or self._keeper.troubles != self._troubles_at_watch):
             self._rewatch()  # after trouble with etcd the stream may be dead or stuck
         snap = self.view.snapshot()
         domains = self.hv.domains()
-        actions = plan(self.node, self.capacity, snap, domains)
+        fence = snap.fences.get(self.node)
+        fenced = fence is not None or self.executor.ceph_refused
+        cannot = self.executor.cannot(snap)
+        actions = plan(self.node, self.capacity, snap, domains, hold=self._held(snap), cannot=cannot,
+                       quiet=time.monotonic() < self._quiet_until, fenced=fenced)
         done: list[str] = []
         for act in actions:
+            self.beat()
             if self._stop_requested or not self._keeper.valid():
                 break
             note = self.executor.apply(act, snap, domains)
             if note:
                 done.append(note)
-        host = self._publish_host()
+        self.executor.prune(a.vm for a in actions)
+        if fenced:
+            note = self._while_fenced(fence, snap)
+            if note:
+                done.append(note)
+        host = self._publish_host(fenced)
         self._console_polling = self.executor.publish_consoles(self.hv.domains())
         summary = (f"{host.vms} VM(s) here, {host.vcpus_used}/{host.vcpus} vcpus, "
-                   f"{host.ram_mb_used}/{host.ram_mb} MiB")
+                   f"{host.ram_mb_used}/{host.ram_mb} MiB" + (", FENCED" if fenced else ""))
         if done:
             return f"acted: {'; '.join(done)} | {summary}"
         return f"no action: {summary}"
 
-    def _fence(self, why: str) -> int:
-        """Power off every domain of ours at once: we may no longer own them.
-        The node counts as fenced only once no domain of ours runs; until
-        then every tick tries again (a HypervisorError propagates)."""
-        count = 0
-        failed = []
-        for name, state in self.hv.domains().items():
-            if state != "running":
-                continue
+    def _held(self, snap: Snapshot) -> set[str]:
+        """VMs whose owner lost its lease in a correlated loss (etcd
+        trouble) less than ``grace`` ago: their owners get the chance to
+        re-claim them before anyone fences and takes them. A loss counts
+        as correlated when our own lease was in doubt around it, or when
+        more than half of the nodes lapsed within one grace period; one
+        node's death alone is failed over at once (fence first)."""
+        now = time.monotonic()
+        grace = self.cfg.grace
+        recent = {n: (rev, at) for n, (rev, at) in self.view.lapsed.items() if now - at < grace}
+        if not recent:
+            return set()
+        own_doubt = any(abs(at - self._own_trouble_at) < grace for _, at in recent.values())
+        population = set(snap.hosts) | set(recent)
+        if not own_doubt and 2 * len(recent) <= len(population):
+            return set()
+        return {vm for vm, gone in self.view.vanished.items()
+                if gone.host in recent and recent[gone.host][0] == gone.revision}
+
+    def _while_fenced(self, fence: Optional[FenceRecord], snap: Snapshot) -> str:
+        """Our node is fenced: once no domain of ours runs, mark the fence
+        record clean, and lift it if this node may (else whoever can does:
+        any agent with the right, or an operator). A Ceph refusal without a
+        record clears once our client works again."""
+        if any(s == "running" for s in self.hv.domains().values()):
+            return ""
+        if fence is None:  # Ceph refused us, with no record: see whether a fresh client works
+            if self.storage is not None:
+                self.storage.close()
+                try:
+                    self.storage.fsid()
+                    self.storage.vm_disks(self.cfg.ceph.pool if self.cfg.ceph else "metastack")
+                except StorageError:
+                    return ""
+            self.executor.ceph_refused = False
+            return "Ceph accepts this node's client again: taking work"
+        key = self.keys.fence(self.node)
+        if fence.state != "clean":
+            entry = self.view.entry(key)
+            if entry is None:
+                return ""
+            clean = dataclasses.replace(fence, state="clean")
+            rev = self.store.replace(key, clean.encode(), entry.mod_revision)
+            if rev is None:
+                return ""
+            self.view.note(key, clean.encode(), rev)
+            log.warning("fenced: no stale domain runs here any more; fence record marked clean")
+            fence = clean
+        if self.node not in self._cannot_lift and self._lift_fence(fence):
+            self.executor.ceph_refused = False
+            return "unfenced: stale domains gone, fence lifted"
+        return "fenced: stale domains gone; waiting for the fence to be lifted"
+
+    def _lift_fence(self, record: FenceRecord) -> bool:
+        """Lift a clean fence: remove the node's range blocklist (needs more
+        than ``profile rbd``), then the record. False if not allowed."""
+        if record.mode == "range" and record.address:
+            if self.storage is None:
+                return False
             try:
-                self.hv.power_off(name)
-                count += 1
-            except HypervisorError as exc:
-                failed.append(name)
-                log.error("fence: %s", exc)
-        self.executor.stopping.clear()
-        if failed:
-            raise HypervisorError(f"fence incomplete ({why}): {', '.join(failed)} may still run")
-        self._fenced = True
-        log.warning("fenced (%s): powered off %d domain(s)", why, count)
-        return count
+                self.storage.unblocklist_range(record.address)
+            except StorageError as exc:
+                self._cannot_lift.add(record.node)
+                log.warning("cannot lift the fence of %s (%s); an operator or a node with the right must "
+                            "(metastackctl host unfence %s)", record.node, exc, record.node)
+                return False
+            self.storage.close()  # new client instance: the old one stays blocklisted
+        key = self.keys.fence(record.node)
+        entry = self.view.entry(key)
+        if entry is not None:
+            rev = self.store.delete_if(key, entry.mod_revision)
+            if rev is not None:
+                self.view.note(key, None, rev)
+        log.warning("lifted the fence of node %s (it proved its stale domains gone)", record.node)
+        return True
 
-    def _host_state(self) -> HostState:
-        cpu, ram, vms = usage(self.node, self.view.snapshot().actual)
-        return HostState(self.capacity.vcpus, self.capacity.ram_mb, cpu, ram, vms, "ready")
+    def _host_state(self, fenced: bool = False) -> HostState:
+        snap = self.view.snapshot()
+        cpu, ram, vms = usage(self.node, snap.actual)
+        cannot = tuple(sorted(self.executor.cannot(snap).items()))
+        return HostState(self.capacity.vcpus, self.capacity.ram_mb, cpu, ram, vms,
+                         "fenced" if fenced else "ready", self.cfg.address, cannot)
 
-    def _publish_host(self) -> HostState:
+    def _publish_host(self, fenced: bool = False) -> HostState:
         """Write this node's host key if its content changed; returns it."""
-        host = self._host_state()
-        if host == self._last_host:
+        host = self._host_state(fenced)
+        if host.same_content(self._last_host):
             return host
         key = self.keys.host(self.node)
         entry = self.view.entry(key)
@@ -2559,12 +3420,32 @@ class Agent:
         return host
 
     # -- shutdown ------------------------------------------------------------
+    def leave_running(self) -> None:
+        """SIGTERM with ``on_stop = keep``: the guests keep running and the
+        lease stays; an agent restarted in time adopts both. The watchdog is
+        fed one last time, up to the lease's own deadline: if no agent comes
+        back by then it stops the guests before the lease can lapse."""
+        if self._watch_cancel is not None:
+            self._watch_cancel()
+        running = sum(1 for s in self.hv.domains().values() if s == "running")
+        if self._keeper is not None:
+            self._keeper.stop()
+            if self.watchdog is not None:
+                self.watchdog.feed(self._keeper.deadline(), force=True)
+            log.info("stopping (on_stop = keep): %d VM(s) keep running; lease %x stays until %.1fs from now",
+                     running, self._keeper.lease_id, self._keeper.deadline() - time.monotonic())
+        self.hv.close()
+        self.store.close()
+        if self.storage is not None:
+            self.storage.close()
+
     def drain(self) -> None:
-        """SIGTERM path: stop every VM here (graceful, then hard after
-        shutdown_timeout), and only then revoke the lease so other nodes
-        start them. Never hands over a VM that may still run here: if libvirt
-        cannot confirm the domains are down, the lease is left to expire, and
-        the next owner fences the disks before it boots them."""
+        """SIGTERM with ``on_stop = drain``: stop every VM here (graceful,
+        then hard after shutdown_timeout), and only then revoke the lease so
+        other nodes start them. Never hands over a VM that may still run
+        here: if libvirt cannot confirm the domains are down, the lease is
+        left to expire, and the next owner fences the disks before it boots
+        them."""
         try:
             stopped = self._stop_all_domains()
         except HypervisorError as exc:
@@ -2572,6 +3453,8 @@ class Agent:
             log.error("drain: cannot confirm the domains are down (%s); leaving the lease to expire", exc)
         if self._watch_cancel is not None:
             self._watch_cancel()
+        if self.watchdog is not None and stopped is not None:
+            self.watchdog.disarm()
         if self._keeper is not None:
             self._keeper.stop()
             if stopped is not None:
@@ -2580,7 +3463,7 @@ class Agent:
                     with contextlib.suppress(OSError):
                         os.unlink(self._lease_file)
                     log.info("drained: %d VM(s) stopped, lease revoked", stopped)
-                except StoreUnavailable as exc:
+                except (StoreUnavailable, LeaseNotFound) as exc:
                     log.warning("drained: %d VM(s) stopped; lease not revoked (%s), it expires in %ss",
                                 stopped, exc, self.cfg.lease_ttl)
         self.hv.close()
@@ -2600,6 +3483,7 @@ class Agent:
                 log.error("drain: %s", exc)
         deadline = time.monotonic() + self.cfg.shutdown_timeout
         while time.monotonic() < deadline and any(s == "running" for s in self.hv.domains().values()):
+            self.beat()
             time.sleep(0.2)
         for n in list(self.hv.domains()):
             self.hv.remove(n)  # powers off first
@@ -2620,6 +3504,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="metastack", description=__doc__.split("\n\n")[0])
     parser.add_argument("-c", "--config", default=os.environ.get("METASTACK_CONFIG", "/etc/metastack/metastack.ini"))
     parser.add_argument("--check-config", action="store_true", help="validate the config file and exit")
+    parser.add_argument("--watchdog", action="store_true",
+                        help="run as the node's watchdog (the agent starts it; a service manager may too)")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config)
@@ -2630,9 +3516,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.check_config:
         print(f"metastack: {args.config} is valid (node {cfg.node_name})")
         return 0
+    if args.watchdog:
+        dog = Watchdog(cfg)
+        signal.signal(signal.SIGTERM, lambda _s, _f: dog.request_stop())
+        signal.signal(signal.SIGINT, lambda _s, _f: dog.request_stop())
+        return dog.run()
     try:
         agent = Agent(cfg)
-    except (HypervisorError, StoreUnavailable, StorageError) as exc:
+    except (HypervisorError, StoreUnavailable, StorageError, LeaseNotFound) as exc:
         log.error("cannot start: %s", exc)
         return 1
 
@@ -2646,7 +3537,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except NodeTakenError as exc:
         log.error("%s", exc)
         return 3
-    except (StoreUnavailable, StorageError, HypervisorError) as exc:
+    except (StoreUnavailable, StorageError, HypervisorError, LeaseNotFound, MetaStackError) as exc:
         log.error("cannot start: %s", exc)
         return 1
     except OSError as exc:

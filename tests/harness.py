@@ -128,6 +128,7 @@ class AgentProc:
             [agent]
             lease_ttl = {cluster.ttl}
             resync_interval = 10
+            on_stop = {cluster.on_stop}
             [logging]
             syslog = none
             """) + cluster.ceph_section + extra)
@@ -154,7 +155,30 @@ class AgentProc:
         assert self.proc is not None
         return self.proc.wait(timeout)
 
+    def watchdog_pid(self) -> Optional[int]:
+        """The pid of this node's watchdog process, if its pid file exists."""
+        try:
+            return int((self.cluster.dir / f"state-{self.name}" / f"watchdog-{self.name}.pid").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def stop_watchdog(self) -> None:
+        """SIGTERM the watchdog by its pid file (it exits touching nothing)."""
+        pid = self.watchdog_pid()
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                return
+            wait_for(lambda: not os.path.exists(f"/proc/{pid}") or
+                     open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z",
+                     10, what=f"watchdog {pid} to exit")
+
     def stop(self) -> None:
+        self._stop_agent()
+        self.stop_watchdog()
+
+    def _stop_agent(self) -> None:
         if self.alive():
             assert self.proc is not None
             self.proc.terminate()
@@ -183,6 +207,7 @@ class Cluster:
         self.libvirt_uri: Optional[str] = None  # None: a private test:/// host per agent
         self.domain_type = "test"
         self.ceph_section = ""  # "[ceph]\nconf = ...": agents get Ceph storage
+        self.on_stop = "drain"  # tests that check keep set it; teardown then leaves nothing running
 
     def agent(self, name: str, vcpus: int = 8, ram_mb: int = 16384, extra: str = "", start: bool = True) -> AgentProc:
         a = AgentProc(self, name, vcpus, ram_mb, extra)

@@ -319,8 +319,33 @@ def test_image_record_rejects(raw, reason) -> None:
         ms.Image.parse("tiny", raw)
 
 
-def test_disk_name_changes_with_generation() -> None:
-    assert ms.disk_name("web1", 42) == "vm-web1-g42" != ms.disk_name("web1", 43)
+def test_disk_name_follows_identity_uuid_or_generation() -> None:
+    u = "0b3c4d5e-1234-4abc-8def-0123456789ab"
+    assert ms.disk_name("web1", "g42") == "vm-web1-g42" != ms.disk_name("web1", "g43")
+    assert ms.disk_name("web1", u) == "vm-web1-0b3c4d5e12344abc8def0123456789ab"
+    assert ms.parse_disk_name(ms.disk_name("web1", u)) == ("web1", u)
+    assert ms.parse_disk_name("vm-web1-g42") == ("web1", "g42")
+    assert dataclasses.replace(vm("a"), generation=5).identity == "g5"
+    assert dataclasses.replace(vm("a"), generation=5, uuid=u).identity == u
+
+
+def test_uuid_identity_survives_a_re_created_key() -> None:
+    """Finding 7: a restore (or a tool that deletes and puts) gives the key a
+    new create_revision; with a uuid the claim still serves it: no remove."""
+    u = "0b3c4d5e-1234-4abc-8def-0123456789ab"
+    desired = {"a": dataclasses.replace(vm("a"), generation=90, uuid=u)}
+    actual = {"a": ActualVM("n1", "running", vcpus=1, ram_mb=512, disk="p/x", uuid=u)}
+    assert kinds(plan("n1", CAP, snap(desired, actual), {"a": "running"})) == {"a": "run"}
+    other = "1b3c4d5e-1234-4abc-8def-0123456789ab"
+    actual["a"] = dataclasses.replace(actual["a"], uuid=other)
+    assert kinds(plan("n1", CAP, snap(desired, actual), {"a": "running"})) == {"a": "remove"}
+
+
+def test_desired_uuid_must_be_canonical() -> None:
+    with pytest.raises(SpecError, match="uuid"):
+        DesiredVM.parse("a", b'{"flavour": "small", "uuid": "not-a-uuid"}')
+    with pytest.raises(SpecError, match="uuid"):
+        DesiredVM.parse("a", b'{"flavour": "small", "uuid": 7}')
 
 
 def test_unknown_image_is_an_error_claim() -> None:
@@ -342,11 +367,14 @@ def test_domain_of_an_undesired_vm_claimed_elsewhere_is_killed() -> None:
 
 
 def test_orphan_disks() -> None:
-    desired = {"a": dataclasses.replace(vm("a", image="t"), generation=7), "bad": SpecError("x")}
+    u = "0b3c4d5e-1234-4abc-8def-0123456789ab"
+    desired = {"a": dataclasses.replace(vm("a", image="t"), generation=7), "bad": SpecError("x"),
+               "u": dataclasses.replace(vm("u", image="t"), generation=8, uuid=u)}
     actual = {"b": ActualVM("n2", "running", disk="p/vm-b-g3")}
-    disks = ["vm-a-g7", "vm-a-g5", "vm-b-g3", "vm-c-g9", "vm-bad-g2", "base-t-1234", "vm-x"]
-    assert ms.orphan_disks("p", disks, snap(desired, actual)) == ["vm-a-g5", "vm-c-g9"]
-    assert ms.parse_disk_name("vm-my-vm-g12") == ("my-vm", 12)
+    disks = ["vm-a-g7", "vm-a-g5", "vm-b-g3", "vm-c-g9", "vm-bad-g2", "base-t-1234", "vm-x",
+             "vm-u-0b3c4d5e12344abc8def0123456789ab", "vm-u-g8"]
+    assert ms.orphan_disks("p", disks, snap(desired, actual)) == ["vm-a-g5", "vm-c-g9", "vm-u-g8"]
+    assert ms.parse_disk_name("vm-my-vm-g12") == ("my-vm", "g12")
 
 
 def test_waker_returns_when_woken_from_another_thread() -> None:
@@ -363,3 +391,72 @@ def test_waker_returns_when_woken_from_another_thread() -> None:
     w.wake()  # several wake-ups fold into one
     assert done.wait(30)
     w.wait(0)  # nothing pending any more: returns at once with timeout 0
+
+
+# -- failover rules (issue 6) ------------------------------------------------
+
+def test_own_running_domain_is_re_claimed_first_even_when_quiet() -> None:
+    """After a correlated lease loss a node re-claims what runs on it (no
+    reboot) and claims nothing else while it is quiet."""
+    desired = {"a": vm("a"), "b": vm("b")}
+    acts = plan("n1", CAP, snap(desired), {"a": "running"}, quiet=True)
+    assert kinds(acts) == {"a": "claim"}
+    assert kinds(plan("n1", CAP, snap(desired), {"a": "running"})) == {"a": "claim", "b": "claim"}
+    assert acts[0].vm == "a"
+
+
+def test_held_vms_wait_for_their_owner_but_not_forever() -> None:
+    desired = {"a": vm("a"), "b": vm("b")}
+    assert kinds(plan("n1", CAP, snap(desired), {}, hold={"a"})) == {"b": "claim"}
+    assert kinds(plan("n1", CAP, snap(desired), {})) == {"a": "claim", "b": "claim"}
+
+
+def test_fenced_node_kills_every_domain_releases_claims_and_claims_nothing() -> None:
+    desired = {"a": vm("a"), "b": vm("b"), "c": vm("c")}
+    acts = plan("n1", CAP, snap(desired, {"a": mine()}), {"a": "running", "b": "running"}, fenced=True)
+    assert kinds(acts) == {"a": "release", "b": "kill"}
+
+
+def test_given_up_vm_is_left_to_others_and_its_domain_removed() -> None:
+    desired = {"a": vm("a"), "b": vm("b")}
+    assert kinds(plan("n1", CAP, snap(desired), {"a": "stopped"}, cannot={"a"})) == {"a": "kill", "b": "claim"}
+    assert kinds(plan("n1", CAP, snap(desired, {"a": mine("error", 0, 0)}), {}, cannot={"a"})) == \
+        {"a": "release", "b": "claim"}
+
+
+def _leased(claim: ActualVM, lease: int) -> ActualVM:
+    return dataclasses.replace(claim, lease=lease)
+
+
+def test_claims_are_trusted_only_on_the_live_lease_of_their_host() -> None:
+    """Finding 9: a hand-written claim (no lease, or not the host's lease)
+    is not a claim: the VM is claimable, and the first live node purges it."""
+    hosts = {"n1": ms.HostState(4, 8192, lease=11), "n2": ms.HostState(4, 8192, lease=22)}
+    s = Snapshot({"a": vm("a"), "b": vm("b"), "c": vm("c")},
+                 {"a": _leased(mine(host="n9"), 0), "b": _leased(mine(host="n1"), 0),
+                  "c": _leased(mine(host="n2"), 22)}, dict(FLAVOURS), dict(hosts))
+    ms.split_trusted(s)
+    assert set(s.actual) == {"c"} and set(s.untrusted) == {"a", "b"}
+    acts = plan("n1", CAP, s, {})
+    assert kinds(acts) == {"a": "claim", "b": "claim"}  # claimed over the untrusted keys, not purged
+    s2 = Snapshot({}, {"a": _leased(mine(host="n9"), 0)}, dict(FLAVOURS),
+                  {"n1": ms.HostState(4, 8192, lease=0), "n2": ms.HostState(4, 8192, lease=22)})
+    ms.split_trusted(s2)
+    assert set(s2.hosts) == {"n2"}  # a host record without a lease is no live node
+    assert [a.kind for a in plan("n2", CAP, s2, {})] == ["purge"]
+    assert plan("n3", CAP, s2, {}) == []  # only the first live node purges
+
+
+def test_host_state_round_trip_and_rejects() -> None:
+    h = ms.HostState(4, 8192, 1, 512, 1, "fenced", "10.0.0.5", (("a", "no ceph"),))
+    assert ms.HostState.parse(h.encode()) == h
+    for raw in (b'{"vcpus": "x", "ram_mb": 1}', b'{"vcpus": 1, "ram_mb": 1, "cannot": [1]}', b'[]'):
+        with pytest.raises(SpecError):
+            ms.HostState.parse(raw)
+
+
+def test_fence_record_round_trip() -> None:
+    rec = ms.FenceRecord("n2", "n1", "2026-11-25T00:00:00Z", "range", "10.0.0.6", ("10.0.0.6:0/1",), "clean")
+    assert ms.FenceRecord.parse("n2", rec.encode()) == rec
+    with pytest.raises(SpecError):
+        ms.FenceRecord.parse("n2", b'{"mode": "nuke"}')
