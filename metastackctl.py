@@ -13,6 +13,7 @@ Exit codes:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -20,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import uuid
 from typing import Any, Callable, Optional, Sequence
 
 import click
@@ -195,7 +197,8 @@ def create(c: Context, name: str, flavour: str, host: Optional[str], image: Opti
     if image is not None and c.call(c.store.get, c.keys.image(image)) is None:
         known = ", ".join(sorted(c.listing("images"))) or "none"
         raise click.ClickException(f"no image named {image!r} (known: {known})")
-    spec = ms.DesiredVM(name, flavour, "stopped" if stopped else "running", host, image)
+    spec = ms.DesiredVM(name, flavour, "stopped" if stopped else "running", host, image,
+                        uuid=str(uuid.uuid4()))  # its identity: only a real destroy ends it
     rev, _ = c.call(c.store.create, c.keys.desired(name), json.dumps(spec.to_json()).encode())
     if rev is None:
         raise click.ClickException(f"a VM named {name!r} already exists")
@@ -251,7 +254,8 @@ def stop(c: Context, name: str) -> None:
 VM_COLUMNS = ("NAME", "FLAVOUR", "DESIRED", "STATE", "HOST", "REASON")
 
 
-def _vm_row(name: str, desired: Optional[ms.Entry], actual: Optional[ms.Entry]) -> list[Any]:
+def _vm_row(name: str, desired: Optional[ms.Entry], actual: Optional[ms.Entry],
+            hosts: dict[str, ms.Entry]) -> list[Any]:
     flavour = want = ""
     if desired is not None:
         try:
@@ -264,6 +268,10 @@ def _vm_row(name: str, desired: Optional[ms.Entry], actual: Optional[ms.Entry]) 
     if actual is None:
         return [name, flavour, want, "pending", "", ""]
     a = ms.ActualVM.parse(actual.value)
+    host = hosts.get(a.host)
+    if not actual.lease or host is None or host.lease != actual.lease:
+        return [name, flavour, want, "untrusted", a.host,
+                f"claim is on no live lease of {a.host or 'any node'} (hand-written or stale): ignored"]
     return [name, flavour, want, a.state, a.host, a.reason]
 
 
@@ -272,8 +280,8 @@ def _vm_row(name: str, desired: Optional[ms.Entry], actual: Optional[ms.Entry]) 
 @pass_ctx
 def list_(c: Context, output: str) -> None:
     """List VMs: desired state next to what their owner reports."""
-    desired, actual = c.listing("desired"), c.listing("actual")
-    rows = [_vm_row(n, desired.get(n), actual.get(n)) for n in sorted(set(desired) | set(actual))]
+    desired, actual, hosts_ = c.listing("desired"), c.listing("actual"), c.listing("hosts")
+    rows = [_vm_row(n, desired.get(n), actual.get(n), hosts_) for n in sorted(set(desired) | set(actual))]
     print_output(VM_COLUMNS, rows, output)
 
 
@@ -287,31 +295,95 @@ def show(c: Context, name: str, output: str) -> None:
     actual = c.call(c.store.get, c.keys.actual(name))
     if desired is None and actual is None:
         raise click.ClickException(f"no VM named {name!r}")
-    row = _vm_row(name, desired, actual)
-    fields = dict(zip([k.lower() for k in VM_COLUMNS], row))
+    hosts_ = c.listing("hosts")
+    row = _vm_row(name, desired, actual, hosts_)
+    fields: dict[str, Any] = dict(zip([k.lower() for k in VM_COLUMNS], row))
     fields["desired_entry"] = desired.value.decode(errors="replace") if desired else None
     fields["updated"] = ms.ActualVM.parse(actual.value).updated if actual else None
     fields["disk"] = (ms.ActualVM.parse(actual.value).disk or None) if actual else None
+    refused = {}
+    for node, entry in sorted(hosts_.items()):
+        with contextlib.suppress(ms.SpecError):
+            why = dict(ms.HostState.parse(entry.value).cannot).get(name)
+            if why:
+                refused[node] = why
+    fields["given_up_by"] = refused or None  # nodes that failed to run it and handed it on
     if output == "json":
         click.echo(json.dumps(fields, indent=2))
         return
     print_output(("FIELD", "VALUE"), [[k, v] for k, v in fields.items()], "table")
 
 
+HOST_COLUMNS = ("NODE", "STATE", "VCPUS_USED", "VCPUS", "RAM_MB_USED", "RAM_MB", "VMS", "ADDRESS", "FENCE")
+
+
 @cli.command()
 @OUTPUT
 @pass_ctx
 def hosts(c: Context, output: str) -> None:
-    """List live nodes with their capacity and use."""
+    """List nodes: live ones with their capacity and use, and any node with
+    a fence record (FENCE: fenced = it may still run stale domains; clean =
+    it proved them gone and waits for the fence to be lifted)."""
+    fences: dict[str, str] = {}
+    for name, entry in c.listing("fences").items():
+        try:
+            rec = ms.FenceRecord.parse(name, entry.value)
+            fences[name] = f"{rec.state} ({rec.mode}{' ' + rec.address if rec.address else ''}, by {rec.by})"
+        except ms.SpecError as exc:
+            fences[name] = f"malformed: {exc}"
     rows = []
-    for name, entry in sorted(c.listing("hosts").items()):
+    listed = c.listing("hosts")
+    for name, entry in sorted(listed.items()):
         try:
             h = ms.HostState.parse(entry.value)
-        except (ms.SpecError, TypeError):
-            rows.append([name, "malformed", None, None, None, None, None])
+        except ms.SpecError:
+            rows.append([name, "malformed", None, None, None, None, None, None, fences.get(name)])
             continue
-        rows.append([name, h.state, h.vcpus_used, h.vcpus, h.ram_mb_used, h.ram_mb, h.vms])
-    print_output(("NODE", "STATE", "VCPUS_USED", "VCPUS", "RAM_MB_USED", "RAM_MB", "VMS"), rows, output)
+        state = h.state if entry.lease else "no lease (not a live node)"
+        rows.append([name, state, h.vcpus_used, h.vcpus, h.ram_mb_used, h.ram_mb, h.vms, h.address or None,
+                     fences.get(name)])
+    for name in sorted(set(fences) - set(listed)):
+        rows.append([name, "down", None, None, None, None, None, None, fences[name]])
+    print_output(HOST_COLUMNS, rows, output)
+
+
+@cli.group()
+def host() -> None:
+    """Operate on nodes (fences)."""
+
+
+@host.command("unfence")
+@click.argument("node", callback=name_arg("node"))
+@click.option("--force", is_flag=True, help="Lift it even though the node has not proved its stale domains gone.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@pass_ctx
+def host_unfence(c: Context, node: str, force: bool, yes: bool) -> None:
+    """Lift the fence of NODE: remove its blocklist and its fence record.
+
+    Refused while the node has not marked its fence clean (it may still run
+    stale domains that would write again), unless --force. A range fence
+    needs Ceph credentials that may remove blocklist entries (an admin or
+    management key: -c with a [ceph] section)."""
+    entry = c.call(c.store.get, c.keys.fence(node))
+    if entry is None:
+        raise click.ClickException(f"node {node!r} is not fenced")
+    try:
+        rec = ms.FenceRecord.parse(node, entry.value)
+    except ms.SpecError as exc:
+        rec = None
+        if not force:
+            raise click.ClickException(f"the fence record of {node!r} is malformed ({exc}); use --force") from None
+    if rec is not None and rec.state != "clean" and not force:
+        raise click.ClickException(
+            f"node {node!r} has not proved its stale domains gone (fence state {rec.state}); "
+            f"lifting the fence now could let them write again. Wait, or use --force")
+    if not yes:
+        click.confirm(f"Lift the fence of {node!r}?", abort=True, err=True)
+    if rec is not None and rec.mode == "range" and rec.address:
+        c.ceph_call(c.storage.unblocklist_range, rec.address)
+    if c.call(c.store.delete_if, c.keys.fence(node), entry.mod_revision) is None:
+        raise click.ClickException(f"the fence record of {node!r} changed meanwhile; try again")
+    click.echo(f"unfenced {node}", err=True)
 
 
 @cli.command()

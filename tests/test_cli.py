@@ -139,9 +139,13 @@ def test_list_and_hosts_show_what_agents_report(ctl, cluster: Cluster) -> None:
                line.split()[:4] == ["a1", "small", "running", "pending"] for line in table[1:])
     h = json.loads(ctl("hosts", "-o", "json").stdout)
     assert h == [{"node": "node1", "state": "ready", "vcpus_used": 2, "vcpus": 2,
-                  "ram_mb_used": 1024, "ram_mb": 16384, "vms": 3}]  # 2 VMs + the error claim
+                  "ram_mb_used": 1024, "ram_mb": 16384, "vms": 3,  # 2 VMs + the error claim
+                  "address": None, "fence": None}]
     s = json.loads(ctl("show", "a1", "-o", "json").stdout)
-    assert s["name"] == "a1" and json.loads(s["desired_entry"]) == {"flavour": "small", "state": "running"}
+    entry = json.loads(s["desired_entry"])
+    assert s["name"] == "a1" and {k: entry[k] for k in ("flavour", "state")} == {"flavour": "small",
+                                                                                   "state": "running"}
+    assert ms.valid_uuid(entry["uuid"])  # identity written at create
     # stop through the CLI, the agent follows
     running = next(n for n, row in rows.items() if row["state"] == "running")
     assert ctl("stop", running).exit_code == 0
@@ -177,3 +181,28 @@ def test_a_bad_ceph_section_only_matters_to_commands_that_need_ceph(etcd, prefix
     img.write_bytes(b"\0" * 512)
     r = CliRunner().invoke(cli, ["-c", str(p), "image", "import", "x", str(img)])
     assert r.exit_code == 2 and "[ceph] conf: /nonexistent/ceph.conf does not exist" in r.output
+
+
+def test_hand_written_claims_and_hosts_without_lease_are_not_trusted(ctl, cluster: Cluster) -> None:
+    """Finding 9: a claim written by hand without a lease (an impostor naming
+    an absent node, or a live one) is shown as untrusted, the VM is placed
+    anyway, with the flavour's size, and the fake host is no live node."""
+    assert ctl("flavour", "create", "small", "--vcpus", "1", "--ram-mb", "512").exit_code == 0
+    cluster.etcd.etcdctl("put", f"{cluster.prefix}/actual/imp", json.dumps(
+        {"host": "node9", "state": "running", "vcpus": 64, "ram_mb": 99999}))
+    cluster.etcd.etcdctl("put", f"{cluster.prefix}/actual/mine", json.dumps(
+        {"host": "node1", "state": "running", "vcpus": 64, "ram_mb": 99999}))
+    cluster.etcd.etcdctl("put", f"{cluster.prefix}/hosts/node9", json.dumps({"vcpus": 99, "ram_mb": 99}))
+    rows = {r["name"]: r for r in json.loads(ctl("list", "-o", "json").stdout)}
+    assert rows["imp"]["state"] == "untrusted" and "no live lease" in rows["imp"]["reason"]
+    hosts = {r["node"]: r for r in json.loads(ctl("hosts", "-o", "json").stdout)}
+    assert hosts["node9"]["state"].startswith("no lease")
+    for n in ("imp", "mine"):
+        cluster.etcd.etcdctl("put", f"{cluster.prefix}/desired/{n}", '{"flavour": "small"}')
+    cluster.agent("node1", vcpus=4)
+    wait_for(lambda: cluster.states().get("imp") == ("running", "node1")
+             and cluster.states().get("mine") == ("running", "node1"), what="both placed by the real node")
+    actual = cluster.actual()
+    assert actual["imp"]["vcpus"] == 1 and actual["mine"]["ram_mb"] == 512  # the flavour, not the forgery
+    rows = {r["name"]: r for r in json.loads(ctl("list", "-o", "json").stdout)}
+    assert rows["imp"]["state"] == "running" and rows["mine"]["state"] == "running"
