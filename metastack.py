@@ -411,20 +411,69 @@ def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+MAX_VALUE_BYTES = 256 * 1024  # a record value larger than this is refused unparsed
+MAX_JSON_DEPTH = 64  # arrays/objects nested deeper than this are refused
+MAX_INT = 2 ** 53 - 1  # integers beyond what every JSON reader keeps exactly are refused
+
+
+def _show(val: Any, limit: int = 60) -> str:
+    """``repr(val)`` cut to ``limit`` characters: for error messages that
+    quote a value from etcd (it may be huge)."""
+    if isinstance(val, (list, dict)):
+        return f"a JSON {'array' if isinstance(val, list) else 'object'}"
+    text = repr(val)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _json_depth(obj: Any) -> int:
+    """Nesting depth of a parsed JSON value (iterative: never recurses)."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        val, depth = stack.pop()
+        children = val.values() if isinstance(val, dict) else val if isinstance(val, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > MAX_JSON_DEPTH:
+            break
+        stack.extend((c, depth + 1) for c in children)
+    return deepest
+
+
 def _json_object(raw: bytes, what: str) -> dict[str, Any]:
+    """Decode a record value from etcd into a dict.
+
+    Contract: whatever ``raw`` holds (not bytes, not UTF-8, not JSON, huge,
+    nested without end, NaN, an integer of a million digits), this returns a
+    dict or raises SpecError with a short reason; nothing else escapes.
+    """
+    if not isinstance(raw, (bytes, bytearray)):
+        raise SpecError(f"{what} is not a byte string")
+    if len(raw) > MAX_VALUE_BYTES:
+        raise SpecError(f"{what} is {len(raw)} bytes, more than {MAX_VALUE_BYTES}")
     try:
-        obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise SpecError(f"{what} is not valid JSON: {exc}") from None
+        obj = json.loads(bytes(raw).decode("utf-8"), parse_constant=_reject_constant)
+    except RecursionError:
+        raise SpecError(f"{what} is nested too deeply (more than {MAX_JSON_DEPTH} levels)") from None
+    except MemoryError:
+        raise SpecError(f"{what} is too large to parse") from None
+    except (UnicodeDecodeError, ValueError, TypeError) as exc:
+        raise SpecError(f"{what} is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(obj, dict):
         raise SpecError(f"{what} must be a JSON object, got {type(obj).__name__}")
+    if _json_depth(obj) > MAX_JSON_DEPTH:
+        raise SpecError(f"{what} is nested too deeply (more than {MAX_JSON_DEPTH} levels)")
     return obj
 
 
 def _positive_int(obj: Mapping[str, Any], key: str, what: str) -> int:
     val = obj.get(key)
-    if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
-        raise SpecError(f"{what}: {key!r} must be a positive integer, got {val!r}")
+    if isinstance(val, bool) or not isinstance(val, int) or not 0 < val <= MAX_INT:
+        raise SpecError(f"{what}: {key!r} must be a positive integer, got {_show(val)}")
     return val
 
 
@@ -469,23 +518,24 @@ class DesiredVM:
     def parse(cls, name: str, raw: bytes) -> "DesiredVM":
         """Parse a desired value; raises SpecError with a reason an operator can act on."""
         if not valid_name(name):
-            raise SpecError(f"VM name {name!r} does not match {NAME_RE.pattern}")
+            raise SpecError(f"VM name {_show(name)} does not match {NAME_RE.pattern}")
         return cls.from_dict(name, _json_object(raw, f"desired entry of {name!r}"))
 
     @classmethod
     def from_dict(cls, name: str, obj: Mapping[str, Any]) -> "DesiredVM":
+        """Validate a decoded desired entry; raises SpecError (only) with the reason."""
         flavour = obj.get("flavour")
         if not isinstance(flavour, str) or not valid_name(flavour):
-            raise SpecError(f"'flavour' must be a flavour name, got {flavour!r}")
+            raise SpecError(f"'flavour' must be a flavour name, got {_show(flavour)}")
         state = obj.get("state", "running")
-        if state not in VM_STATES:
-            raise SpecError(f"'state' must be 'running' or 'stopped', got {state!r}")
+        if not isinstance(state, str) or state not in VM_STATES:
+            raise SpecError(f"'state' must be 'running' or 'stopped', got {_show(state)}")
         host = obj.get("host")
         if host is not None and (not isinstance(host, str) or not valid_name(host)):
-            raise SpecError(f"'host' must be a node name, got {host!r}")
+            raise SpecError(f"'host' must be a node name, got {_show(host)}")
         image = obj.get("image")
         if image is not None and (not isinstance(image, str) or not valid_name(image)):
-            raise SpecError(f"'image' must be an image name, got {image!r}")
+            raise SpecError(f"'image' must be an image name, got {_show(image)}")
         extra = tuple(sorted((k, v) for k, v in obj.items() if k not in cls.KNOWN))
         return cls(name, flavour, state, host, image, extra)
 
@@ -523,18 +573,23 @@ class ActualVM:
 
     @classmethod
     def parse(cls, raw: bytes) -> "ActualVM":
-        """Parse an actual value; a value another tool mangled becomes an
-        'error' record owned by whoever the 'host' field names (or nobody)."""
+        """Parse an actual value; never raises. A value another tool mangled
+        becomes an 'error' record owned by whoever the 'host' field names
+        when it is a string (else by nobody); a field of the wrong type
+        reads as its default (0, "", or "error" for the state)."""
         try:
             obj = _json_object(raw, "actual entry")
         except SpecError as exc:
             return cls(host="", state="error", reason=str(exc))
         def _int(k: str) -> int:
             v = obj.get(k, 0)
-            return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
-        return cls(host=str(obj.get("host", "")), state=str(obj.get("state", "error")),
-                   reason=str(obj.get("reason", "")), vcpus=_int("vcpus"),
-                   ram_mb=_int("ram_mb"), updated=str(obj.get("updated", "")), disk=str(obj.get("disk", "")),
+            return v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_INT else 0
+        def _str(k: str, default: str = "") -> str:
+            v = obj.get(k, default)
+            return v if isinstance(v, str) else default
+        return cls(host=_str("host"), state=_str("state", "error"),
+                   reason=_str("reason"), vcpus=_int("vcpus"),
+                   ram_mb=_int("ram_mb"), updated=_str("updated"), disk=_str("disk"),
                    generation=_int("generation"))
 
     def same_content(self, other: Optional["ActualVM"]) -> bool:
@@ -569,20 +624,54 @@ class Image:
     initrd: Optional[str] = None
     cmdline: Optional[str] = None
 
+    # Ceph pool, RBD image/snapshot and RADOS object names as MetaStack
+    # writes them. They become path components of the boot-file cache, so:
+    # no '/', no leading '.' or '-', no '..', no '@' (the cache joins image
+    # and snapshot with it), no control characters, bounded length.
+    OBJECT_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+    CMDLINE_RE = re.compile(r"^[\x20-\x7e]{0,2048}$")  # printable ASCII, one line
+
+    @classmethod
+    def valid_object_name(cls, text: Any) -> bool:
+        """True when ``text`` is a safe pool, image, snapshot or object name."""
+        return isinstance(text, str) and bool(cls.OBJECT_NAME_RE.match(text)) and ".." not in text
+
     @classmethod
     def parse(cls, name: str, raw: bytes) -> "Image":
-        obj = _json_object(raw, f"image {name!r}")
+        """Parse an image record; raises SpecError (only) with the reason.
+        Every name in it is checked against OBJECT_NAME_RE and the cmdline
+        against CMDLINE_RE, so nothing from etcd reaches a path unchecked."""
+        what = f"image {_show(name)}"
+        obj = _json_object(raw, what)
         for key in ("pool", "image", "snapshot"):
-            if not isinstance(obj.get(key), str) or not obj[key]:
-                raise SpecError(f"image {name!r}: {key!r} must be a non-empty string")
-        size = _positive_int(obj, "size", f"image {name!r}")
+            if not cls.valid_object_name(obj.get(key)):
+                raise SpecError(f"{what}: {key!r} must be a Ceph name matching {cls.OBJECT_NAME_RE.pattern} "
+                                f"without '..', got {_show(obj.get(key))}")
+        size = _positive_int(obj, "size", what)
         opt = {k: obj.get(k) for k in ("kernel", "initrd", "cmdline")}
-        for k, v in opt.items():
-            if v is not None and not isinstance(v, str):
-                raise SpecError(f"image {name!r}: {k!r} must be a string")
+        for k in ("kernel", "initrd"):
+            if opt[k] is not None and not cls.valid_object_name(opt[k]):
+                raise SpecError(f"{what}: {k!r} must be a RADOS object name matching "
+                                f"{cls.OBJECT_NAME_RE.pattern} without '..', got {_show(opt[k])}")
+        cmdline = opt["cmdline"]
+        if cmdline is not None and (not isinstance(cmdline, str) or not cls.CMDLINE_RE.match(cmdline)):
+            raise SpecError(f"{what}: 'cmdline' must be one line of printable ASCII, at most 2048 characters, "
+                            f"got {_show(cmdline)}")
         if (opt["kernel"] is None) != (opt["initrd"] is None):
-            raise SpecError(f"image {name!r}: 'kernel' and 'initrd' go together")
+            raise SpecError(f"{what}: 'kernel' and 'initrd' go together")
         return cls(obj["pool"], obj["image"], obj["snapshot"], size, **opt)
+
+    def boot_cache_paths(self, cache_dir: str) -> tuple[str, str]:
+        """Where the local copies of the kernel and initrd live below
+        ``cache_dir``: ``<cache_dir>/<pool>/<image>@<snapshot>/<object>``.
+        A new import never meets a stale copy (the path names the base image
+        and snapshot). Raises SpecError for a record that did not come from
+        ``parse`` and would leave ``cache_dir``."""
+        names = (self.pool, self.image, self.snapshot, self.kernel, self.initrd)
+        if not all(self.valid_object_name(n) for n in names):
+            raise SpecError(f"image {self.pool}/{self.image}@{self.snapshot}: unsafe names for a cache path")
+        d = os.path.join(cache_dir, self.pool, f"{self.image}@{self.snapshot}")
+        return os.path.join(d, str(self.kernel)), os.path.join(d, str(self.initrd))
 
     @property
     def direct_boot(self) -> bool:
@@ -638,9 +727,24 @@ class HostState:
 
     @classmethod
     def parse(cls, raw: bytes) -> "HostState":
+        """Parse a host value; raises SpecError (only) when it is malformed:
+        a field without a default is missing, an int field is not a
+        non-negative integer, or a str field is not a string."""
         obj = _json_object(raw, "host entry")
-        fields = {f.name: obj.get(f.name) for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in fields.items() if v is not None})
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            val = obj.get(f.name)
+            if val is None:
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    raise SpecError(f"host entry: {f.name!r} is missing")
+                continue
+            if f.type in ("int", int):
+                if isinstance(val, bool) or not isinstance(val, int) or not 0 <= val <= MAX_INT:
+                    raise SpecError(f"host entry: {f.name!r} must be a non-negative integer, got {_show(val)}")
+            elif f.type in ("str", str) and not isinstance(val, str):
+                raise SpecError(f"host entry: {f.name!r} must be a string, got {_show(val)}")
+            kwargs[f.name] = val
+        return cls(**kwargs)
 
     def encode(self) -> bytes:
         return json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
@@ -2091,14 +2195,14 @@ class Executor:
         once; the cache path names the base image and snapshot, so a new
         import never meets a stale copy)."""
         assert self.storage is not None and image.kernel and image.initrd
-        d = os.path.join(self.cfg.state_dir, "cache", image.pool, f"{image.image}@{image.snapshot}")
-        os.makedirs(d, mode=0o755, exist_ok=True)
-        paths = []
-        for obj in (image.kernel, image.initrd):
-            path = os.path.join(d, obj.replace("/", "_"))
+        try:
+            paths = image.boot_cache_paths(os.path.join(self.cfg.state_dir, "cache"))
+        except SpecError as exc:
+            raise StorageError(str(exc)) from None
+        os.makedirs(os.path.dirname(paths[0]), mode=0o755, exist_ok=True)
+        for obj, path in zip((image.kernel, image.initrd), paths):
             if not os.path.exists(path):
                 self.storage.fetch_object(image.pool, obj, path)
-            paths.append(path)
         return DirectBoot(paths[0], paths[1], image.cmdline or "console=ttyS0")
 
     def _shut_down(self, vm: str) -> bool:
