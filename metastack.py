@@ -938,45 +938,65 @@ class ClusterView:
     """In-memory copy of every key under the prefix, kept by list + watch.
 
     Contract: ``load`` replaces the content with a full listing at some
-    revision; ``apply`` folds in watch events in order; ``note`` records the
-    result of our own writes. Stale information never overwrites newer: an
-    event or note older than what is held for its key, or not newer than the
-    last full listing, is dropped. Thread-safe.
+    revision; ``apply`` folds in watch events in order and returns whether
+    anything kept changed; ``note`` records the result of our own writes.
+    Stale information never overwrites newer: an event or note older than
+    what is held for its key, or not newer than the last full listing, is
+    dropped. Console tails (kinds in IGNORED_KINDS) are not kept: they
+    change every few seconds and the reconcile never reads them. Each key
+    is parsed at most once per mod_revision (``_parse``, cached); snapshots
+    share the parsed objects. Thread-safe.
     """
+
+    IGNORED_KINDS = ("console",)
 
     def __init__(self, keys: Keys) -> None:
         self.keys = keys
         self._lock = threading.Lock()
         self._entries: dict[str, Entry] = {}
         self._seen: dict[str, int] = {}  # key -> last revision seen (incl. deletes)
+        self._parsed: dict[str, tuple[int, Optional[tuple[str, str]], Any]] = {}  # key -> (mod_revision, split, value)
+        self.parses = 0  # keys parsed so far (each once per mod_revision)
         self._list_revision = 0
         self.revision = 0
         self.synced = False
 
+    def _kept(self, key: str) -> bool:
+        split = self.keys.split(key)
+        return split is None or split[0] not in self.IGNORED_KINDS
+
     def load(self, revision: int, entries: Mapping[str, Entry]) -> None:
         with self._lock:
-            self._entries = dict(entries)
-            self._seen = {k: e.mod_revision for k, e in entries.items()}
+            self._entries = {k: e for k, e in entries.items() if self._kept(k)}
+            self._seen = {k: e.mod_revision for k, e in self._entries.items()}
+            self._parsed = {k: p for k, p in self._parsed.items()
+                            if k in self._entries and p[0] == self._entries[k].mod_revision}
             self._list_revision = revision
             self.revision = revision
             self.synced = True
 
-    def _note(self, key: str, value: Optional[bytes], revision: int, lease: int, created: int = 0) -> None:
-        if revision <= self._list_revision or revision < self._seen.get(key, 0):
-            return
+    def _note(self, key: str, value: Optional[bytes], revision: int, lease: int, created: int = 0) -> bool:
+        if revision <= self._list_revision or revision < self._seen.get(key, 0) or not self._kept(key):
+            return False
         self._seen[key] = revision
         if value is None:
             self._entries.pop(key, None)
+            self._parsed.pop(key, None)
         else:
             old = self._entries.get(key)
             created = created or (old.create_revision if old is not None else revision)
             self._entries[key] = Entry(value, revision, lease, created)
+        return True
 
-    def apply(self, header_revision: int, events: Iterable[KeyEvent]) -> None:
+    def apply(self, header_revision: int, events: Iterable[KeyEvent]) -> bool:
+        """Fold in watch events; True when a kept key changed (the caller
+        wakes its reconcile only then)."""
+        changed = False
         with self._lock:
             for ev in events:
-                self._note(ev.key, ev.value, ev.mod_revision, ev.lease, ev.create_revision)
+                changed = self._note(ev.key, ev.value, ev.mod_revision, ev.lease, ev.create_revision) or changed
             self.revision = max(self.revision, header_revision)
+        return changed
 
     def note(self, key: str, value: Optional[bytes], revision: int, lease: int = 0) -> None:
         with self._lock:
@@ -986,39 +1006,71 @@ class ClusterView:
         with self._lock:
             return self._entries.get(key)
 
-    def snapshot(self) -> Snapshot:
-        with self._lock:
-            items = list(self._entries.items())
-        snap = Snapshot({}, {}, {}, {})
-        for key, entry in items:
-            split = self.keys.split(key)
-            if split is None:
-                continue
-            kind, name = split
+    def _parse(self, kind: str, name: str, entry: Entry) -> Any:
+        """The one place each kind of record is parsed. Returns what the
+        snapshot holds for the key in its field named ``kind`` (a SpecError
+        for a malformed desired, flavour or image record), or None to leave
+        the key out (a malformed host record, a kind the snapshot does not
+        hold). To add a kind: a Snapshot field of that name, a branch here."""
+        try:
             if kind == "desired":
-                try:
-                    snap.desired[name] = dataclasses.replace(DesiredVM.parse(name, entry.value),
-                                                             generation=entry.create_revision)
-                except SpecError as exc:
-                    snap.desired[name] = exc
-            elif kind == "actual":
-                snap.actual[name] = ActualVM.parse(entry.value)
-            elif kind == "flavours":
-                try:
-                    snap.flavours[name] = Flavour.parse(name, entry.value)
-                except SpecError as exc:
-                    snap.flavours[name] = exc
-            elif kind == "hosts":
-                try:
-                    snap.hosts[name] = HostState.parse(entry.value)
-                except (SpecError, TypeError):
-                    pass
-            elif kind == "images":
-                try:
-                    snap.images[name] = Image.parse(name, entry.value)
-                except SpecError as exc:
-                    snap.images[name] = exc
+                return dataclasses.replace(DesiredVM.parse(name, entry.value), generation=entry.create_revision)
+            if kind == "actual":
+                return ActualVM.parse(entry.value)
+            if kind == "flavours":
+                return Flavour.parse(name, entry.value)
+            if kind == "hosts":
+                return HostState.parse(entry.value)
+            if kind == "images":
+                return Image.parse(name, entry.value)
+            return None
+        except SpecError as exc:
+            return None if kind == "hosts" else exc
+        except Exception as exc:  # a parser bug must stay this key's problem, not stop every tick
+            log.exception("%s %r: cannot parse its value", kind, name)
+            why = f"cannot parse the {kind} record ({type(exc).__name__})"
+            if kind == "actual":
+                return ActualVM(host="", state="error", reason=why)
+            return None if kind == "hosts" else SpecError(why)
+
+    def _cached(self, key: str, entry: Entry) -> tuple[Optional[tuple[str, str]], Any]:
+        """(kind and name, parsed value) of one key; parses only when the key
+        changed since it was last parsed. Call with the lock held."""
+        hit = self._parsed.get(key)
+        if hit is not None and hit[0] == entry.mod_revision:
+            return hit[1], hit[2]
+        split = self.keys.split(key)
+        value = None if split is None else self._parse(split[0], split[1], entry)
+        self._parsed[key] = (entry.mod_revision, split, value)
+        self.parses += 1
+        return split, value
+
+    def snapshot(self) -> Snapshot:
+        """The parsed cluster state now. Cheap after the first call: only
+        keys changed since the last snapshot are parsed."""
+        snap = Snapshot({}, {}, {}, {})
+        with self._lock:
+            parses = self.parses
+            for key, entry in self._entries.items():
+                split, value = self._cached(key, entry)
+                if split is not None and value is not None:
+                    getattr(snap, split[0])[split[1]] = value
+            keys, parses = len(self._entries), self.parses - parses
+        log.debug("view snapshot at revision %d: %d key(s), %d parsed", self.revision, keys, parses)
         return snap
+
+    def usage(self, node: str) -> tuple[int, int, int]:
+        """``usage(node, self.snapshot().actual)`` without building a
+        snapshot: (vcpus, ram_mb, vms) reserved by the claims ``node`` holds."""
+        prefix = self.keys.dir("actual")
+        with self._lock:
+            claims = {}
+            for key, entry in self._entries.items():
+                if key.startswith(prefix):
+                    split, value = self._cached(key, entry)
+                    if split is not None and isinstance(value, ActualVM):
+                        claims[split[1]] = value
+        return usage(node, claims)
 
 
 # ---------------------------------------------------------------------------
@@ -2042,7 +2094,7 @@ class Executor:
 
     def _do_claim(self, act: Action, snap: Snapshot, domains: Mapping[str, str]) -> str:
         if self.cfg.claim_spread > 0:  # willingness: a busier node waits a little longer
-            cpu, ram, _ = usage(self.node, self.view.snapshot().actual)
+            cpu, ram, _ = self.view.usage(self.node)
             cap = self.capacity
             load = max(cpu / cap.vcpus, ram / cap.ram_mb)
             time.sleep(self.cfg.claim_spread * min(load, 1.0) + random.uniform(0, self.cfg.claim_spread / 10))
@@ -2334,7 +2386,7 @@ class Executor:
         """Drop the published console, unless another node now owns the VM."""
         self._console_sent.pop(vm, None)
         key = self.keys.console(vm)
-        entry = self.view.entry(key)
+        entry = self.store.get(key)  # the view keeps no console keys
         if entry is not None and entry.lease == self._lease():
             self.store.delete_if(key, entry.mod_revision)
 
@@ -2528,8 +2580,8 @@ class Agent:
         self._watch_cancel = self.store.watch_prefix(self.keys.all, revision, self._on_events, self._on_watch_error)
 
     def _on_events(self, revision: int, events: list[KeyEvent]) -> None:
-        self.view.apply(revision, events)
-        self._waker.wake()
+        if self.view.apply(revision, events):  # console tails alone wake nothing
+            self._waker.wake()
 
     def _on_watch_error(self, exc: BaseException) -> None:
         if isinstance(exc, RevisionCompacted):
