@@ -465,20 +465,69 @@ def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+MAX_VALUE_BYTES = 256 * 1024  # a record value larger than this is refused unparsed
+MAX_JSON_DEPTH = 64  # arrays/objects nested deeper than this are refused
+MAX_INT = 2 ** 53 - 1  # integers beyond what every JSON reader keeps exactly are refused
+
+
+def _show(val: Any, limit: int = 60) -> str:
+    """``repr(val)`` cut to ``limit`` characters: for error messages that
+    quote a value from etcd (it may be huge)."""
+    if isinstance(val, (list, dict)):
+        return f"a JSON {'array' if isinstance(val, list) else 'object'}"
+    text = repr(val)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _json_depth(obj: Any) -> int:
+    """Nesting depth of a parsed JSON value (iterative: never recurses)."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        val, depth = stack.pop()
+        children = val.values() if isinstance(val, dict) else val if isinstance(val, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > MAX_JSON_DEPTH:
+            break
+        stack.extend((c, depth + 1) for c in children)
+    return deepest
+
+
 def _json_object(raw: bytes, what: str) -> dict[str, Any]:
+    """Decode a record value from etcd into a dict.
+
+    Contract: whatever ``raw`` holds (not bytes, not UTF-8, not JSON, huge,
+    nested without end, NaN, an integer of a million digits), this returns a
+    dict or raises SpecError with a short reason; nothing else escapes.
+    """
+    if not isinstance(raw, (bytes, bytearray)):
+        raise SpecError(f"{what} is not a byte string")
+    if len(raw) > MAX_VALUE_BYTES:
+        raise SpecError(f"{what} is {len(raw)} bytes, more than {MAX_VALUE_BYTES}")
     try:
-        obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise SpecError(f"{what} is not valid JSON: {exc}") from None
+        obj = json.loads(bytes(raw).decode("utf-8"), parse_constant=_reject_constant)
+    except RecursionError:
+        raise SpecError(f"{what} is nested too deeply (more than {MAX_JSON_DEPTH} levels)") from None
+    except MemoryError:
+        raise SpecError(f"{what} is too large to parse") from None
+    except (UnicodeDecodeError, ValueError, TypeError) as exc:
+        raise SpecError(f"{what} is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(obj, dict):
         raise SpecError(f"{what} must be a JSON object, got {type(obj).__name__}")
+    if _json_depth(obj) > MAX_JSON_DEPTH:
+        raise SpecError(f"{what} is nested too deeply (more than {MAX_JSON_DEPTH} levels)")
     return obj
 
 
 def _positive_int(obj: Mapping[str, Any], key: str, what: str) -> int:
     val = obj.get(key)
-    if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
-        raise SpecError(f"{what}: {key!r} must be a positive integer, got {val!r}")
+    if isinstance(val, bool) or not isinstance(val, int) or not 0 < val <= MAX_INT:
+        raise SpecError(f"{what}: {key!r} must be a positive integer, got {_show(val)}")
     return val
 
 
@@ -535,26 +584,27 @@ class DesiredVM:
     def parse(cls, name: str, raw: bytes) -> "DesiredVM":
         """Parse a desired value; raises SpecError with a reason an operator can act on."""
         if not valid_name(name):
-            raise SpecError(f"VM name {name!r} does not match {NAME_RE.pattern}")
+            raise SpecError(f"VM name {_show(name)} does not match {NAME_RE.pattern}")
         return cls.from_dict(name, _json_object(raw, f"desired entry of {name!r}"))
 
     @classmethod
     def from_dict(cls, name: str, obj: Mapping[str, Any]) -> "DesiredVM":
+        """Validate a decoded desired entry; raises SpecError (only) with the reason."""
         flavour = obj.get("flavour")
         if not isinstance(flavour, str) or not valid_name(flavour):
-            raise SpecError(f"'flavour' must be a flavour name, got {flavour!r}")
+            raise SpecError(f"'flavour' must be a flavour name, got {_show(flavour)}")
         state = obj.get("state", "running")
-        if state not in VM_STATES:
-            raise SpecError(f"'state' must be 'running' or 'stopped', got {state!r}")
+        if not isinstance(state, str) or state not in VM_STATES:
+            raise SpecError(f"'state' must be 'running' or 'stopped', got {_show(state)}")
         host = obj.get("host")
         if host is not None and (not isinstance(host, str) or not valid_name(host)):
-            raise SpecError(f"'host' must be a node name, got {host!r}")
+            raise SpecError(f"'host' must be a node name, got {_show(host)}")
         image = obj.get("image")
         if image is not None and (not isinstance(image, str) or not valid_name(image)):
-            raise SpecError(f"'image' must be an image name, got {image!r}")
+            raise SpecError(f"'image' must be an image name, got {_show(image)}")
         vm_uuid = obj.get("uuid")
         if vm_uuid is not None and not valid_uuid(vm_uuid):
-            raise SpecError(f"'uuid' must be a UUID like {uuid.UUID(int=0)}, got {vm_uuid!r}")
+            raise SpecError(f"'uuid' must be a UUID like {uuid.UUID(int=0)}, got {_show(vm_uuid)}")
         extra = tuple(sorted((k, v) for k, v in obj.items() if k not in cls.KNOWN))
         return cls(name, flavour, state, host, image, extra, uuid=vm_uuid)
 
@@ -619,19 +669,24 @@ class ActualVM:
 
     @classmethod
     def parse(cls, raw: bytes) -> "ActualVM":
-        """Parse an actual value; a value another tool mangled becomes an
-        'error' record owned by whoever the 'host' field names (or nobody)."""
+        """Parse an actual value; never raises. A value another tool mangled
+        becomes an 'error' record owned by whoever the 'host' field names
+        when it is a string (else by nobody); a field of the wrong type
+        reads as its default (0, "", or "error" for the state)."""
         try:
             obj = _json_object(raw, "actual entry")
         except SpecError as exc:
             return cls(host="", state="error", reason=str(exc))
         def _int(k: str) -> int:
             v = obj.get(k, 0)
-            return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
-        return cls(host=str(obj.get("host", "")), state=str(obj.get("state", "error")),
-                   reason=str(obj.get("reason", "")), vcpus=_int("vcpus"),
-                   ram_mb=_int("ram_mb"), updated=str(obj.get("updated", "")), disk=str(obj.get("disk", "")),
-                   generation=_int("generation"), uuid=str(obj.get("uuid", "") or ""))
+            return v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_INT else 0
+        def _str(k: str, default: str = "") -> str:
+            v = obj.get(k, default)
+            return v if isinstance(v, str) else default
+        return cls(host=_str("host"), state=_str("state", "error"),
+                   reason=_str("reason"), vcpus=_int("vcpus"),
+                   ram_mb=_int("ram_mb"), updated=_str("updated"), disk=_str("disk"),
+                   generation=_int("generation"), uuid=_str("uuid"))
 
     def same_content(self, other: Optional["ActualVM"]) -> bool:
         """Equal but for the timestamp: whether a write would change anything."""
@@ -668,20 +723,54 @@ class Image:
     initrd: Optional[str] = None
     cmdline: Optional[str] = None
 
+    # Ceph pool, RBD image/snapshot and RADOS object names as MetaStack
+    # writes them. They become path components of the boot-file cache, so:
+    # no '/', no leading '.' or '-', no '..', no '@' (the cache joins image
+    # and snapshot with it), no control characters, bounded length.
+    OBJECT_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+    CMDLINE_RE = re.compile(r"^[\x20-\x7e]{0,2048}$")  # printable ASCII, one line
+
+    @classmethod
+    def valid_object_name(cls, text: Any) -> bool:
+        """True when ``text`` is a safe pool, image, snapshot or object name."""
+        return isinstance(text, str) and bool(cls.OBJECT_NAME_RE.match(text)) and ".." not in text
+
     @classmethod
     def parse(cls, name: str, raw: bytes) -> "Image":
-        obj = _json_object(raw, f"image {name!r}")
+        """Parse an image record; raises SpecError (only) with the reason.
+        Every name in it is checked against OBJECT_NAME_RE and the cmdline
+        against CMDLINE_RE, so nothing from etcd reaches a path unchecked."""
+        what = f"image {_show(name)}"
+        obj = _json_object(raw, what)
         for key in ("pool", "image", "snapshot"):
-            if not isinstance(obj.get(key), str) or not obj[key]:
-                raise SpecError(f"image {name!r}: {key!r} must be a non-empty string")
-        size = _positive_int(obj, "size", f"image {name!r}")
+            if not cls.valid_object_name(obj.get(key)):
+                raise SpecError(f"{what}: {key!r} must be a Ceph name matching {cls.OBJECT_NAME_RE.pattern} "
+                                f"without '..', got {_show(obj.get(key))}")
+        size = _positive_int(obj, "size", what)
         opt = {k: obj.get(k) for k in ("kernel", "initrd", "cmdline")}
-        for k, v in opt.items():
-            if v is not None and not isinstance(v, str):
-                raise SpecError(f"image {name!r}: {k!r} must be a string")
+        for k in ("kernel", "initrd"):
+            if opt[k] is not None and not cls.valid_object_name(opt[k]):
+                raise SpecError(f"{what}: {k!r} must be a RADOS object name matching "
+                                f"{cls.OBJECT_NAME_RE.pattern} without '..', got {_show(opt[k])}")
+        cmdline = opt["cmdline"]
+        if cmdline is not None and (not isinstance(cmdline, str) or not cls.CMDLINE_RE.match(cmdline)):
+            raise SpecError(f"{what}: 'cmdline' must be one line of printable ASCII, at most 2048 characters, "
+                            f"got {_show(cmdline)}")
         if (opt["kernel"] is None) != (opt["initrd"] is None):
-            raise SpecError(f"image {name!r}: 'kernel' and 'initrd' go together")
+            raise SpecError(f"{what}: 'kernel' and 'initrd' go together")
         return cls(obj["pool"], obj["image"], obj["snapshot"], size, **opt)
+
+    def boot_cache_paths(self, cache_dir: str) -> tuple[str, str]:
+        """Where the local copies of the kernel and initrd live below
+        ``cache_dir``: ``<cache_dir>/<pool>/<image>@<snapshot>/<object>``.
+        A new import never meets a stale copy (the path names the base image
+        and snapshot). Raises SpecError for a record that did not come from
+        ``parse`` and would leave ``cache_dir``."""
+        names = (self.pool, self.image, self.snapshot, self.kernel, self.initrd)
+        if not all(self.valid_object_name(n) for n in names):
+            raise SpecError(f"image {self.pool}/{self.image}@{self.snapshot}: unsafe names for a cache path")
+        d = os.path.join(cache_dir, self.pool, f"{self.image}@{self.snapshot}")
+        return os.path.join(d, str(self.kernel)), os.path.join(d, str(self.initrd))
 
     @property
     def direct_boot(self) -> bool:
@@ -756,14 +845,19 @@ class HostState:
         obj = _json_object(raw, "host entry")
         ints = {}
         for key in ("vcpus", "ram_mb", "vcpus_used", "ram_mb_used", "vms"):
+            if key in ("vcpus", "ram_mb") and key not in obj:
+                raise SpecError(f"host entry: {key!r} is missing")
             val = obj.get(key, 0)
-            if isinstance(val, bool) or not isinstance(val, int) or val < 0:
-                raise SpecError(f"host entry: {key!r} must be a non-negative integer, got {val!r}")
+            if isinstance(val, bool) or not isinstance(val, int) or not 0 <= val <= MAX_INT:
+                raise SpecError(f"host entry: {key!r} must be a non-negative integer, got {_show(val)}")
             ints[key] = val
         cannot = obj.get("cannot") or {}
         if not isinstance(cannot, dict):
             raise SpecError("host entry: 'cannot' must be an object")
-        return cls(**ints, state=str(obj.get("state", "ready")), address=str(obj.get("address", "") or ""),
+        for key in ("state", "address"):
+            if not isinstance(obj.get(key, ""), str):
+                raise SpecError(f"host entry: {key!r} must be a string, got {_show(obj.get(key))}")
+        return cls(**ints, state=obj.get("state", "ready"), address=obj.get("address", "") or "",
                    cannot=tuple(sorted((str(k), str(v)) for k, v in cannot.items())))
 
     def encode(self) -> bytes:
@@ -1054,17 +1148,25 @@ class ClusterView:
     """In-memory copy of every key under the prefix, kept by list + watch.
 
     Contract: ``load`` replaces the content with a full listing at some
-    revision; ``apply`` folds in watch events in order; ``note`` records the
-    result of our own writes. Stale information never overwrites newer: an
-    event or note older than what is held for its key, or not newer than the
-    last full listing, is dropped. Thread-safe.
+    revision; ``apply`` folds in watch events in order and returns whether
+    anything kept changed; ``note`` records the result of our own writes.
+    Stale information never overwrites newer: an event or note older than
+    what is held for its key, or not newer than the last full listing, is
+    dropped. Console tails (kinds in IGNORED_KINDS) are not kept: they
+    change every few seconds and the reconcile never reads them. Each key
+    is parsed at most once per mod_revision (``_parse``, cached); snapshots
+    share the parsed objects. Thread-safe.
     """
+
+    IGNORED_KINDS = ("console",)
 
     def __init__(self, keys: Keys) -> None:
         self.keys = keys
         self._lock = threading.Lock()
         self._entries: dict[str, Entry] = {}
         self._seen: dict[str, int] = {}  # key -> last revision seen (incl. deletes)
+        self._parsed: dict[str, tuple[int, Optional[tuple[str, str]], Any]] = {}  # key -> (mod_revision, split, value)
+        self.parses = 0  # keys parsed so far (each once per mod_revision)
         self._list_revision = 0
         self.revision = 0
         self.synced = False
@@ -1084,35 +1186,47 @@ class ClusterView:
         elif kind == "hosts":
             self.lapsed[name] = (revision, time.monotonic())
 
+    def _kept(self, key: str) -> bool:
+        split = self.keys.split(key)
+        return split is None or split[0] not in self.IGNORED_KINDS
+
     def load(self, revision: int, entries: Mapping[str, Entry]) -> None:
         with self._lock:
             for key, old in self._entries.items():
                 if key not in entries:  # went while we did not watch: remember who held it
                     self._gone(key, old, revision)
-            self._entries = dict(entries)
-            self._seen = {k: e.mod_revision for k, e in entries.items()}
+            self._entries = {k: e for k, e in entries.items() if self._kept(k)}
+            self._seen = {k: e.mod_revision for k, e in self._entries.items()}
+            self._parsed = {k: p for k, p in self._parsed.items()
+                            if k in self._entries and p[0] == self._entries[k].mod_revision}
             self._list_revision = revision
             self.revision = revision
             self.synced = True
 
-    def _note(self, key: str, value: Optional[bytes], revision: int, lease: int, created: int = 0) -> None:
-        if revision <= self._list_revision or revision < self._seen.get(key, 0):
-            return
+    def _note(self, key: str, value: Optional[bytes], revision: int, lease: int, created: int = 0) -> bool:
+        if revision <= self._list_revision or revision < self._seen.get(key, 0) or not self._kept(key):
+            return False
         self._seen[key] = revision
         if value is None:
             old = self._entries.pop(key, None)
             if old is not None:
                 self._gone(key, old, revision)
+            self._parsed.pop(key, None)
         else:
             old = self._entries.get(key)
             created = created or (old.create_revision if old is not None else revision)
             self._entries[key] = Entry(value, revision, lease, created)
+        return True
 
-    def apply(self, header_revision: int, events: Iterable[KeyEvent]) -> None:
+    def apply(self, header_revision: int, events: Iterable[KeyEvent]) -> bool:
+        """Fold in watch events; True when a kept key changed (the caller
+        wakes its reconcile only then)."""
+        changed = False
         with self._lock:
             for ev in events:
-                self._note(ev.key, ev.value, ev.mod_revision, ev.lease, ev.create_revision)
+                changed = self._note(ev.key, ev.value, ev.mod_revision, ev.lease, ev.create_revision) or changed
             self.revision = max(self.revision, header_revision)
+        return changed
 
     def note(self, key: str, value: Optional[bytes], revision: int, lease: int = 0) -> None:
         with self._lock:
@@ -1122,50 +1236,76 @@ class ClusterView:
         with self._lock:
             return self._entries.get(key)
 
-    def snapshot(self) -> Snapshot:
-        with self._lock:
-            items = list(self._entries.items())
-        snap = Snapshot({}, {}, {}, {})
-        for key, entry in items:
-            split = self.keys.split(key)
-            if split is None:
-                continue
-            kind, name = split
+    def _parse(self, kind: str, name: str, entry: Entry) -> Any:
+        """The one place each kind of record is parsed. Returns what the
+        snapshot holds for the key in its field named ``kind`` (a SpecError
+        for a malformed desired, flavour or image record), or None to leave
+        the key out (a malformed host record, a kind the snapshot does not
+        hold). To add a kind: a Snapshot field of that name, a branch here."""
+        try:
             if kind == "desired":
-                try:
-                    snap.desired[name] = dataclasses.replace(DesiredVM.parse(name, entry.value),
-                                                             generation=entry.create_revision)
-                except SpecError as exc:
-                    snap.desired[name] = exc
-            elif kind == "actual":
-                snap.actual[name] = dataclasses.replace(ActualVM.parse(entry.value), lease=entry.lease)
-            elif kind == "flavours":
-                try:
-                    snap.flavours[name] = Flavour.parse(name, entry.value)
-                except SpecError as exc:
-                    snap.flavours[name] = exc
-            elif kind == "hosts":
-                try:
-                    snap.hosts[name] = dataclasses.replace(HostState.parse(entry.value), lease=entry.lease)
-                except (SpecError, TypeError):
-                    pass
-            elif kind == "fences":
-                try:
-                    snap.fences[name] = FenceRecord.parse(name, entry.value)
-                except SpecError:
-                    pass
-            elif kind == "nodes":
-                try:
-                    snap.nodes[name] = NodeRecord.parse(name, entry.value)
-                except SpecError:
-                    pass
-            elif kind == "images":
-                try:
-                    snap.images[name] = Image.parse(name, entry.value)
-                except SpecError as exc:
-                    snap.images[name] = exc
+                return dataclasses.replace(DesiredVM.parse(name, entry.value), generation=entry.create_revision)
+            if kind == "actual":
+                return dataclasses.replace(ActualVM.parse(entry.value), lease=entry.lease)
+            if kind == "flavours":
+                return Flavour.parse(name, entry.value)
+            if kind == "hosts":
+                return dataclasses.replace(HostState.parse(entry.value), lease=entry.lease)
+            if kind == "fences":
+                return FenceRecord.parse(name, entry.value)
+            if kind == "nodes":
+                return NodeRecord.parse(name, entry.value)
+            if kind == "images":
+                return Image.parse(name, entry.value)
+            return None
+        except SpecError as exc:
+            return None if kind in ("hosts", "fences", "nodes") else exc
+        except Exception as exc:  # a parser bug must stay this key's problem, not stop every tick
+            log.exception("%s %r: cannot parse its value", kind, name)
+            why = f"cannot parse the {kind} record ({type(exc).__name__})"
+            if kind == "actual":
+                return ActualVM(host="", state="error", reason=why)
+            return None if kind in ("hosts", "fences", "nodes") else SpecError(why)
+
+    def _cached(self, key: str, entry: Entry) -> tuple[Optional[tuple[str, str]], Any]:
+        """(kind and name, parsed value) of one key; parses only when the key
+        changed since it was last parsed. Call with the lock held."""
+        hit = self._parsed.get(key)
+        if hit is not None and hit[0] == entry.mod_revision:
+            return hit[1], hit[2]
+        split = self.keys.split(key)
+        value = None if split is None else self._parse(split[0], split[1], entry)
+        self._parsed[key] = (entry.mod_revision, split, value)
+        self.parses += 1
+        return split, value
+
+    def snapshot(self) -> Snapshot:
+        """The parsed cluster state now. Cheap after the first call: only
+        keys changed since the last snapshot are parsed."""
+        snap = Snapshot({}, {}, {}, {})
+        with self._lock:
+            parses = self.parses
+            for key, entry in self._entries.items():
+                split, value = self._cached(key, entry)
+                if split is not None and value is not None:
+                    getattr(snap, split[0])[split[1]] = value
+            keys, parses = len(self._entries), self.parses - parses
+        log.debug("view snapshot at revision %d: %d key(s), %d parsed", self.revision, keys, parses)
         split_trusted(snap)
         return snap
+
+    def usage(self, node: str) -> tuple[int, int, int]:
+        """``usage(node, self.snapshot().actual)`` without building a
+        snapshot: (vcpus, ram_mb, vms) reserved by the claims ``node`` holds."""
+        prefix = self.keys.dir("actual")
+        with self._lock:
+            claims = {}
+            for key, entry in self._entries.items():
+                if key.startswith(prefix):
+                    split, value = self._cached(key, entry)
+                    if split is not None and isinstance(value, ActualVM):
+                        claims[split[1]] = value
+        return usage(node, claims)
 
 
 # ---------------------------------------------------------------------------
@@ -2361,7 +2501,7 @@ class Executor:
     def _do_claim(self, act: Action, snap: Snapshot, domains: Mapping[str, str]) -> str:
         if self.cfg.claim_spread > 0 and domains.get(act.vm) != "running":
             # willingness: a busier node waits a little longer (never for a re-claim)
-            cpu, ram, _ = usage(self.node, snap.actual)
+            cpu, ram, _ = self.view.usage(self.node)
             cap = self.capacity
             load = max(cpu / cap.vcpus, ram / cap.ram_mb)
             time.sleep(self.cfg.claim_spread * min(load, 1.0) + random.uniform(0, self.cfg.claim_spread / 10))
@@ -2576,14 +2716,14 @@ class Executor:
         once; the cache path names the base image and snapshot, so a new
         import never meets a stale copy)."""
         assert self.storage is not None and image.kernel and image.initrd
-        d = os.path.join(self.cfg.state_dir, "cache", image.pool, f"{image.image}@{image.snapshot}")
-        os.makedirs(d, mode=0o755, exist_ok=True)
-        paths = []
-        for obj in (image.kernel, image.initrd):
-            path = os.path.join(d, obj.replace("/", "_"))
+        try:
+            paths = image.boot_cache_paths(os.path.join(self.cfg.state_dir, "cache"))
+        except SpecError as exc:
+            raise StorageError(str(exc)) from None
+        os.makedirs(os.path.dirname(paths[0]), mode=0o755, exist_ok=True)
+        for obj, path in zip((image.kernel, image.initrd), paths):
             if not os.path.exists(path):
                 self.storage.fetch_object(image.pool, obj, path)
-            paths.append(path)
         return DirectBoot(paths[0], paths[1], image.cmdline or "console=ttyS0")
 
     def _shut_down(self, vm: str) -> bool:
@@ -2732,7 +2872,7 @@ class Executor:
         """Drop the published console, unless another node now owns the VM."""
         self._console_sent.pop(vm, None)
         key = self.keys.console(vm)
-        entry = self.view.entry(key)
+        entry = self.store.get(key)  # the view keeps no console keys
         if entry is not None and entry.lease == self._lease():
             self.store.delete_if(key, entry.mod_revision)
 
@@ -3207,8 +3347,8 @@ class Agent:
         self._watch_cancel = self.store.watch_prefix(self.keys.all, revision, self._on_events, self._on_watch_error)
 
     def _on_events(self, revision: int, events: list[KeyEvent]) -> None:
-        self.view.apply(revision, events)
-        self._waker.wake()
+        if self.view.apply(revision, events):  # console tails alone wake nothing
+            self._waker.wake()
 
     def _on_watch_error(self, exc: BaseException) -> None:
         if isinstance(exc, RevisionCompacted):

@@ -407,24 +407,60 @@ def image() -> None:
     """Manage base images (in Ceph RBD; VMs boot from copy-on-write clones)."""
 
 
+IMAGE_FORMATS = ("raw", "qcow2")
+
+
 def _image_format(path: str) -> tuple[str, int]:
-    """(format, virtual size in bytes) of a disk image file, via qemu-img."""
+    """(format, virtual size in bytes) of a disk image file, via qemu-img.
+
+    The format is probed once, by ``qemu-img info``, which reads the file's
+    own header and opens no backing file. Only raw and qcow2 are accepted,
+    and a qcow2 that refers to another file (a backing file, an external
+    data file) is refused: converting it would read that file, so an
+    untrusted image could pull host files into the base image. Later
+    qemu-img calls must pass the returned format with ``-f``. Raises
+    click.BadParameter (exit 2) for a file that is not acceptable.
+    """
+    def bad(why: str) -> click.BadParameter:
+        return click.BadParameter(f"{path} {why}", param_hint="FILE")
     if os.path.getsize(path) == 0:
-        raise click.ClickException(f"{path} is empty: not a disk image")
+        raise bad("is empty: not a disk image")
     exe = shutil.which("qemu-img")
     if exe is None:
         raise click.ClickException("qemu-img is not installed (Debian package qemu-utils)")
     r = subprocess.run([exe, "info", "--output=json", path], capture_output=True, text=True)
     if r.returncode != 0:
-        raise click.ClickException(f"{path} is not a readable disk image: {r.stderr.strip().splitlines()[-1:]}")
-    info = json.loads(r.stdout)
-    fmt, size = info.get("format", ""), int(info.get("virtual-size", 0))
+        raise bad(f"is not a readable disk image: {r.stderr.strip().splitlines()[-1:]}")
+    try:
+        info = json.loads(r.stdout)
+        fmt, size = str(info.get("format", "")), int(info.get("virtual-size", 0))
+        specific = info.get("format-specific") or {}
+        data = (specific.get("data") or {}) if isinstance(specific, dict) else {}
+    except (ValueError, TypeError, AttributeError):
+        raise bad("is not a readable disk image: qemu-img info gave no usable answer") from None
+    if fmt not in IMAGE_FORMATS:
+        raise bad(f"is in {fmt or 'an unknown'} format: only {' and '.join(IMAGE_FORMATS)} images are accepted")
+    backing = info.get("full-backing-filename") or info.get("backing-filename")
+    if backing:
+        raise bad(f"has a backing file ({backing}): refused, it would pull another file into the image "
+                  f"(flatten it first: qemu-img convert -O qcow2 IN OUT)")
+    if isinstance(data, dict) and data.get("data-file"):
+        raise bad(f"keeps its data in an external file ({data['data-file']}): refused "
+                  f"(flatten it first: qemu-img convert -O qcow2 IN OUT)")
     if fmt == "raw" and os.path.getsize(path) % 512:
-        raise click.ClickException(f"{path} is not a disk image: {os.path.getsize(path)} bytes is not a "
-                                   f"whole number of 512-byte sectors")
+        raise bad(f"is not a disk image: {os.path.getsize(path)} bytes is not a "
+                  f"whole number of 512-byte sectors")
     if size <= 0:
-        raise click.ClickException(f"{path} has no content")
+        raise bad("has no content")
     return fmt, size
+
+
+def _convert_to_raw(path: str, fmt: str, dest: str) -> None:
+    """Write the raw content of image ``path`` to ``dest``, reading it as
+    ``fmt`` (given with -f: the file is never probed again)."""
+    r = subprocess.run(["qemu-img", "convert", "-f", fmt, "-O", "raw", path, dest], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise click.ClickException(f"cannot convert {path} from {fmt}: {r.stderr.strip()}")
 
 
 @image.command("import")
@@ -439,32 +475,36 @@ def _image_format(path: str) -> tuple[str, int]:
 @pass_ctx
 def image_import(c: Context, name: str, file: str, kernel: Optional[str], initrd: Optional[str],
                  cmdline: Optional[str], pool: Optional[str]) -> None:
-    """Upload disk image FILE (raw, or any format qemu-img reads: converted
-    to raw) into RBD as base image NAME, snapshot and protect it. Nothing is
-    left behind if any step fails."""
+    """Upload disk image FILE (raw or qcow2; qcow2 is converted to raw, and
+    refused if it refers to a backing or data file) into RBD as base image
+    NAME, snapshot and protect it. The file and the record are checked
+    before Ceph or etcd is touched; nothing is left behind if any step
+    fails."""
     if (kernel is None) != (initrd is None):
         raise click.UsageError("--kernel and --initrd go together")
     if cmdline is not None and kernel is None:
         raise click.UsageError("--cmdline needs --kernel and --initrd")
-    storage = c.storage
-    pool = pool or c.ceph.pool
-    if c.call(c.store.get, c.keys.image(name)) is not None:
-        raise click.ClickException(f"an image named {name!r} already exists")
     fmt, size = _image_format(file)
-    if not c.ceph_call(storage.pool_exists, pool):
-        raise click.ClickException(f"Ceph pool {pool!r} does not exist")
+    pool = pool or c.ceph.pool
     rbd_name = f"base-{name}-{secrets.token_hex(4)}"
     record = ms.Image(pool=pool, image=rbd_name, snapshot="base", size=size,
                       kernel=f"{rbd_name}.kernel" if kernel else None,
                       initrd=f"{rbd_name}.initrd" if initrd else None,
                       cmdline=(cmdline or "console=ttyS0") if kernel else None)
+    try:  # the agents would refuse a record they cannot trust: refuse it here first
+        ms.Image.parse(name, json.dumps(record.to_json()).encode())
+    except ms.SpecError as exc:
+        raise click.UsageError(str(exc)) from None
+    storage = c.storage
+    if c.call(c.store.get, c.keys.image(name)) is not None:
+        raise click.ClickException(f"an image named {name!r} already exists")
+    if not c.ceph_call(storage.pool_exists, pool):
+        raise click.ClickException(f"Ceph pool {pool!r} does not exist")
     with tempfile.TemporaryDirectory(prefix="metastack-import-") as tmp:
         src = file
         if fmt != "raw":
             src = os.path.join(tmp, "image.raw")
-            r = subprocess.run(["qemu-img", "convert", "-O", "raw", file, src], capture_output=True, text=True)
-            if r.returncode != 0:
-                raise click.ClickException(f"cannot convert {file} from {fmt}: {r.stderr.strip()}")
+            _convert_to_raw(file, fmt, src)
         with open(src, "rb") as fh:
             c.ceph_call(storage.import_base, pool, rbd_name, "base", fh, size)
     try:

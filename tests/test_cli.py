@@ -51,8 +51,9 @@ def test_create_writes_the_contract_and_rejects_duplicates(ctl, store) -> None:
     ctl("flavour", "create", "small", "--vcpus", "1", "--ram-mb", "512")
     r = ctl("create", "web1", "--flavour", "small", "--host", "node2", "--stopped")
     assert r.exit_code == 0, r.output
-    assert json.loads(store.get(store.keys.desired("web1")).value) == {
-        "flavour": "small", "state": "stopped", "host": "node2"}
+    written = json.loads(store.get(store.keys.desired("web1")).value)
+    assert ms.valid_uuid(written.pop("uuid"))  # the VM's identity (finding 7)
+    assert written == {"flavour": "small", "state": "stopped", "host": "node2"}
     r = ctl("create", "web1", "--flavour", "small")
     assert r.exit_code == 1 and "already exists" in r.output
 

@@ -1,0 +1,76 @@
+"""The cluster view parses each key once per revision and keeps no console
+tails (issue #6, finding 10). Pure: no etcd, no libvirt."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import metastack as ms
+from metastack import ActualVM, DesiredVM, Entry, Flavour, HostState, Image, KeyEvent
+
+# -- the cluster view: parse each key once per revision, ignore consoles ----------
+
+class Counting:
+    """Counts calls of the parse classmethods while installed."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        for cls in (DesiredVM, ActualVM, Flavour, Image, HostState):
+            orig = cls.parse
+
+            def counted(*args: object, _orig=orig) -> object:
+                self.calls += 1
+                return _orig(*args)
+            monkeypatch.setattr(cls, "parse", counted)
+
+
+def test_view_parses_each_key_once_per_revision(monkeypatch: pytest.MonkeyPatch) -> None:
+    keys = ms.Keys("/ms")
+    entries = {keys.desired(f"vm{i}"): Entry(json.dumps({"flavour": "small"}).encode(), 10 + i, 0, 10 + i)
+               for i in range(1000)}
+    entries[keys.flavour("small")] = Entry(b'{"vcpus": 1, "ram_mb": 512}', 5, 0, 5)
+    entries[keys.actual("vm0")] = Entry(ActualVM("n1", "running", vcpus=1, ram_mb=512).encode(), 2000, 7, 2000)
+    entries[keys.host("n1")] = Entry(ms.HostState(4, 4096).encode(), 1999, 7, 1999)  # the claim's lease is n1's
+    view = ms.ClusterView(keys)
+    view.load(2000, entries)
+    counter = Counting(monkeypatch)
+    first = view.snapshot()
+    assert counter.calls == 1003 and len(first.desired) == 1000
+    counter.calls = 0
+    view.snapshot()
+    assert counter.calls == 0
+    assert view.apply(2001, [KeyEvent(keys.desired("vm5"), b'{"flavour": "small", "state": "stopped"}', 2001, 0, 15)])
+    assert view.apply(2002, [KeyEvent(keys.desired("vm6"), None, 2002)])
+    snap = view.snapshot()
+    assert counter.calls == 1
+    assert snap.desired["vm5"].state == "stopped" and snap.desired["vm5"].generation == 15
+    assert "vm6" not in snap.desired and snap.desired["vm7"].generation == 17
+    assert ms.usage("n1", snap.actual) == (1, 512, 1)
+    # our own write is parsed once, by whichever reader comes first
+    view.note(keys.actual("vm1"), ActualVM("n1", "starting", vcpus=2, ram_mb=256).encode(), 2003, 7)
+    assert view.usage("n1") == (3, 768, 2)
+    assert view.usage("n1") == (3, 768, 2)
+    assert view.snapshot().actual["vm1"].state == "starting"
+    assert counter.calls == 2
+    # a full re-list of unchanged keys parses nothing again
+    now = {k: e for k in [*entries, keys.actual("vm1")] if (e := view.entry(k)) is not None}
+    view.load(2003, now)
+    counter.calls = 0
+    assert len(view.snapshot().desired) == 999 and counter.calls == 0
+
+
+def test_view_ignores_console_keys() -> None:
+    keys = ms.Keys("/ms")
+    view = ms.ClusterView(keys)
+    view.load(10, {keys.console("vm1"): Entry(b"boot log", 9, 7, 9),
+                   keys.desired("vm1"): Entry(b'{"flavour": "small"}', 8, 0, 8)})
+    assert view.entry(keys.console("vm1")) is None
+    assert view.apply(11, [KeyEvent(keys.console("vm1"), b"more", 11, 7, 9)]) is False
+    assert view.apply(12, [KeyEvent(keys.console("vm2"), b"x", 12, 7, 12)]) is False
+    assert view.entry(keys.console("vm2")) is None and view.revision == 12
+    assert view.apply(13, [KeyEvent(keys.console("vm2"), b"y", 13, 7, 12),
+                           KeyEvent(keys.desired("vm2"), b'{"flavour": "small"}', 13, 0, 13)]) is True
+    assert view.apply(14, [KeyEvent(keys.desired("vm2"), b'{"flavour": "old"}', 12, 0, 12)]) is False  # stale
+    assert view.snapshot().desired["vm2"].flavour == "small"
+    assert set(view.snapshot().desired) == {"vm1", "vm2"}
