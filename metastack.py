@@ -206,11 +206,12 @@ class AgentConfig:
     @property
     def watchdog_delay(self) -> float:
         """Seconds after the main loop's last beat at which the watchdog
-        stops this node's domains. The last renewal came at most
-        ``stall_limit`` after that beat and at least a renew interval
-        before, so the lease outlives the beat by about a TTL: the watchdog
-        acts a third of the TTL before any other node may take over."""
-        return self.stall_limit + self.renew_interval
+        stops this node's domains. The keeper renews only while the last
+        beat is at most ``stall_limit`` (= one renew interval) old, so the
+        last renewal comes after the last beat and the lease outlives that
+        beat by more than a TTL: the watchdog acts ``fence_margin`` plus
+        half a second (to power off) before any other node may take over."""
+        return max(self.stall_limit + 0.5, self.lease_ttl - self.fence_margin - 0.5)
 
     @property
     def grace(self) -> float:
@@ -2649,8 +2650,8 @@ class Executor:
                          image.pool, image.image, image.snapshot)
             if fence:
                 for node in self._former_writers(vm.name, self.storage.watchers(image.pool, name), snap):
-                    self._fence_node(node, snap)
-                fenced = self.storage.fence_disk(image.pool, name)
+                    fenced.append(f"node {node} ({self._fence_node(node, snap)})")
+                fenced += self.storage.fence_disk(image.pool, name)
                 if fenced:
                     log.warning("%s: broke the lock of %s on %s/%s (blocklisted)", vm.name, fenced, image.pool, name)
             if self._mon_hosts is None:
@@ -2681,11 +2682,12 @@ class Executor:
         targets.discard(self.node)
         return sorted(t for t in targets if t not in snap.hosts)
 
-    def _fence_node(self, node: str, snap: Snapshot) -> None:
+    def _fence_node(self, node: str, snap: Snapshot) -> str:
         """Record that ``node`` is fenced (``fences/<node>``, first writer
         wins) and, when its address is its own (no other node registered
         it), blocklist every Ceph client from that address: whatever it
-        runs or starts late can no longer write. Idempotent."""
+        runs or starts late can no longer write. Idempotent. Returns how
+        the node was fenced, for the log and the VM's reason."""
         key = self.keys.fence(node)
         entry = self.view.entry(key)
         record: Optional[FenceRecord] = None
@@ -2710,6 +2712,8 @@ class Executor:
         if record.mode == "range" and record.address:
             assert self.storage is not None
             self.storage.blocklist_range(record.address, self.FENCE_EXPIRE)
+            return f"every client from {record.address} blocklisted"
+        return "its open disk clients blocklisted"
 
     def _boot_files(self, image: Image) -> DirectBoot:
         """Local copies of an image's kernel and initrd (fetched from RADOS
@@ -2867,6 +2871,11 @@ class Executor:
                 log.info("removed orphan disk %s/%s (its VM is gone)", pool, disk)
                 removed.append(f"{pool}/{disk}")
         return removed
+
+    def lease_changed(self) -> None:
+        """Our lease is gone: what was published under it (console tails)
+        vanished with it and must be written again under the new one."""
+        self._console_sent.clear()
 
     def _delete_console(self, vm: str) -> None:
         """Drop the published console, unless another node now owns the VM."""
@@ -3205,7 +3214,7 @@ class Agent:
             self.beat()
             self.watchdog.feed(self._beat_at + self.cfg.watchdog_delay, force=True)
             self.watchdog.ensure_running(self.cfg.config_path)
-        if not self._adopt_lease():
+        if self._keeper is None and not self._adopt_lease():
             self._acquire_lease(wait_for_stale=self.cfg.lease_ttl + 2.0)
         self.hv.domain_type = resolve_domain_type(self.cfg, self.beat)
         self._register_node()
@@ -3216,6 +3225,8 @@ class Agent:
         ``state_dir/agent-<node>.lock``, held for the life of the process
         (the kernel drops it when the process dies, even by kill -9)."""
         import fcntl
+        if getattr(self, "_lock_fd", None) is not None:
+            return  # held since an earlier attempt to start
         os.makedirs(self.cfg.state_dir, mode=0o755, exist_ok=True)
         self._lock_fd = os.open(os.path.join(self.cfg.state_dir, f"agent-{self.node}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -3361,8 +3372,18 @@ class Agent:
 
     def run(self) -> None:
         """Main loop: tick on every wake-up; on stop, keep the guests
-        running for the next agent (``on_stop = keep``) or drain them."""
-        self.start()
+        running for the next agent (``on_stop = keep``) or drain them.
+        etcd trouble during start-up is waited out, not fatal."""
+        while True:
+            try:
+                self.start()
+                break
+            except (StoreUnavailable, LeaseNotFound) as exc:
+                if self._stop_requested:
+                    return
+                log.warning("start-up: %s; retrying", exc)
+                self.beat()
+                self._waker.wait(1.0)
         failures = 0
         while not self._stop_requested:
             self.beat()
@@ -3419,6 +3440,7 @@ class Agent:
         if self._keeper.lost.is_set():
             self._keeper.stop()
             self._quiet_until = now + self.cfg.grace
+            self.executor.lease_changed()
             self._acquire_lease(wait_for_stale=self.cfg.lease_ttl + 2.0)
             self._resync()
             running = sum(1 for s in self.hv.domains().values() if s == "running")

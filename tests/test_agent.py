@@ -421,7 +421,8 @@ def test_etcd_freeze_of_3_ttl_keeps_every_vm_where_it_runs(cluster: Cluster) -> 
     assert "powered off" not in after1 and "started o" not in after1, after1
     assert "claimed o1, running o1" in after1 and "claimed o2, running o2" in after1
     assert "claimed o" not in after2, after2
-    assert n1.alive() and n2.alive()
+    assert n1.alive(), n1.log()[-3000:]
+    assert n2.alive(), n2.log()[-3000:]
 
 
 def test_keeper_renews_only_while_the_main_loop_beats(store) -> None:

@@ -131,10 +131,16 @@ def test_failover_fences_the_old_writer_and_reuses_the_disk(real_cluster: Cluste
     assert a["disk"] == disk  # the same RBD image, never a new clone
     assert "fenced the disk's former writer" in a["reason"]
     wait_boot(c, "mover", 2)
-    # The old node's agent comes back and removes its stale copy.
+    # node2 recorded the fence of node1 (shared address here: per-client mode)
+    fence = json.loads(c.store.get(c.keys.fence("node1")).value)
+    assert fence["by"] == "node2" and fence["mode"] == "clients"
+    # The old node's agent comes back, removes its stale copy, proves it and is unfenced.
+    mark = len(n1.log())
     n1.start()
-    wait_for(lambda: "killed local domain mover (claimed by node2)" in n1.log(), 30, what="stale copy removed")
+    wait_for(lambda: "killed local domain mover (" in n1.log()[mark:], 30, what="stale copy removed")
+    wait_for(lambda: c.store.get(c.keys.fence("node1")) is None, 30, what="node1 unfenced")
     assert "mover.node1" not in virsh("list", "--all", "--name")
+    assert "claimed mover" not in n1.log()[mark:]
     assert n2.alive()
 
 
@@ -246,3 +252,132 @@ def test_disk_of_a_vm_destroyed_while_its_owner_was_dead_is_collected(real_clust
         raise AssertionError(f"{exc}\nnode1 log:\n{n1.log()[-3000:]}") from None
     assert f"removed orphan disk {ceph.pool}/{disk}" in n1.log()
     assert "orphan1.node1" not in virsh("list", "--all", "--name")
+
+
+# -- issue 6: failover that survives etcd trouble, watchdog, stop/restart -----
+
+def domstate(dom: str) -> str:
+    return virsh("domstate", dom, check=False).strip()
+
+
+def test_watchdog_stops_the_guests_of_a_frozen_agent_before_its_lease_lapses(real_cluster: Cluster,
+                                                                           guest: Path) -> None:
+    """Finding 5: an agent that stops making progress (SIGSTOP) loses its
+    VMs fast: its watchdog, a process of its own, powers the guest off
+    before the lease can lapse; then node2 fences and boots the same disk."""
+    c = real_cluster
+    setup(c, guest, "node1")
+    assert ctl(c, "create", "frosty", "--flavour", "tiny", "--image", "tiny").exit_code == 0
+    wait_boot(c, "frosty", 1)
+    n1 = c.agents[0]
+    dog = n1.watchdog_pid()
+    assert dog is not None and dog != n1.proc.pid
+    c.agent("node2", vcpus=2, ram_mb=1024)
+    c.wait_hosts("node2")
+    n1.signal(signal.SIGSTOP)
+    frozen_at = time.monotonic()
+    try:
+        off_at = wait_for(lambda: "running" not in domstate("frosty.node1") and time.monotonic(), c.ttl + 10,
+                          what="the watchdog to stop the frozen node's guest")
+        assert "node1" in c.hosts(), "the lease lapsed before the watchdog acted"
+        wait_for(lambda: c.states().get("frosty", ("", ""))[1] == "node2", c.ttl + 15, what="frosty on node2")
+    finally:
+        n1.signal(signal.SIGCONT)
+    assert off_at - frozen_at < c.ttl
+    wait_boot(c, "frosty", 2)  # the same disk: its counter goes on
+    wait_for(lambda: c.store.get(c.keys.fence("node1")) is None, 30, what="node1 unfenced after proving clean")
+    assert "frosty.node1" not in virsh("list", "--all", "--name")
+
+
+def test_sigterm_keeps_guests_and_a_restarted_agent_adopts_them(real_cluster: Cluster, guest: Path) -> None:
+    """on_stop = keep (the default): a service restart reboots nothing."""
+    c = real_cluster
+    c.on_stop = "keep"
+    setup(c, guest, "node1")
+    assert ctl(c, "create", "stay", "--flavour", "tiny", "--image", "tiny").exit_code == 0
+    wait_boot(c, "stay", 1)
+    domid = virsh("domid", "stay.node1").strip()
+    n1 = c.agents[0]
+    n1.signal(signal.SIGTERM)
+    assert n1.wait(15) == 0
+    assert "on_stop = keep" in n1.log() and "running" in domstate("stay.node1")
+    n1.start()
+    wait_for(lambda: "adopted lease" in n1.log(), 15, what="lease adopted")
+    time.sleep(c.ttl + 1.0)
+    assert virsh("domid", "stay.node1").strip() == domid
+    assert boots(c, "stay") == [1]
+    assert c.states()["stay"] == ("running", "node1")
+    c.on_stop = "drain"  # teardown leaves nothing running
+    n1.config.write_text(n1.config.read_text().replace("on_stop = keep", "on_stop = drain"))
+    n1.signal(signal.SIGKILL)
+    n1.wait()
+    n1.start()
+    wait_for(lambda: "adopted lease" in n1.log()[n1.log().index("stay"):], 15, what="second adoption")
+
+
+def test_sigterm_keep_without_a_restart_moves_the_vm_before_the_lease_lapses(real_cluster: Cluster,
+                                                                             guest: Path) -> None:
+    c = real_cluster
+    c.on_stop = "keep"
+    setup(c, guest, "node1")
+    assert ctl(c, "create", "leaver", "--flavour", "tiny", "--image", "tiny").exit_code == 0
+    wait_boot(c, "leaver", 1)
+    c.on_stop = "drain"
+    c.agent("node2", vcpus=2, ram_mb=1024)
+    c.wait_hosts("node2")
+    n1 = c.agents[0]
+    n1.signal(signal.SIGTERM)
+    assert n1.wait(15) == 0
+    wait_for(lambda: "running" not in domstate("leaver.node1"), c.ttl + 5, what="watchdog stops the guest")
+    wait_for(lambda: c.states().get("leaver", ("", ""))[1] == "node2", c.ttl + 15, what="leaver on node2")
+    wait_boot(c, "leaver", 2)
+
+
+def test_etcd_freeze_of_3_ttl_reboots_no_real_guest(real_cluster: Cluster, guest: Path) -> None:
+    """Finding 2 end to end: every lease expires at once; the guest keeps
+    running (same QEMU, boot counter unchanged) on the node it ran on."""
+    c = real_cluster
+    setup(c, guest, "node1")
+    assert ctl(c, "create", "calm", "--flavour", "tiny", "--image", "tiny").exit_code == 0
+    wait_boot(c, "calm", 1)
+    c.agent("node2", vcpus=2, ram_mb=1024)
+    c.wait_hosts("node2")
+    domid = virsh("domid", "calm.node1").strip()
+    assert c.etcd.proc is not None
+    c.etcd.proc.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(3 * c.ttl)
+    finally:
+        c.etcd.proc.send_signal(signal.SIGCONT)
+    wait_for(lambda: c.states().get("calm") == ("running", "node1"), 20, what="calm re-claimed on node1")
+    time.sleep(c.ttl)
+    assert virsh("domid", "calm.node1").strip() == domid
+    assert boots(c, "calm") == [1]
+    assert c.store.get(c.keys.fence("node1")) is None
+    assert "calm.node2" not in virsh("list", "--all", "--name")
+
+
+def test_a_vm_that_keeps_failing_on_a_node_is_handed_to_one_that_can_run_it(real_cluster: Cluster,
+                                                                           guest: Path) -> None:
+    """Finding 8: node1 has no Ceph configured; it gives the VM up after a
+    bounded number of tries (the reason stays where show finds it), its
+    error claim reserves nothing, and node2 runs the VM."""
+    c = real_cluster
+    c.flavour("tiny", 1, 128)
+    import_tiny(c, guest)
+    ceph = c.ceph_section
+    c.ceph_section = ""
+    n1 = c.agent("node1", vcpus=2, ram_mb=1024)
+    c.ceph_section = ceph
+    c.wait_hosts("node1")
+    assert ctl(c, "create", "picky", "--flavour", "tiny", "--image", "tiny").exit_code == 0
+    wait_for(lambda: "gave up picky" in n1.log(), 30, what="node1 gives picky up")
+    shown = json.loads(ctl(c, "show", "picky", "-o", "json").stdout)
+    assert "no [ceph] storage" in shown["given_up_by"]["node1"]
+    assert c.hosts()["node1"]["vcpus_used"] == 0
+    lines = len(n1.log().splitlines())
+    time.sleep(3)
+    assert len(n1.log().splitlines()) - lines < 5  # no busy retry loop
+    c.agent("node2", vcpus=2, ram_mb=1024)
+    wait_boot(c, "picky", 1)
+    assert c.states()["picky"] == ("running", "node2")
