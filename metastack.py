@@ -413,6 +413,13 @@ class Keys:
 
     KINDS = ("desired", "actual", "hosts", "flavours", "images", "console", "fences", "nodes")
 
+    def events(self, vm: str) -> str:
+        """The folder of ``vm``'s history: ``events/<vm>/<usec>-<node>``."""
+        return f"{self.prefix}/events/{vm}/"
+
+    def event(self, vm: str, usec: int, node: str) -> str:
+        return f"{self.prefix}/events/{vm}/{usec:020d}-{node}"
+
     def __init__(self, prefix: str = "/metastack") -> None:
         self.prefix = prefix.rstrip("/")
 
@@ -1163,6 +1170,7 @@ class ClusterView:
 
     def __init__(self, keys: Keys) -> None:
         self.keys = keys
+        self._events = keys.dir("events")
         self._lock = threading.Lock()
         self._entries: dict[str, Entry] = {}
         self._seen: dict[str, int] = {}  # key -> last revision seen (incl. deletes)
@@ -1188,6 +1196,8 @@ class ClusterView:
             self.lapsed[name] = (revision, time.monotonic())
 
     def _kept(self, key: str) -> bool:
+        if key.startswith(self._events):  # VM history: written often, never read by the reconcile
+            return False
         split = self.keys.split(key)
         return split is None or split[0] not in self.IGNORED_KINDS
 
@@ -2382,6 +2392,46 @@ class NodeFenced(MetaStackError):
     """This node is fenced: it may not start anything until unfenced."""
 
 
+class EventLog:
+    """A VM's history, written by the agent that acted: one key per event,
+    ``events/<vm>/<20-digit epoch usec>-<node>`` = {"at", "node", "vm",
+    "event", "detail"}, under a lease of this agent that is never renewed
+    (so events live at most LEASE_TTL seconds; a fresh lease is taken every
+    ROLL seconds), and at most KEEP per VM (the oldest go first). Never
+    needed for correctness: a failure to record is logged and forgotten,
+    and recording never raises."""
+
+    LEASE_TTL = 3600
+    ROLL = 600.0
+    KEEP = 50
+
+    def __init__(self, store: Store, node: str) -> None:
+        self.store, self.keys, self.node = store, store.keys, node
+        self._lease = 0
+        self._lease_at = 0.0
+        self._written: dict[str, int] = {}
+
+    def record(self, vm: str, event: str, detail: str = "") -> None:
+        try:
+            now = time.monotonic()
+            if not self._lease or now - self._lease_at > self.ROLL:
+                self._lease, self._lease_at = self.store.grant_lease(self.LEASE_TTL), now
+            usec = time.time_ns() // 1000
+            value = {"at": utc_now(), "node": self.node, "vm": vm, "event": event, "detail": detail[:500]}
+            self.store.put(self.keys.event(vm, usec, self.node), json.dumps(value).encode(), self._lease)
+            self._written[vm] = self._written.get(vm, 0) + 1
+            if self._written[vm] % 10 == 0:
+                self._trim(vm)
+        except (StoreUnavailable, LeaseNotFound) as exc:
+            self._lease = 0
+            log.debug("%s: event %s not recorded: %s", vm, event, exc)
+
+    def _trim(self, vm: str) -> None:
+        _, entries = self.store.list_prefix(self.keys.events(vm))
+        for key in sorted(entries)[:-self.KEEP]:
+            self.store.delete(key)
+
+
 class Executor:
     """Applies the planner's actions for one node: claims in etcd, disks in
     Ceph, domains in libvirt, and the VM's actual state back into etcd.
@@ -2424,6 +2474,7 @@ class Executor:
         self._backoff: dict[str, tuple[int, float]] = {}  # vm -> (failures, monotonic time of next try)
         self.gave_up: dict[str, tuple[str, str, float]] = {}  # vm -> (identity, reason, monotonic until)
         self.ceph_refused = False  # Ceph refused our own client (blocklisted): we are fenced
+        self.events = EventLog(store, self.node)
 
     # -- dispatch ----------------------------------------------------------------
     def apply(self, act: Action, snap: Snapshot, domains: Mapping[str, str]) -> str:
@@ -2461,6 +2512,8 @@ class Executor:
         if (act.kind in ("claim", "run", "park") and failures + 1 >= self.MAX_TRIES
                 and domains.get(act.vm) != "running" and isinstance(spec, DesiredVM)):
             return self._give_up(act.vm, spec, why)
+        if failures == 0:
+            self.events.record(act.vm, "error", why)
         self.publish(act.vm, "error", why, 0, 0)
         return f"{act.vm}: {why} (retry in {delay:.0f}s)"
 
@@ -2474,6 +2527,7 @@ class Executor:
         self._delete_console(vm)
         self._backoff.pop(vm, None)
         self.gave_up[vm] = (spec.identity, why, time.monotonic() + self.GIVE_UP_FOR)
+        self.events.record(vm, "gave up", f"after {self.MAX_TRIES} failures: {why}")
         log.warning("%s: gave up after %d failures here, handing it over: %s", vm, self.MAX_TRIES, why)
         return f"gave up {vm} after {self.MAX_TRIES} failures ({why})"
 
@@ -2513,6 +2567,8 @@ class Executor:
                             vm_uuid=spec.uuid or "")
         if not self._create_claim(act.vm, value, snap):
             return ""
+        self.events.record(act.vm, "claimed", "re-claimed its running domain" if domains.get(act.vm) == "running"
+                           else f"{act.vcpus} vcpus, {act.ram_mb} MiB reserved")
         note = self._converge(act, snap, domains)
         return f"claimed {act.vm}" + (f", {note}" if note else "")
 
@@ -2563,6 +2619,7 @@ class Executor:
                 return f"{act.vm}: disk {disk} busy, will retry"
         self._delete_claim(act.vm)
         self._delete_console(act.vm)
+        self.events.record(act.vm, "removed", (f"disk {disk} deleted; " if disk else "") + act.reason)
         return f"removed {act.vm}" + (f" and its disk {disk}" if disk else "") + f" ({act.reason})"
 
     def _do_release(self, act: Action, snap: Snapshot, domains: Mapping[str, str]) -> str:
@@ -2570,11 +2627,13 @@ class Executor:
         self.stopping.pop(act.vm, None)
         self._delete_claim(act.vm)
         self._delete_console(act.vm)
+        self.events.record(act.vm, "released", act.reason)
         return f"released {act.vm} ({act.reason})"
 
     def _do_kill(self, act: Action, snap: Snapshot, domains: Mapping[str, str]) -> str:
         self.hv.remove(act.vm)
         self.stopping.pop(act.vm, None)
+        self.events.record(act.vm, "stale copy killed", act.reason)
         return f"killed local domain {act.vm} ({act.reason})"
 
     def use_ceph_secret(self, fsid: str) -> None:
@@ -2610,6 +2669,8 @@ class Executor:
             if fenced:
                 reason = (reason + "; " if reason else "") + f"fenced the disk's former writer(s): {', '.join(fenced)}"
             self.publish(act.vm, "running", reason, act.vcpus, act.ram_mb, disk)
+            if started:
+                self.events.record(act.vm, "started", reason)
             return f"started {act.vm}" + (f" ({reason})" if reason else "") if started else ""
         if current is None:
             spec, disk, _ = self._prepare(vm, act, snap, fence=False)
@@ -2619,6 +2680,7 @@ class Executor:
         if current == "running":
             if self._shut_down(act.vm):
                 self.publish(act.vm, "stopped", "", act.vcpus, act.ram_mb)
+                self.events.record(act.vm, "stopped", "desired state stopped")
                 return f"stopped {act.vm}"
             changed = self.publish(act.vm, "stopping", "", act.vcpus, act.ram_mb)
             return f"stopping {act.vm}" if changed else ""
@@ -2650,7 +2712,7 @@ class Executor:
                          image.pool, image.image, image.snapshot)
             if fence:
                 for node in self._former_writers(vm.name, self.storage.watchers(image.pool, name), snap):
-                    fenced.append(f"node {node} ({self._fence_node(node, snap)})")
+                    fenced.append(f"node {node} ({self._fence_node(node, snap, vm.name)})")
                 fenced += self.storage.fence_disk(image.pool, name)
                 if fenced:
                     log.warning("%s: broke the lock of %s on %s/%s (blocklisted)", vm.name, fenced, image.pool, name)
@@ -2682,7 +2744,7 @@ class Executor:
         targets.discard(self.node)
         return sorted(t for t in targets if t not in snap.hosts)
 
-    def _fence_node(self, node: str, snap: Snapshot) -> str:
+    def _fence_node(self, node: str, snap: Snapshot, vm_of_fence: str = "") -> str:
         """Record that ``node`` is fenced (``fences/<node>``, first writer
         wins) and, when its address is its own (no other node registered
         it), blocklist every Ceph client from that address: whatever it
@@ -2703,6 +2765,7 @@ class Executor:
             rev, existing = self.store.create(key, record.encode())
             if rev is not None:
                 self.view.note(key, record.encode(), rev)
+                self.events.record(vm_of_fence, "fenced", f"node {node} ({record.mode})")
                 log.warning("fencing node %s: %s", node,
                             f"blocklisting every client from {addr}" if own else
                             "its address is unknown or shared: blocklisting the disk clients it has open")

@@ -399,6 +399,26 @@ def console(c: Context, name: str) -> None:
     click.echo(entry.value.decode("utf-8", errors="replace"), nl=False)
 
 
+@cli.command()
+@click.argument("name", required=False, callback=lambda ctx, p, v: name_arg("VM")(ctx, p, v) if v else v)
+@OUTPUT
+@pass_ctx
+def events(c: Context, name: Optional[str], output: str) -> None:
+    """Show VM life events (claimed, started, fenced, stopped, errors, ...)
+    recorded by the agents that acted, oldest first; all VMs without NAME.
+    Events are kept for about an hour, at most 50 per VM."""
+    prefix = c.keys.events(name) if name else c.keys.dir("events")
+    _, entries = c.call(c.store.list_prefix, prefix)
+    rows = []
+    for key in sorted(entries, key=lambda k: k.rsplit("/", 1)[1]):
+        try:
+            ev = json.loads(entries[key].value)
+            rows.append([ev.get("at"), ev.get("vm"), ev.get("node"), ev.get("event"), ev.get("detail")])
+        except (ValueError, AttributeError, RecursionError):
+            rows.append([None, key.split("/")[-2], None, "malformed", None])
+    print_output(("AT", "VM", "NODE", "EVENT", "DETAIL"), rows, output)
+
+
 # -- images -------------------------------------------------------------------
 
 

@@ -472,3 +472,29 @@ def test_adoption_keeps_the_granted_ttl(cluster: Cluster) -> None:
     after = cluster.store.get(cluster.keys.host("node1"))
     assert before is not None and after is not None and after.lease == before.lease
     assert cluster.states()["t1"] == ("running", "node1")
+
+
+def test_vm_history_is_recorded_by_the_agent_that_acted(cluster: Cluster) -> None:
+    """Each VM's life events go to events/<vm>/ under the acting agent's
+    own lease (bounded in age), and metastackctl events lists them."""
+    from click.testing import CliRunner
+    from metastackctl import cli
+    cluster.flavour("small", 1, 512)
+    cluster.agent("node1")
+    cluster.wait_hosts("node1")
+    cluster.desire("h1")
+    cluster.wait_running(["h1"])
+    cluster.desire("h1", state="stopped")
+    wait_for(lambda: cluster.states()["h1"][0] == "stopped", what="h1 stopped")
+    cluster.undesire("h1")
+    wait_for(lambda: "h1" not in cluster.states(), what="h1 removed")
+
+    def history() -> list[str]:
+        r = CliRunner().invoke(cli, ["--endpoints", cluster.etcd.endpoint, "--prefix", cluster.prefix,
+                                     "events", "h1", "-o", "json"])
+        assert r.exit_code == 0, r.output
+        return [e["event"] for e in json.loads(r.stdout) if e["node"] == "node1" and e["vm"] == "h1"]
+    wait_for(lambda: history() == ["claimed", "started", "stopped", "removed"], 10, what="h1's history")
+    _, entries = cluster.store.list_prefix(cluster.keys.events("h1"))
+    lease = next(iter(entries.values())).lease
+    assert lease and 0 < cluster.store.lease_ttl(lease)[1] <= 3600
