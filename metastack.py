@@ -1369,9 +1369,13 @@ class Storage:
     re-opened after a failure.
     """
 
-    OP_TIMEOUT = 15  # seconds for any mon/osd operation: never hang the agent
+    OP_TIMEOUT = 15.0  # default seconds for any mon/osd operation: never hang the caller
 
-    def __init__(self, cfg: CephConfig) -> None:
+    def __init__(self, cfg: CephConfig, op_timeout: Optional[float] = None) -> None:
+        """``op_timeout`` bounds every monitor and OSD operation (and the
+        connect): the agent passes less than its watchdog delay, so a sick
+        Ceph makes an operation fail, not the main loop stall."""
+        self.op_timeout = op_timeout or self.OP_TIMEOUT
         try:
             import rados  # Debian's python3-rados: imported here, not at module import
             import rbd
@@ -1387,12 +1391,13 @@ class Storage:
     def _connect(self) -> Any:
         with self._lock:
             if self._cluster is None:
-                conf = {"rados_osd_op_timeout": str(self.OP_TIMEOUT), "rados_mon_op_timeout": str(self.OP_TIMEOUT)}
+                secs = str(max(1, int(self.op_timeout)))  # Ceph takes whole seconds here
+                conf = {"rados_osd_op_timeout": secs, "rados_mon_op_timeout": secs}
                 if self.cfg.keyring:
                     conf["keyring"] = self.cfg.keyring
                 try:
                     cluster = self._rados.Rados(conffile=self.cfg.conf, name=f"client.{self.cfg.client}", conf=conf)
-                    cluster.connect(timeout=self.OP_TIMEOUT)
+                    cluster.connect(timeout=self.op_timeout)
                 except self._rados.Error as exc:
                     raise StorageError(f"cannot connect to Ceph ({self.cfg.conf}, client.{self.cfg.client}): {exc}") from None
                 self._cluster = cluster
@@ -1880,6 +1885,7 @@ class Hypervisor:
     thread for lifecycle events of our domains (started, stopped, crashed..).
     """
 
+    KEEPALIVE = (1, 2)  # seconds between pings, unanswered pings before the connection is dropped
     EVENTS = {0: "defined", 1: "undefined", 2: "started", 3: "suspended", 4: "resumed",
               5: "stopped", 6: "shut down", 7: "pm-suspended", 8: "crashed"}
     STOP_DETAILS = {0: "guest shutdown", 1: "destroyed", 2: "crashed", 3: "migrated", 4: "saved",
@@ -1905,6 +1911,11 @@ class Hypervisor:
             conn = self._lv.open(self._uri)
             if self._on_event is not None:
                 conn.domainEventRegisterAny(None, self._lv.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, None)
+                # Bound every call: a libvirtd that stops answering closes the
+                # connection after about KEEPALIVE[0] * (KEEPALIVE[1] + 1) s, and
+                # the call fails instead of hanging (needs the event loop).
+                with contextlib.suppress(self._lv.libvirtError):
+                    conn.setKeepAlive(*self.KEEPALIVE)
             return conn
         except self._lv.libvirtError as exc:
             raise HypervisorError(f"cannot connect to libvirt at {self._uri}: {exc}") from None
@@ -3213,7 +3224,8 @@ class Agent:
         hv_cpu, hv_ram = self.hv.capacity()
         self.capacity = Capacity(cfg.vcpus or hv_cpu, cfg.ram_mb or hv_ram)
         self.view = ClusterView(self.keys)
-        self.storage = Storage(cfg.ceph) if cfg.ceph is not None else None
+        self.storage = (Storage(cfg.ceph, op_timeout=max(1.0, cfg.watchdog_delay - 1.0))
+                        if cfg.ceph is not None else None)
         self.executor = Executor(cfg, self.store, self.view, self.hv, self.storage, self.capacity,
                                  lambda: self.lease_id, self._lease_headroom, self.beat)
         if self.storage is not None:

@@ -381,3 +381,36 @@ def test_a_vm_that_keeps_failing_on_a_node_is_handed_to_one_that_can_run_it(real
     c.agent("node2", vcpus=2, ram_mb=1024)
     wait_boot(c, "picky", 1)
     assert c.states()["picky"] == ("running", "node2")
+
+
+def test_node_range_fence_is_added_and_lifted_and_profile_rbd_cannot_lift(ceph, tmp_path: Path) -> None:
+    """The storage side of node fencing on the real Ceph: a range blocklist
+    with the agent's expiry is listed, lifted by an admin key, and a key with
+    only `profile rbd` may add one but not remove it (say so in the note)."""
+    admin = ms.Storage(ms.CephConfig(conf=ceph.conf, client=ceph.client, keyring=ceph.keyring, pool=ceph.pool))
+    cli_ceph = ["ceph", "-c", ceph.conf, "--keyring", ceph.keyring, "--id", ceph.client]
+
+    def listed() -> str:
+        return subprocess.run(cli_ceph + ["osd", "blocklist", "ls"], capture_output=True, text=True).stdout
+    admin.blocklist_range("10.213.99.7", ms.Executor.FENCE_EXPIRE)
+    assert "10.213.99.7:0/32" in listed()
+    admin.unblocklist_range("10.213.99.7")
+    assert "10.213.99.7" not in listed()
+    keyring = tmp_path / "rbdonly.keyring"
+    subprocess.run(cli_ceph + ["auth", "get-or-create", "client.rbdonly", "mon", "profile rbd", "osd",
+                               f"profile rbd pool={ceph.pool}", "-o", str(keyring)], check=True)
+    keyring.chmod(0o644)
+    node = ms.Storage(ms.CephConfig(conf=ceph.conf, client="rbdonly", keyring=str(keyring), pool=ceph.pool))
+    try:
+        node.blocklist_range("10.213.99.8", 600)
+        assert "10.213.99.8:0/32" in listed()
+        try:
+            node.unblocklist_range("10.213.99.8")
+            raise AssertionError("profile rbd lifted a fence")
+        except ms.StorageError as exc:
+            assert "access denied" in str(exc) or "EACCES" in str(exc) or "ermission" in str(exc)
+    finally:
+        admin.unblocklist_range("10.213.99.8")
+        subprocess.run(cli_ceph + ["auth", "del", "client.rbdonly"], check=False)
+        node.close()
+        admin.close()
