@@ -117,3 +117,23 @@ def real_cluster(etcd: EtcdServer, prefix: str, store: ms.Store, e2e_root: Path,
     yield c
     c.stop_all()
     _deploy_module("cephdev").clear_blocklist(ceph)
+
+
+# -- order: fast layers first, so a failure shows early ------------------------
+
+LAYERS = ("test_plan", "test_robust", "test_view_cache", "test_chaoscheck", "test_cli", "test_image_import",
+          "test_agent", "test_robust_agent", "test_web", "test_e2e", "test_chaos")
+
+
+def _layer(item: pytest.Item) -> int:
+    name = Path(str(item.fspath)).stem
+    for i, prefix in sorted(enumerate(LAYERS), key=lambda p: -len(p[1])):  # longest prefix wins
+        if name.startswith(prefix):
+            return i
+    return len(LAYERS)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Pure tests, then the CLI, agents on test:/// hosts, the web, real
+    guests, and the multi-node chaos suite last (stable within a file)."""
+    items.sort(key=_layer)

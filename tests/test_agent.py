@@ -498,3 +498,33 @@ def test_vm_history_is_recorded_by_the_agent_that_acted(cluster: Cluster) -> Non
     _, entries = cluster.store.list_prefix(cluster.keys.events("h1"))
     lease = next(iter(entries.values())).lease
     assert lease and 0 < cluster.store.lease_ttl(lease)[1] <= 3600
+
+
+def test_a_re_created_desired_key_with_a_uuid_keeps_its_vm(cluster: Cluster) -> None:
+    """Finding 7: identity lives in the value. A tool re-creates the desired
+    keys while the agent is restarting (new create_revision, same uuid); the
+    agent adopts its lease and claims, and must not destroy the VM. Without a
+    uuid the key's revision is the identity, so there it makes a new VM."""
+    cluster.flavour("small", 1, 512)
+    n1 = cluster.agent("node1")
+    cluster.wait_hosts("node1")
+    cluster.desire("keep1", uuid="0b3c4d5e-1234-4abc-8def-0123456789ab")
+    cluster.desire("anon1")
+    cluster.wait_running(["keep1", "anon1"])
+    before = cluster.store.get(cluster.keys.actual("keep1"))
+    n1.signal(signal.SIGKILL)
+    n1.wait()
+    for vm in ("keep1", "anon1"):
+        key = cluster.keys.desired(vm)
+        value = cluster.store.get(key).value
+        cluster.store.delete(key)
+        cluster.store.put(key, value)
+    mark = len(n1.log())
+    n1.start()
+    wait_for(lambda: "adopted lease" in n1.log()[mark:], 10, what="adoption")
+    wait_for(lambda: "removed anon1" in n1.log()[mark:], 10, what="the uuid-less VM re-created")
+    cluster.wait_running(["keep1", "anon1"])
+    time.sleep(1.0)
+    after = cluster.store.get(cluster.keys.actual("keep1"))
+    assert "removed keep1" not in n1.log()[mark:]
+    assert after is not None and after.create_revision == before.create_revision  # the same claim, kept

@@ -1,6 +1,7 @@
 """metastackctl through click's CliRunner against a real etcd."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -207,3 +208,20 @@ def test_hand_written_claims_and_hosts_without_lease_are_not_trusted(ctl, cluste
     assert actual["imp"]["vcpus"] == 1 and actual["mine"]["ram_mb"] == 512  # the flavour, not the forgery
     rows = {r["name"]: r for r in json.loads(ctl("list", "-o", "json").stdout)}
     assert rows["imp"]["state"] == "running" and rows["mine"]["state"] == "running"
+
+
+def test_hosts_show_fences_and_unfence_refuses_an_unproven_node(ctl, store) -> None:
+    rec = ms.FenceRecord("node7", "node1", "2026-11-25T00:00:00Z", "clients")
+    store.put(store.keys.fence("node7"), rec.encode())
+    rows = {r["node"]: r for r in json.loads(ctl("hosts", "-o", "json").stdout)}
+    assert rows["node7"]["state"] == "down" and rows["node7"]["fence"].startswith("fenced (clients, by node1)")
+    r = ctl("host", "unfence", "node7", "--yes")
+    assert r.exit_code == 1 and "has not proved its stale domains gone" in r.output
+    assert store.get(store.keys.fence("node7")) is not None
+    store.put(store.keys.fence("node7"), dataclasses.replace(rec, state="clean").encode())
+    r = ctl("host", "unfence", "node7", "--yes")
+    assert r.exit_code == 0, r.output
+    assert store.get(store.keys.fence("node7")) is None
+    store.put(store.keys.fence("node8"), rec.encode())
+    assert ctl("host", "unfence", "node8", "--yes", "--force").exit_code == 0
+    assert ctl("host", "unfence", "node8", "--yes").exit_code == 1  # not fenced any more

@@ -414,3 +414,31 @@ def test_node_range_fence_is_added_and_lifted_and_profile_rbd_cannot_lift(ceph, 
         subprocess.run(cli_ceph + ["auth", "del", "client.rbdonly"], check=False)
         node.close()
         admin.close()
+
+
+def test_restart_with_domain_type_auto_adopts_before_probing(real_cluster: Cluster, guest: Path) -> None:
+    """Finding 3: the 10 s KVM probe of domain_type = auto ran before the
+    lease was adopted and outlasted the TTL, so a restart rebooted every
+    guest. Now the lease is adopted first and the probe runs while the main
+    loop keeps beating (or comes from the cache): nothing restarts."""
+    c = real_cluster
+    c.domain_type = "auto"
+    setup(c, guest, "node1")
+    n1 = c.agents[0]
+    assert ctl(c, "create", "probed", "--flavour", "tiny", "--image", "tiny").exit_code == 0
+    wait_boot(c, "probed", 1)
+    assert "domain_type auto: using qemu" in n1.log() or "domain_type auto: using kvm" in n1.log()
+    domid = virsh("domid", "probed.node1").strip()
+    n1.signal(signal.SIGKILL)
+    n1.wait()
+    (c.dir / "state-node1" / "kvm-probe.json").unlink()  # force a real probe after the restart
+    mark = len(n1.log())
+    n1.start()
+    wait_for(lambda: "adopted lease" in n1.log()[mark:], 10, what="lease adopted")
+    wait_for(lambda: "domain_type auto: using" in n1.log()[mark:], 30, what="probe done")
+    time.sleep(1.0)
+    assert virsh("domid", "probed.node1").strip() == domid
+    assert boots(c, "probed") == [1]
+    assert c.states()["probed"] == ("running", "node1")
+    log = n1.log()[mark:]
+    assert log.index("adopted lease") < log.index("domain_type auto: using")
