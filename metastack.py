@@ -1195,6 +1195,14 @@ class ClusterView:
         elif kind == "hosts":
             self.lapsed[name] = (revision, time.monotonic())
 
+    def departures(self, since: float) -> tuple[dict[str, "Vanished"], dict[str, tuple[int, float]]]:
+        """Copies of (vanished claims, lapsed hosts) no older than ``since``
+        (monotonic); older memories are dropped."""
+        with self._lock:
+            self.vanished = {vm: v for vm, v in self.vanished.items() if v.at >= since}
+            self.lapsed = {n: p for n, p in self.lapsed.items() if p[1] >= since}
+            return dict(self.vanished), dict(self.lapsed)
+
     def _kept(self, key: str) -> bool:
         if key.startswith(self._events):  # VM history: written often, never read by the reconcile
             return False
@@ -2922,6 +2930,7 @@ class Executor:
         removed = []
         for pool in sorted(pools):
             for disk in orphan_disks(pool, self.storage.vm_disks(pool), snap):
+                self._beat()
                 vm, ident = parse_disk_name(disk) or ("", "")
                 desired = self.store.get(self.keys.desired(vm))
                 if desired is not None:
@@ -3214,11 +3223,13 @@ class Agent:
         self.node = cfg.node_name
         self._waker = Waker()
         self._beat_at = time.monotonic()
-        self.store = Store(cfg.etcd)
-        self.keys = self.store.keys
         self.watchdog: Optional[WatchdogFeed] = None
         if not cfg.libvirt_uri.startswith("test:"):  # test:/// domains live and die with this process
             self.watchdog = WatchdogFeed(cfg.state_dir, cfg.node_name)
+            if os.path.isdir(cfg.state_dir):  # a watchdog of the previous run may guard running guests
+                self.beat()
+        self.store = Store(cfg.etcd)
+        self.keys = self.store.keys
         known = cfg.domain_type if cfg.domain_type != "auto" else "qemu"  # resolved in start(), after adoption
         self.hv = Hypervisor(cfg.libvirt_uri, cfg.node_name, known, on_event=self._on_domain_event)
         hv_cpu, hv_ram = self.hv.capacity()
@@ -3567,14 +3578,15 @@ class Agent:
         node's death alone is failed over at once (fence first)."""
         now = time.monotonic()
         grace = self.cfg.grace
-        recent = {n: (rev, at) for n, (rev, at) in self.view.lapsed.items() if now - at < grace}
+        vanished, lapsed = self.view.departures(now - max(3600.0, 2 * grace))
+        recent = {n: (rev, at) for n, (rev, at) in lapsed.items() if now - at < grace}
         if not recent:
             return set()
         own_doubt = any(abs(at - self._own_trouble_at) < grace for _, at in recent.values())
         population = set(snap.hosts) | set(recent)
         if not own_doubt and 2 * len(recent) <= len(population):
             return set()
-        return {vm for vm, gone in self.view.vanished.items()
+        return {vm for vm, gone in vanished.items()
                 if gone.host in recent and recent[gone.host][0] == gone.revision}
 
     def _while_fenced(self, fence: Optional[FenceRecord], snap: Snapshot) -> str:
