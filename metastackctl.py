@@ -359,23 +359,29 @@ def vm_row(name: str, desired: Optional[ms.Entry], actual: Optional[ms.Entry],
     return [name, flavour, want, a.state, a.host, a.reason]
 
 
+def given_up(hosts: Mapping[str, ms.Entry]) -> dict[str, dict[str, str]]:
+    """vm -> {node: why} for the VMs that nodes failed to run and handed on."""
+    out: dict[str, dict[str, str]] = {}
+    for node, entry in sorted(hosts.items()):
+        with contextlib.suppress(ms.SpecError):
+            for vm, why in ms.HostState.parse(entry.value).cannot:
+                out.setdefault(vm, {})[node] = why
+    return out
+
+
 def vm_fields(name: str, desired: Optional[ms.Entry], actual: Optional[ms.Entry],
-              hosts: Mapping[str, ms.Entry]) -> dict[str, Any]:
+              hosts: Mapping[str, ms.Entry], gave_up: Optional[Mapping[str, dict[str, str]]] = None) -> dict[str, Any]:
     """One VM as ``show -o json`` prints it: the ``list`` fields plus the raw
     desired entry, when the claim was last updated, its disk, and the nodes
-    that gave it up (with why)."""
+    that gave it up (with why; ``gave_up`` is ``given_up(hosts)``, passed
+    in when formatting many VMs)."""
     fields: dict[str, Any] = dict(zip([k.lower() for k in VM_COLUMNS], vm_row(name, desired, actual, hosts)))
     parsed = ms.ActualVM.parse(actual.value) if actual else None
     fields["desired_entry"] = desired.value.decode(errors="replace") if desired else None
     fields["updated"] = parsed.updated if parsed else None
     fields["disk"] = (parsed.disk or None) if parsed else None
-    refused = {}
-    for node, entry in sorted(hosts.items()):
-        with contextlib.suppress(ms.SpecError):
-            why = dict(ms.HostState.parse(entry.value).cannot).get(name)
-            if why:
-                refused[node] = why
-    fields["given_up_by"] = refused or None  # nodes that failed to run it and handed it on
+    refused = (gave_up if gave_up is not None else given_up(hosts)).get(name)
+    fields["given_up_by"] = dict(refused) if refused else None  # nodes that failed to run it and handed it on
     return fields
 
 
