@@ -3,13 +3,14 @@ its own etcd, an agent on a test:/// host, users made with metastackctl."""
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 
 import pytest
 
 import metastack as ms
 from harness import wait_for
-from web_harness import PASSWORDS, Client, EventStream, WebEnv, web_env_fixture
+from web_harness import PASSWORDS, Client, EventStream, WebEnv, WebServer, web_env_fixture
 
 web_env = web_env_fixture("web_env")
 
@@ -235,7 +236,11 @@ def test_the_event_stream_delivers_an_etcdctl_change_within_a_second(env: WebEnv
         env.etcd.etcdctl("put", f"{env.prefix}/desired/sse1", '{"flavour": "small", "state": "stopped"}')
         at, _, msg = stream.wait(lambda ev, d: ev == "change" and d["kind"] == "vm" and d["name"] == "sse1")
         assert at - sent < 1.0, f"{at - sent:.3f}s"
-        assert msg["op"] == "put" and msg["object"] == admin.request("GET", "/api/v1/vms/sse1")[2]
+        got = admin.request("GET", "/api/v1/vms/sse1")[2]  # same shape (the agent may have claimed it since)
+        assert msg["op"] == "put" and set(msg["object"]) == set(got)
+        assert {k: msg["object"][k] for k in ("name", "flavour", "desired", "desired_entry")} == {
+            "name": "sse1", "flavour": "small", "desired": "stopped",
+            "desired_entry": '{"flavour": "small", "state": "stopped"}'}
         env.etcd.etcdctl("put", f"{env.prefix}/flavours/tiny2", '{"vcpus": 1, "ram_mb": 64}')
         _, _, msg = stream.wait(lambda ev, d: ev == "change" and d["kind"] == "flavour")
         assert msg["object"] == {"name": "tiny2", "vcpus": 1, "ram_mb": 64}
@@ -316,3 +321,39 @@ def test_pages_and_headers(env: WebEnv) -> None:
         status, _, text = c.request("GET", f"/static/{asset}")
         assert status == 200 and b"http://" not in text and b"https://" not in text  # nothing from the internet
     assert c.request("GET", "/static/../metastackweb.py")[0] in (403, 404)
+
+
+
+def test_a_session_is_valid_on_every_management_node_and_tls_marks_the_cookie_secure(env: WebEnv,
+                                                                                    admin: Client) -> None:
+    d = env.dir / "tls"
+    d.mkdir(exist_ok=True)
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    second = WebServer(d, env.etcd, env.prefix, tls=(cert, key)).start()  # another management node, HTTPS
+    try:
+        there = Client(second)
+        there.cookie = admin.cookie  # the session made on the first server works on the second
+        assert there.request("GET", "/api/v1/vms")[0] == 200
+        viewer = Client(second)
+        status, hdrs, _ = viewer.login("viewer", PASSWORDS["viewer"])
+        assert status == 200 and "Secure" in hdrs["set-cookie"] and "HttpOnly" in hdrs["set-cookie"]
+        assert hdrs["strict-transport-security"].startswith("max-age=")
+        back = Client(env.web)  # ...and the viewer's session from the HTTPS server works on the first
+        back.cookie = viewer.cookie
+        assert back.request("GET", "/api/v1/session")[2]["user"] == "viewer"
+        # a deleted user's sessions end everywhere
+        assert env.ctl("user", "add", "temp", "--role", "admin", "--password-stdin",
+                       input="temp-password\n").exit_code == 0
+        temp = Client(env.web)
+        assert temp.login("temp", "temp-password")[0] == 200
+        temp_there = Client(second)
+        temp_there.cookie = temp.cookie
+        assert temp_there.request("GET", "/api/v1/vms")[0] == 200
+        assert env.ctl("user", "delete", "temp").exit_code == 0
+        time.sleep(2.1)  # the per-process session cache
+        assert temp.request("GET", "/api/v1/vms")[0] == 401
+        assert temp_there.request("GET", "/api/v1/vms")[0] == 401
+    finally:
+        second.stop()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import ssl
 import subprocess
 import sys
 import textwrap
@@ -27,8 +28,15 @@ PASSWORDS = {"admin": "admin-pass-1", "viewer": "viewer-pass-1"}
 class WebServer:
     """``python metastackweb.py -c FILE`` on a free port; restartable."""
 
-    def __init__(self, workdir: Path, etcd: EtcdServer, prefix: str, extra: str = "") -> None:
+    def __init__(self, workdir: Path, etcd: EtcdServer, prefix: str, extra: str = "",
+                 tls: Optional[tuple[Path, Path]] = None) -> None:
+        """``tls``: (certificate, key) to serve HTTPS with."""
         self.port = free_port()
+        self.ssl_context: Optional[ssl.SSLContext] = None
+        if tls is not None:
+            extra = f"tls_cert = {tls[0]}\ntls_key = {tls[1]}\n" + extra
+            self.ssl_context = ssl.create_default_context(cafile=str(tls[0]))
+            self.ssl_context.check_hostname = False
         self.config = workdir / "web.ini"
         self.config.write_text(textwrap.dedent(f"""\
             [etcd]
@@ -45,7 +53,12 @@ class WebServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.ssl_context else 'http'}://127.0.0.1:{self.port}"
+
+    def connect(self, timeout: float = 10) -> http.client.HTTPConnection:
+        if self.ssl_context is not None:
+            return http.client.HTTPSConnection("127.0.0.1", self.port, context=self.ssl_context, timeout=timeout)
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
 
     def start(self) -> "WebServer":
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "metastackweb.py"), "-c", str(self.config)],
@@ -84,7 +97,7 @@ class Client:
 
     def request(self, method: str, path: str, body: Any = None, headers: Optional[dict[str, str]] = None,
                 csrf: bool = True, raw: Optional[bytes] = None) -> tuple[int, dict[str, str], Any]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.server.port, timeout=10)
+        conn = self.server.connect()
         h = dict(headers or {})
         if self.cookie:
             h["Cookie"] = self.cookie
@@ -121,7 +134,7 @@ class EventStream:
     """Reads ``/api/v1/events`` on a thread; records (arrival time, event, data)."""
 
     def __init__(self, client: Client, query: str = "") -> None:
-        self.conn = http.client.HTTPConnection("127.0.0.1", client.server.port, timeout=30)
+        self.conn = client.server.connect(timeout=30)
         self.conn.request("GET", "/api/v1/events" + query, headers={"Cookie": client.cookie})
         self.resp = self.conn.getresponse()
         self.status = self.resp.status
