@@ -128,6 +128,7 @@ def page(browser: Any, env: WebEnv) -> Page:
 
 def test_login(page: Page) -> None:
     page.one("#login-form")
+    assert not page.d.find_element(By.ID, "nav").is_displayed()  # nothing but the form before a login
     page.shot("0-login")
     page.login("admin", "wrong-password")
     page.wait(lambda: "wrong user or password" in page.text("#login-error"), "login error shown")
