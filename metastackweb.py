@@ -262,15 +262,16 @@ class Feed(threading.Thread):
     Contract: lists the prefix, then watches from the listed revision; a
     watch that dies is re-created from the last revision seen, or after a
     re-list when etcd compacted it; while etcd is unreachable it retries
-    every ``retry`` seconds. ``on_events(revision, events)`` runs on the
-    watch thread after the view folded the events in (console tails and
-    history keys included: the view keeps none of the former).
+    every ``retry`` seconds. ``on_events(revision, events, before)`` runs on
+    the watch thread after the view folded the events in (console tails and
+    history keys included: the view keeps none of the former); ``before``
+    maps each event's key to its entry in the view just before.
     ``on_status(ok, relisted)`` reports etcd lost (ok False) or reachable,
     ``relisted`` True after a full re-list (readers should re-read all).
     """
 
     def __init__(self, store: ms.Store, view: ms.ClusterView,
-                 on_events: Callable[[int, list[ms.KeyEvent]], None],
+                 on_events: Callable[[int, list[ms.KeyEvent], dict[str, Optional[ms.Entry]]], None],
                  on_status: Callable[[bool, bool], None], retry: float = 1.0) -> None:
         super().__init__(name="feed", daemon=True)
         self.store = store
@@ -289,9 +290,10 @@ class Feed(threading.Thread):
         self._dead.set()
 
     def _events(self, revision: int, events: list[ms.KeyEvent]) -> None:
+        before = {ev.key: self.view.entry(ev.key) for ev in events}
         self.view.apply(revision, events)
         try:
-            self.on_events(revision, events)
+            self.on_events(revision, events, before)
         except Exception:  # one bad fan-out must not end the watch
             log.exception("feed: cannot publish events at revision %d", revision)
 
@@ -359,12 +361,14 @@ class Catalog:
         return [ctl.vm_fields(n, desired.get(n), actual.get(n), hosts, gave_up)
                 for n in sorted(set(desired) | set(actual))]
 
-    def vm(self, name: str, hosts: Optional[dict[str, ms.Entry]] = None) -> Optional[dict[str, Any]]:
+    def vm(self, name: str, hosts: Optional[dict[str, ms.Entry]] = None,
+           gave_up: Optional[dict[str, dict[str, str]]] = None) -> Optional[dict[str, Any]]:
         keys = self.view.keys
         desired, actual = self.view.entry(keys.desired(name)), self.view.entry(keys.actual(name))
         if desired is None and actual is None:
             return None
-        return ctl.vm_fields(name, desired, actual, hosts if hosts is not None else self.view.entries_of("hosts"))
+        return ctl.vm_fields(name, desired, actual, hosts if hosts is not None else self.view.entries_of("hosts"),
+                             gave_up)
 
     def hosts(self, only: Optional[str] = None) -> list[dict[str, Any]]:
         parts = [self.view.entries_of(k) for k in ("hosts", "fences", "nodes")]
@@ -388,24 +392,39 @@ class Catalog:
             entries = {only: entries[only]} if only in entries else {}
         return ctl.as_objects(ctl.IMAGE_COLUMNS, ctl.image_rows(entries))
 
-    def one(self, kind: str, name: str, hosts: Optional[dict[str, ms.Entry]] = None) -> Optional[dict[str, Any]]:
+    def one(self, kind: str, name: str, hosts: Optional[dict[str, ms.Entry]] = None,
+            gave_up: Optional[dict[str, dict[str, str]]] = None) -> Optional[dict[str, Any]]:
         if kind == "vm":
-            return self.vm(name, hosts)
+            return self.vm(name, hosts, gave_up)
         if kind == "host":
             return self.host(name)
         rows = self.flavours(name) if kind == "flavour" else self.images(name)
         return rows[0] if rows else None
 
-    def changes(self, revision: int, events: list[ms.KeyEvent]) -> list[dict[str, Any]]:
+    @staticmethod
+    def _cannot(entry: Optional[ms.Entry]) -> set[tuple[str, str]]:
+        if entry is None:
+            return set()
+        try:
+            return set(ms.HostState.parse(entry.value).cannot)
+        except ms.SpecError:
+            return set()
+
+    def changes(self, revision: int, events: list[ms.KeyEvent],
+                before: Optional[dict[str, Optional[ms.Entry]]] = None) -> list[dict[str, Any]]:
         """The stream messages for a batch of watch events (already in the
-        view): one per VM, host, flavour or image it touched, with the
-        object as the matching GET returns it now (op "delete" when gone);
-        plus "console" and "history" messages, scoped to one VM."""
+        view; ``before``: each key's entry before them): one per VM, host,
+        flavour or image it touched, with the object as the matching GET
+        returns it now (op "delete" when gone); plus "console" and "history"
+        messages, scoped to one VM. A host record that appears, vanishes or
+        changes lease re-sends the VMs it claims (their trust changes), and
+        one whose ``cannot`` changes the VMs named there (``given_up_by``)."""
         keys = self.view.keys
+        before = before or {}
         touched: dict[tuple[str, str], None] = {}
         scoped: list[dict[str, Any]] = []
         history = keys.dir("events")
-        host_changed: set[str] = set()
+        lease_changed: set[str] = set()
         for ev in events:
             split = keys.split(ev.key)
             if split is None:
@@ -421,21 +440,30 @@ class Catalog:
                 touched[("vm", name)] = None
             elif kind in ("hosts", "nodes", "fences"):
                 touched[("host", name)] = None
-                host_changed.add(name)
+                if kind == "hosts":
+                    old, new = before.get(ev.key), self.view.entry(ev.key)
+                    if old is None or new is None or old.lease != new.lease:
+                        lease_changed.add(name)
+                    for vm, _ in self._cannot(old) ^ self._cannot(new):
+                        touched[("vm", vm)] = None
             elif kind in ("flavours", "images"):
                 touched[(kind[:-1], name)] = None
             elif kind == "console":
                 text = "" if ev.value is None else ev.value.decode("utf-8", errors="replace")
                 scoped.append({"kind": "console", "name": name, "op": "delete" if ev.value is None else "put",
                                "object": {"name": name, "text": text}, "revision": revision})
-        hosts = self.view.entries_of("hosts") if host_changed or any(k == "vm" for k, _ in touched) else {}
-        if host_changed:  # a host's lease decides whether its claims are trusted
+        if lease_changed:  # a host's lease decides whether its claims are trusted
             for vm, entry in self.view.entries_of("actual").items():
-                if ms.ActualVM.parse(entry.value).host in host_changed:
+                if ms.ActualVM.parse(entry.value).host in lease_changed:
                     touched[("vm", vm)] = None
+        hosts: dict[str, ms.Entry] = {}
+        gave_up: dict[str, dict[str, str]] = {}
+        if any(k == "vm" for k, _ in touched):
+            hosts = self.view.entries_of("hosts")
+            gave_up = ctl.given_up(hosts)
         out = []
         for kind, name in touched:
-            obj = self.one(kind, name, hosts)
+            obj = self.one(kind, name, hosts, gave_up)
             out.append({"kind": kind, "name": name, "op": "delete" if obj is None else "put",
                         "object": obj if obj is not None else {"name" if kind != "host" else "node": name},
                         "revision": revision})
@@ -578,8 +606,9 @@ class Server:
     async def _on_cleanup(self, _app: web.Application) -> None:
         self.store.close()
 
-    def _feed_events(self, revision: int, events: list[ms.KeyEvent]) -> None:
-        messages = self.catalog.changes(revision, events)
+    def _feed_events(self, revision: int, events: list[ms.KeyEvent],
+                     before: dict[str, Optional[ms.Entry]]) -> None:
+        messages = self.catalog.changes(revision, events, before)
         if messages and self.loop is not None:
             self.loop.call_soon_threadsafe(self.hub.publish, messages)
 
