@@ -213,7 +213,13 @@ class Sessions:
         return Session(user, record.role, csrf)
 
     def logout(self, token: str) -> None:
-        self.store.delete(self.auth.session(self._hash(token)))
+        """End the session: revoke its lease (which deletes its key)."""
+        key = self.auth.session(self._hash(token))
+        entry = self.store.get(key)
+        if entry is not None and entry.lease:
+            with contextlib.suppress(ms.LeaseNotFound):
+                self.store.revoke_lease(entry.lease)
+        self.store.delete(key)
         with self._lock:
             self._cache.pop(token, None)
 
