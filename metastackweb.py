@@ -908,8 +908,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("-c", "--config", help="ini file with [etcd] and [web] (and optionally [ceph]) sections")
     ap.add_argument("--check-config", action="store_true", help="validate the configuration and exit")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s metastack-web %(levelname)s %(message)s")
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     try:
         cp = ms.read_ini(args.config)
         etcd, cfg = ms.etcd_config_from(cp), web_config_from(cp)
@@ -920,6 +918,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.check_config:
         print(f"metastack-web: configuration ok ({cfg.url})")
         return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s metastack-web %(levelname)s %(message)s")
     ssl_ctx = None
     if cfg.tls:
         ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

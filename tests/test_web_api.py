@@ -357,3 +357,23 @@ def test_a_session_is_valid_on_every_management_node_and_tls_marks_the_cookie_se
         assert temp_there.request("GET", "/api/v1/vms")[0] == 401
     finally:
         second.stop()
+
+
+@pytest.mark.parametrize("web,message", [
+    ("listen = nonsense", "[web] listen: 'nonsense' is not host:port"),
+    ("listen = 127.0.0.1:99999", "is not host:port"),
+    ("tls_cert = /nonexistent.pem", "[web] tls_cert and tls_key go together"),
+    ("tls_cert = /nonexistent.pem\ntls_key = /nonexistent.key", "[web] tls_cert: /nonexistent.pem does not exist"),
+    ("session_ttl = 10", "[web] session_ttl: 10 is too short"),
+    ("login_failures = none", "[web] login_failures: 'none' must be a positive integer"),
+    ("static_dir = /nonexistent", "[web] static_dir: /nonexistent has no index.html"),
+])
+def test_bad_web_config_exits_2_naming_the_key(tmp_path, capsys, web: str, message: str) -> None:
+    import metastackweb
+    ini = tmp_path / "web.ini"
+    ini.write_text(f"[etcd]\nendpoints = 127.0.0.1:2379\n[web]\n{web}\n")
+    assert metastackweb.main(["-c", str(ini), "--check-config"]) == 2
+    assert message in capsys.readouterr().err
+    ini.write_text("[etcd]\nendpoints = 127.0.0.1:2379\n")
+    assert metastackweb.main(["-c", str(ini), "--check-config"]) == 0
+    assert "http://127.0.0.1:8080/" in capsys.readouterr().out
