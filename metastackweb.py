@@ -487,7 +487,7 @@ def history_item(key: str, raw: bytes) -> Optional[dict[str, Any]]:
         return None
     try:
         obj = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if not isinstance(obj, dict):
         return None

@@ -340,7 +340,8 @@ function renderVms() {
   });
   const cols = [["name", "Name"], ["flavour", "Flavour"], ["desired", "Desired"], ["state", "State"],
                 ["host", "Host"], ["reason", "Reason"], ["age", "Age"]];
-  const head = h("tr", {}, cols.map(([k, label]) => h("th", {scope: "col", "aria-sort": key === k ? (dir > 0 ? "ascending" : "descending") : null},
+  const head = h("tr", {}, cols.map(([k, label]) => h("th", {scope: "col", "aria-sort": key === k ? (dir > 0 ? "ascending" : "descending") : null,
+      title: k === "age" ? "time since its owner last reported a change" : null},
     h("button", {type: "button", class: "sort", "data-sort": k, onclick: () => {
       state.sort = {key: k, dir: state.sort.key === k ? -state.sort.dir : 1}; render(); }},
       label + (key === k ? (dir > 0 ? " ▲" : " ▼") : "")))), isAdmin() ? h("th", {scope: "col"}, "Actions") : null);
