@@ -1255,6 +1255,15 @@ class ClusterView:
         with self._lock:
             return self._entries.get(key)
 
+    def entries_of(self, kind: str) -> dict[str, Entry]:
+        """name -> raw entry of every kept key of one kind (desired,
+        actual, hosts, ...), as ``list_prefix`` would give them; for
+        readers that format records the way metastackctl does."""
+        prefix = self.keys.dir(kind)
+        with self._lock:
+            return {key[len(prefix):]: e for key, e in self._entries.items()
+                    if key.startswith(prefix) and "/" not in key[len(prefix):]}
+
     def _parse(self, kind: str, name: str, entry: Entry) -> Any:
         """The one place each kind of record is parsed. Returns what the
         snapshot holds for the key in its field named ``kind`` (a SpecError

@@ -13,7 +13,11 @@ Exit codes:
 """
 from __future__ import annotations
 
+import base64
 import contextlib
+import dataclasses
+import hashlib
+import hmac
 import json
 import os
 import secrets
@@ -22,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import uuid
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import click
 
@@ -88,6 +92,14 @@ class Context:
         except ms.StoreUnavailable as exc:
             raise StoreDown(f"{exc} (endpoints: {self.endpoint_text})") from None
 
+    def admin(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a shared admin operation: a refusal becomes an error (exit 1),
+        an etcd outage exit code 3."""
+        try:
+            return self.call(fn, *args)
+        except AdminError as exc:
+            raise click.ClickException(str(exc)) from None
+
     @property
     def endpoint_text(self) -> str:
         return ",".join(f"{h}:{p}" for h, p in self.etcd.endpoints)
@@ -106,10 +118,9 @@ class Context:
 def name_arg(what: str) -> Callable[[click.Context, click.Parameter, Optional[str]], Optional[str]]:
     """click callback rejecting names the agents would refuse."""
     def check(_ctx: click.Context, _param: click.Parameter, value: Optional[str]) -> Optional[str]:
-        if value is not None and not ms.valid_name(value):
-            raise click.BadParameter(
-                f"{value!r} is not a valid {what} name: lower-case letters, digits and '-', "
-                f"1-63 characters, starting and ending with a letter or digit")
+        why = None if value is None else name_problem(value, what)
+        if why:
+            raise click.BadParameter(why)
         return value
     return check
 
@@ -117,14 +128,326 @@ def name_arg(what: str) -> Callable[[click.Context, click.Parameter, Optional[st
 def print_output(columns: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str) -> None:
     """Print rows as an aligned table or as a JSON list of objects keyed by column."""
     if fmt == "json":
-        keys = [c.lower() for c in columns]
-        click.echo(json.dumps([dict(zip(keys, r)) for r in rows], indent=2, sort_keys=False))
+        click.echo(json.dumps(as_objects(columns, rows), indent=2, sort_keys=False))
         return
     text = [[("" if v is None else str(v)) for v in r] for r in rows]
     widths = [max([len(c)] + [len(r[i]) for r in text]) for i, c in enumerate(columns)]
     click.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip())
     for r in text:
         click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+
+
+# -- shared with metastackweb: admin operations and output rows ----------------
+# The CLI and the web API (metastackweb.py) both call these, so they apply the
+# same validation and refusals and print the same objects. Each takes a Store
+# and raises AdminError (nothing written) or StoreUnavailable; no click here.
+
+
+class AdminError(Exception):
+    """A refused admin request; nothing was written. ``kind`` says why:
+    "invalid" (bad input), "missing" (no such thing), "conflict" (a name
+    taken, a thing in use, or changed meanwhile)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def name_problem(value: Any, what: str) -> Optional[str]:
+    """Why ``value`` is not a valid ``what`` (VM, flavour, ...) name, or None."""
+    if ms.valid_name(value):
+        return None
+    return (f"{_short(value)} is not a valid {what} name: lower-case letters, digits and '-', "
+            f"1-63 characters, starting and ending with a letter or digit")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 70 else text[:67] + "..."
+
+
+def check_name(value: Any, what: str) -> str:
+    """``value`` if it is a valid ``what`` name; else AdminError("invalid")."""
+    why = name_problem(value, what)
+    if why:
+        raise AdminError("invalid", why)
+    return value
+
+
+def _names(store: ms.Store, kind: str) -> list[str]:
+    _, entries = store.list_prefix(store.keys.dir(kind))
+    splits = (store.keys.split(k) for k in entries)
+    return sorted(s[1] for s in splits if s is not None and s[0] == kind)
+
+
+def vms_using(store: ms.Store, field: str, name: str) -> list[str]:
+    """VMs whose desired entry names ``name`` as its ``field`` (flavour or image)."""
+    _, entries = store.list_prefix(store.keys.dir("desired"))
+    users = []
+    for key, d in sorted(entries.items()):
+        split = store.keys.split(key)
+        if split is None:
+            continue
+        try:
+            if getattr(ms.DesiredVM.parse(split[1], d.value), field) == name:
+                users.append(split[1])
+        except ms.SpecError:
+            continue
+    return users
+
+
+def new_desired(name: str, flavour: str, host: Optional[str] = None, image: Optional[str] = None,
+                state: str = "running") -> ms.DesiredVM:
+    """A new VM's desired entry, with a fresh uuid: its identity, which only a
+    real destroy ends."""
+    return ms.DesiredVM(name, flavour, state, host, image, uuid=str(uuid.uuid4()))
+
+
+def create_vm(store: ms.Store, name: Any, flavour: Any, host: Any = None, image: Any = None,
+              state: Any = "running") -> ms.DesiredVM:
+    """Create the desired entry of a new VM. Refused: a bad name or state
+    (invalid), a flavour or image that does not exist (invalid), the name
+    taken (conflict)."""
+    check_name(name, "VM")
+    check_name(flavour, "flavour")
+    if host is not None:
+        check_name(host, "node")
+    if image is not None:
+        check_name(image, "image")
+    if state not in ms.VM_STATES:
+        raise AdminError("invalid", f"state must be one of {', '.join(ms.VM_STATES)}, got {_short(state)}")
+    if store.get(store.keys.flavour(flavour)) is None:
+        known = ", ".join(_names(store, "flavours")) or "none"
+        raise AdminError("invalid", f"no flavour named {flavour!r} (known: {known})")
+    if image is not None and store.get(store.keys.image(image)) is None:
+        known = ", ".join(_names(store, "images")) or "none"
+        raise AdminError("invalid", f"no image named {image!r} (known: {known})")
+    spec = new_desired(name, flavour, host, image, state)
+    rev, _ = store.create(store.keys.desired(name), json.dumps(spec.to_json()).encode())
+    if rev is None:
+        raise AdminError("conflict", f"a VM named {name!r} already exists")
+    return spec
+
+
+def destroy_vm(store: ms.Store, name: Any) -> None:
+    """Delete VM ``name``'s desired entry (its owner then powers it off)."""
+    check_name(name, "VM")
+    entry = store.get(store.keys.desired(name))
+    if entry is None:
+        raise AdminError("missing", f"no VM named {name!r}")
+    if store.delete_if(store.keys.desired(name), entry.mod_revision) is None:
+        raise AdminError("conflict", f"VM {name!r} changed while destroying it; try again")
+
+
+def set_vm_state(store: ms.Store, name: Any, state: str) -> bool:
+    """Set VM ``name``'s desired state, keeping every other key of its entry;
+    False when it already had that state."""
+    check_name(name, "VM")
+    for _ in range(5):
+        entry = store.get(store.keys.desired(name))
+        if entry is None:
+            raise AdminError("missing", f"no VM named {name!r}")
+        try:
+            obj = json.loads(entry.value)
+            if not isinstance(obj, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            raise AdminError("conflict", f"the desired entry of {name!r} is not a JSON object; "
+                                         f"fix it with etcdctl or destroy the VM") from None
+        if obj.get("state", "running") == state:
+            return False
+        obj["state"] = state
+        if store.replace(store.keys.desired(name), json.dumps(obj).encode(), entry.mod_revision):
+            return True
+    raise AdminError("conflict", f"VM {name!r} keeps changing; try again")
+
+
+def _count(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= ms.MAX_INT:
+        raise AdminError("invalid", f"{what} must be a positive integer, got {_short(value)}")
+    return value
+
+
+def create_flavour(store: ms.Store, name: Any, vcpus: Any, ram_mb: Any) -> ms.Flavour:
+    """Create flavour ``name``; refused: bad input, or the name taken."""
+    check_name(name, "flavour")
+    flavour = ms.Flavour(_count(vcpus, "vcpus"), _count(ram_mb, "ram_mb"))
+    rev, _ = store.create(store.keys.flavour(name), json.dumps(flavour.to_json()).encode())
+    if rev is None:
+        raise AdminError("conflict", f"a flavour named {name!r} already exists")
+    return flavour
+
+
+def delete_flavour(store: ms.Store, name: Any) -> None:
+    """Delete flavour ``name``; refused while a VM uses it."""
+    check_name(name, "flavour")
+    entry = store.get(store.keys.flavour(name))
+    if entry is None:
+        raise AdminError("missing", f"no flavour named {name!r}")
+    users = vms_using(store, "flavour", name)
+    if users:
+        raise AdminError("conflict", f"flavour {name!r} is used by {len(users)} VM(s): {', '.join(users[:10])}")
+    if store.delete_if(store.keys.flavour(name), entry.mod_revision) is None:
+        raise AdminError("conflict", f"flavour {name!r} changed while deleting it; try again")
+
+
+def check_image_delete(store: ms.Store, name: Any,
+                       children: Optional[Callable[[ms.Image], list[str]]]) -> tuple[ms.Entry, Optional[ms.Image]]:
+    """What deleting image ``name`` would remove: (its entry, its parsed
+    record or None when malformed). Refused: no such image, a VM names it,
+    or ``children(record)`` (its RBD disk clones) is not empty."""
+    check_name(name, "image")
+    entry = store.get(store.keys.image(name))
+    if entry is None:
+        raise AdminError("missing", f"no image named {name!r}")
+    users = vms_using(store, "image", name)
+    if users:
+        raise AdminError("conflict", f"image {name!r} is used by {len(users)} VM(s): {', '.join(users[:10])}")
+    try:
+        rec: Optional[ms.Image] = ms.Image.parse(name, entry.value)
+    except ms.SpecError:
+        rec = None
+    if rec is not None and children is not None:
+        kids = children(rec)
+        if kids:
+            raise AdminError("conflict", f"image {name!r} still has {len(kids)} disk clone(s): {', '.join(kids[:10])}")
+    return entry, rec
+
+
+def delete_image(store: ms.Store, name: str, entry: ms.Entry, rec: Optional[ms.Image],
+                 storage: Optional[ms.Storage]) -> None:
+    """Delete image ``name`` after ``check_image_delete``: the record first
+    (no new VM can name it), then its data in Ceph (``storage``)."""
+    if store.delete_if(store.keys.image(name), entry.mod_revision) is None:
+        raise AdminError("conflict", f"image {name!r} changed while deleting it; try again")
+    if rec is not None and storage is not None:
+        storage.remove_base(rec.pool, rec.image, rec.snapshot)
+        for obj in (rec.kernel, rec.initrd):
+            if obj:
+                storage.remove_object(rec.pool, obj)
+
+
+def as_objects(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
+    """Rows as ``-o json`` prints them: objects keyed by lower-case column."""
+    keys = [c.lower() for c in columns]
+    return [dict(zip(keys, r)) for r in rows]
+
+
+VM_COLUMNS = ("NAME", "FLAVOUR", "DESIRED", "STATE", "HOST", "REASON")
+
+
+def vm_row(name: str, desired: Optional[ms.Entry], actual: Optional[ms.Entry],
+           hosts: Mapping[str, ms.Entry]) -> list[Any]:
+    """One VM as ``list`` shows it. A claim counts only when attached to the
+    lease the named host's record hangs on; any other is "untrusted"."""
+    flavour = want = ""
+    if desired is not None:
+        try:
+            spec = ms.DesiredVM.parse(name, desired.value)
+            flavour, want = spec.flavour, spec.state
+        except ms.SpecError:
+            flavour, want = "?", "?"
+    else:
+        want = "(deleted)"
+    if actual is None:
+        return [name, flavour, want, "pending", "", ""]
+    a = ms.ActualVM.parse(actual.value)
+    host = hosts.get(a.host)
+    if not actual.lease or host is None or host.lease != actual.lease:
+        return [name, flavour, want, "untrusted", a.host,
+                f"claim is on no live lease of {a.host or 'any node'} (hand-written or stale): ignored"]
+    return [name, flavour, want, a.state, a.host, a.reason]
+
+
+def given_up(hosts: Mapping[str, ms.Entry]) -> dict[str, dict[str, str]]:
+    """vm -> {node: why} for the VMs that nodes failed to run and handed on."""
+    out: dict[str, dict[str, str]] = {}
+    for node, entry in sorted(hosts.items()):
+        with contextlib.suppress(ms.SpecError):
+            for vm, why in ms.HostState.parse(entry.value).cannot:
+                out.setdefault(vm, {})[node] = why
+    return out
+
+
+def vm_fields(name: str, desired: Optional[ms.Entry], actual: Optional[ms.Entry],
+              hosts: Mapping[str, ms.Entry], gave_up: Optional[Mapping[str, dict[str, str]]] = None) -> dict[str, Any]:
+    """One VM as ``show -o json`` prints it: the ``list`` fields plus the raw
+    desired entry, when the claim was last updated, its disk, and the nodes
+    that gave it up (with why; ``gave_up`` is ``given_up(hosts)``, passed
+    in when formatting many VMs)."""
+    fields: dict[str, Any] = dict(zip([k.lower() for k in VM_COLUMNS], vm_row(name, desired, actual, hosts)))
+    parsed = ms.ActualVM.parse(actual.value) if actual else None
+    fields["desired_entry"] = desired.value.decode(errors="replace") if desired else None
+    fields["updated"] = parsed.updated if parsed else None
+    fields["disk"] = (parsed.disk or None) if parsed else None
+    refused = (gave_up if gave_up is not None else given_up(hosts)).get(name)
+    fields["given_up_by"] = dict(refused) if refused else None  # nodes that failed to run it and handed it on
+    return fields
+
+
+HOST_COLUMNS = ("NODE", "STATE", "VCPUS_USED", "VCPUS", "RAM_MB_USED", "RAM_MB", "VMS", "ADDRESS", "FENCE")
+
+
+def host_rows(hosts: Mapping[str, ms.Entry], fences: Mapping[str, ms.Entry],
+              nodes: Mapping[str, ms.Entry]) -> list[list[Any]]:
+    """Nodes as ``hosts`` shows them: each live node with its capacity and
+    use; a node with a fence record or a node record but no host record is
+    "down" when fenced, "lost" otherwise (it stopped renewing its lease)."""
+    fence_text: dict[str, str] = {}
+    for name, entry in fences.items():
+        try:
+            rec = ms.FenceRecord.parse(name, entry.value)
+            fence_text[name] = f"{rec.state} ({rec.mode}{' ' + rec.address if rec.address else ''}, by {rec.by})"
+        except ms.SpecError as exc:
+            fence_text[name] = f"malformed: {exc}"
+    rows = []
+    for name, entry in sorted(hosts.items()):
+        try:
+            h = ms.HostState.parse(entry.value)
+        except ms.SpecError:
+            rows.append([name, "malformed", None, None, None, None, None, None, fence_text.get(name)])
+            continue
+        state = h.state if entry.lease else "no lease (not a live node)"
+        rows.append([name, state, h.vcpus_used, h.vcpus, h.ram_mb_used, h.ram_mb, h.vms, h.address or None,
+                     fence_text.get(name)])
+    for name in sorted((set(fence_text) | set(nodes)) - set(hosts)):
+        address = None
+        if name in nodes:
+            with contextlib.suppress(ms.SpecError):
+                address = ms.NodeRecord.parse(name, nodes[name].value).address or None
+        rows.append([name, "down" if name in fence_text else "lost", None, None, None, None, None, address,
+                     fence_text.get(name)])
+    return rows
+
+
+FLAVOUR_COLUMNS = ("NAME", "VCPUS", "RAM_MB")
+
+
+def flavour_rows(flavours: Mapping[str, ms.Entry]) -> list[list[Any]]:
+    rows = []
+    for name, entry in sorted(flavours.items()):
+        try:
+            f = ms.Flavour.parse(name, entry.value)
+            rows.append([name, f.vcpus, f.ram_mb])
+        except ms.SpecError:
+            rows.append([name, None, None])
+    return rows
+
+
+IMAGE_COLUMNS = ("NAME", "POOL", "RBD", "SIZE", "BOOT")
+
+
+def image_rows(images: Mapping[str, ms.Entry]) -> list[list[Any]]:
+    rows = []
+    for name, entry in sorted(images.items()):
+        try:
+            i = ms.Image.parse(name, entry.value)
+            rows.append([name, i.pool, f"{i.image}@{i.snapshot}", i.size, "kernel" if i.direct_boot else "disk"])
+        except ms.SpecError:
+            rows.append([name, None, None, None, "malformed"])
+    return rows
+
+# -- end of the block shared with metastackweb ---------------------------------
 
 
 @click.group(help=__doc__)
@@ -151,39 +474,6 @@ pass_ctx = click.make_pass_decorator(Context)
 # -- VMs ----------------------------------------------------------------------
 
 
-def _desired_obj(c: Context, name: str) -> tuple[dict[str, Any], ms.Entry]:
-    entry = c.call(c.store.get, c.keys.desired(name))
-    if entry is None:
-        raise click.ClickException(f"no VM named {name!r}")
-    try:
-        obj = json.loads(entry.value)
-        if not isinstance(obj, dict):
-            raise ValueError("not an object")
-    except ValueError:
-        raise click.ClickException(
-            f"the desired entry of {name!r} is not a JSON object; fix it with etcdctl or destroy the VM") from None
-    return obj, entry
-
-
-def _vms_using(c: Context, field: str, name: str) -> list[str]:
-    """VMs whose desired entry names ``name`` as its ``field`` (flavour or image)."""
-    users = []
-    for vm, d in sorted(c.listing("desired").items()):
-        try:
-            if getattr(ms.DesiredVM.parse(vm, d.value), field) == name:
-                users.append(vm)
-        except ms.SpecError:
-            continue
-    return users
-
-
-def _flavour_exists(c: Context, name: str) -> None:
-    entry = c.call(c.store.get, c.keys.flavour(name))
-    if entry is None:
-        known = ", ".join(sorted(c.listing("flavours"))) or "none"
-        raise click.ClickException(f"no flavour named {name!r} (known: {known})")
-
-
 @cli.command()
 @click.argument("name", callback=name_arg("VM"))
 @click.option("--flavour", "-f", required=True, callback=name_arg("flavour"), help="Flavour name.")
@@ -193,15 +483,7 @@ def _flavour_exists(c: Context, name: str) -> None:
 @pass_ctx
 def create(c: Context, name: str, flavour: str, host: Optional[str], image: Optional[str], stopped: bool) -> None:
     """Create VM NAME; an agent with room claims and starts it."""
-    _flavour_exists(c, flavour)
-    if image is not None and c.call(c.store.get, c.keys.image(image)) is None:
-        known = ", ".join(sorted(c.listing("images"))) or "none"
-        raise click.ClickException(f"no image named {image!r} (known: {known})")
-    spec = ms.DesiredVM(name, flavour, "stopped" if stopped else "running", host, image,
-                        uuid=str(uuid.uuid4()))  # its identity: only a real destroy ends it
-    rev, _ = c.call(c.store.create, c.keys.desired(name), json.dumps(spec.to_json()).encode())
-    if rev is None:
-        raise click.ClickException(f"a VM named {name!r} already exists")
+    c.admin(create_vm, c.store, name, flavour, host, image, "stopped" if stopped else "running")
     click.echo(f"created {name} (flavour {flavour}{', pinned to ' + host if host else ''}"
                f"{', stopped' if stopped else ''})", err=True)
 
@@ -217,22 +499,15 @@ def destroy(c: Context, name: str, yes: bool) -> None:
         raise click.ClickException(f"no VM named {name!r}")
     if not yes:
         click.confirm(f"Destroy VM {name!r}?", abort=True, err=True)
-    if c.call(c.store.delete_if, c.keys.desired(name), entry.mod_revision) is None:
-        raise click.ClickException(f"VM {name!r} changed while destroying it; try again")
+    c.admin(destroy_vm, c.store, name)
     click.echo(f"destroying {name}", err=True)
 
 
 def _set_state(c: Context, name: str, state: str) -> None:
-    for _ in range(5):
-        obj, entry = _desired_obj(c, name)
-        if obj.get("state", "running") == state:
-            click.echo(f"{name} is already desired {state}", err=True)
-            return
-        obj["state"] = state
-        if c.call(c.store.replace, c.keys.desired(name), json.dumps(obj).encode(), entry.mod_revision):
-            click.echo(f"{name}: desired state is now {state}", err=True)
-            return
-    raise click.ClickException(f"VM {name!r} keeps changing; try again")
+    if c.admin(set_vm_state, c.store, name, state):
+        click.echo(f"{name}: desired state is now {state}", err=True)
+    else:
+        click.echo(f"{name} is already desired {state}", err=True)
 
 
 @cli.command()
@@ -251,37 +526,13 @@ def stop(c: Context, name: str) -> None:
     _set_state(c, name, "stopped")
 
 
-VM_COLUMNS = ("NAME", "FLAVOUR", "DESIRED", "STATE", "HOST", "REASON")
-
-
-def _vm_row(name: str, desired: Optional[ms.Entry], actual: Optional[ms.Entry],
-            hosts: dict[str, ms.Entry]) -> list[Any]:
-    flavour = want = ""
-    if desired is not None:
-        try:
-            spec = ms.DesiredVM.parse(name, desired.value)
-            flavour, want = spec.flavour, spec.state
-        except ms.SpecError:
-            flavour, want = "?", "?"
-    else:
-        want = "(deleted)"
-    if actual is None:
-        return [name, flavour, want, "pending", "", ""]
-    a = ms.ActualVM.parse(actual.value)
-    host = hosts.get(a.host)
-    if not actual.lease or host is None or host.lease != actual.lease:
-        return [name, flavour, want, "untrusted", a.host,
-                f"claim is on no live lease of {a.host or 'any node'} (hand-written or stale): ignored"]
-    return [name, flavour, want, a.state, a.host, a.reason]
-
-
 @cli.command("list")
 @OUTPUT
 @pass_ctx
 def list_(c: Context, output: str) -> None:
     """List VMs: desired state next to what their owner reports."""
     desired, actual, hosts_ = c.listing("desired"), c.listing("actual"), c.listing("hosts")
-    rows = [_vm_row(n, desired.get(n), actual.get(n), hosts_) for n in sorted(set(desired) | set(actual))]
+    rows = [vm_row(n, desired.get(n), actual.get(n), hosts_) for n in sorted(set(desired) | set(actual))]
     print_output(VM_COLUMNS, rows, output)
 
 
@@ -295,55 +546,22 @@ def show(c: Context, name: str, output: str) -> None:
     actual = c.call(c.store.get, c.keys.actual(name))
     if desired is None and actual is None:
         raise click.ClickException(f"no VM named {name!r}")
-    hosts_ = c.listing("hosts")
-    row = _vm_row(name, desired, actual, hosts_)
-    fields: dict[str, Any] = dict(zip([k.lower() for k in VM_COLUMNS], row))
-    fields["desired_entry"] = desired.value.decode(errors="replace") if desired else None
-    fields["updated"] = ms.ActualVM.parse(actual.value).updated if actual else None
-    fields["disk"] = (ms.ActualVM.parse(actual.value).disk or None) if actual else None
-    refused = {}
-    for node, entry in sorted(hosts_.items()):
-        with contextlib.suppress(ms.SpecError):
-            why = dict(ms.HostState.parse(entry.value).cannot).get(name)
-            if why:
-                refused[node] = why
-    fields["given_up_by"] = refused or None  # nodes that failed to run it and handed it on
+    fields = vm_fields(name, desired, actual, c.listing("hosts"))
     if output == "json":
         click.echo(json.dumps(fields, indent=2))
         return
     print_output(("FIELD", "VALUE"), [[k, v] for k, v in fields.items()], "table")
 
 
-HOST_COLUMNS = ("NODE", "STATE", "VCPUS_USED", "VCPUS", "RAM_MB_USED", "RAM_MB", "VMS", "ADDRESS", "FENCE")
-
-
 @cli.command()
 @OUTPUT
 @pass_ctx
 def hosts(c: Context, output: str) -> None:
-    """List nodes: live ones with their capacity and use, and any node with
-    a fence record (FENCE: fenced = it may still run stale domains; clean =
-    it proved them gone and waits for the fence to be lifted)."""
-    fences: dict[str, str] = {}
-    for name, entry in c.listing("fences").items():
-        try:
-            rec = ms.FenceRecord.parse(name, entry.value)
-            fences[name] = f"{rec.state} ({rec.mode}{' ' + rec.address if rec.address else ''}, by {rec.by})"
-        except ms.SpecError as exc:
-            fences[name] = f"malformed: {exc}"
-    rows = []
-    listed = c.listing("hosts")
-    for name, entry in sorted(listed.items()):
-        try:
-            h = ms.HostState.parse(entry.value)
-        except ms.SpecError:
-            rows.append([name, "malformed", None, None, None, None, None, None, fences.get(name)])
-            continue
-        state = h.state if entry.lease else "no lease (not a live node)"
-        rows.append([name, state, h.vcpus_used, h.vcpus, h.ram_mb_used, h.ram_mb, h.vms, h.address or None,
-                     fences.get(name)])
-    for name in sorted(set(fences) - set(listed)):
-        rows.append([name, "down", None, None, None, None, None, None, fences[name]])
+    """List nodes: live ones with their capacity and use; a node that
+    stopped renewing its lease is "lost" ("down" when fenced). FENCE:
+    fenced = it may still run stale domains; clean = it proved them gone
+    and waits for the fence to be lifted."""
+    rows = host_rows(c.listing("hosts"), c.listing("fences"), c.listing("nodes"))
     print_output(HOST_COLUMNS, rows, output)
 
 
@@ -549,14 +767,7 @@ def image_import(c: Context, name: str, file: str, kernel: Optional[str], initrd
 @pass_ctx
 def image_list(c: Context, output: str) -> None:
     """List base images."""
-    rows = []
-    for name, entry in sorted(c.listing("images").items()):
-        try:
-            i = ms.Image.parse(name, entry.value)
-            rows.append([name, i.pool, f"{i.image}@{i.snapshot}", i.size, "kernel" if i.direct_boot else "disk"])
-        except ms.SpecError:
-            rows.append([name, None, None, None, "malformed"])
-    print_output(("NAME", "POOL", "RBD", "SIZE", "BOOT"), rows, output)
+    print_output(IMAGE_COLUMNS, image_rows(c.listing("images")), output)
 
 
 @image.command("delete")
@@ -565,30 +776,12 @@ def image_list(c: Context, output: str) -> None:
 @pass_ctx
 def image_delete(c: Context, name: str, yes: bool) -> None:
     """Delete base image NAME (refused while a VM uses it)."""
-    entry = c.call(c.store.get, c.keys.image(name))
-    if entry is None:
-        raise click.ClickException(f"no image named {name!r}")
-    users = _vms_using(c, "image", name)
-    if users:
-        raise click.ClickException(f"image {name!r} is used by {len(users)} VM(s): {', '.join(users[:10])}")
-    try:
-        rec = ms.Image.parse(name, entry.value)
-    except ms.SpecError:
-        rec = None
-    if rec is not None:
-        children = c.ceph_call(c.storage.base_children, rec.pool, rec.image, rec.snapshot)
-        if children:
-            raise click.ClickException(f"image {name!r} still has {len(children)} disk clone(s): {', '.join(children[:10])}")
+    entry, rec = c.admin(check_image_delete, c.store, name,
+                         lambda r: c.ceph_call(c.storage.base_children, r.pool, r.image, r.snapshot))
     if not yes:
         click.confirm(f"Delete image {name!r}?", abort=True, err=True)
-    # The record goes first (no new VM can name the image), then the data.
-    if c.call(c.store.delete_if, c.keys.image(name), entry.mod_revision) is None:
-        raise click.ClickException(f"image {name!r} changed while deleting it; try again")
-    if rec is not None:
-        c.ceph_call(c.storage.remove_base, rec.pool, rec.image, rec.snapshot)
-        for obj in (rec.kernel, rec.initrd):
-            if obj:
-                c.ceph_call(c.storage.remove_object, rec.pool, obj)
+    storage = c.storage if rec is not None else None
+    c.ceph_call(c.admin, delete_image, c.store, name, entry, rec, storage)
     click.echo(f"deleted image {name}", err=True)
 
 
@@ -607,10 +800,7 @@ def flavour() -> None:
 @pass_ctx
 def flavour_create(c: Context, name: str, vcpus: int, ram_mb: int) -> None:
     """Create flavour NAME."""
-    value = json.dumps(ms.Flavour(vcpus, ram_mb).to_json()).encode()
-    rev, _ = c.call(c.store.create, c.keys.flavour(name), value)
-    if rev is None:
-        raise click.ClickException(f"a flavour named {name!r} already exists")
+    c.admin(create_flavour, c.store, name, vcpus, ram_mb)
     click.echo(f"created flavour {name} ({vcpus} vcpus, {ram_mb} MiB)", err=True)
 
 
@@ -619,14 +809,7 @@ def flavour_create(c: Context, name: str, vcpus: int, ram_mb: int) -> None:
 @pass_ctx
 def flavour_list(c: Context, output: str) -> None:
     """List flavours."""
-    rows = []
-    for name, entry in sorted(c.listing("flavours").items()):
-        try:
-            f = ms.Flavour.parse(name, entry.value)
-            rows.append([name, f.vcpus, f.ram_mb])
-        except ms.SpecError:
-            rows.append([name, None, None])
-    print_output(("NAME", "VCPUS", "RAM_MB"), rows, output)
+    print_output(FLAVOUR_COLUMNS, flavour_rows(c.listing("flavours")), output)
 
 
 @flavour.command("delete")
@@ -634,15 +817,166 @@ def flavour_list(c: Context, output: str) -> None:
 @pass_ctx
 def flavour_delete(c: Context, name: str) -> None:
     """Delete flavour NAME (refused while a VM uses it)."""
-    entry = c.call(c.store.get, c.keys.flavour(name))
-    if entry is None:
-        raise click.ClickException(f"no flavour named {name!r}")
-    users = _vms_using(c, "flavour", name)
-    if users:
-        raise click.ClickException(f"flavour {name!r} is used by {len(users)} VM(s): {', '.join(users[:10])}")
-    if c.call(c.store.delete_if, c.keys.flavour(name), entry.mod_revision) is None:
-        raise click.ClickException(f"flavour {name!r} changed while deleting it; try again")
+    c.admin(delete_flavour, c.store, name)
     click.echo(f"deleted flavour {name}", err=True)
+
+
+# -- users of the web interface (metastackweb) ---------------------------------
+# Users live under "<prefix>-auth/", outside the MetaStack prefix, so that
+# compute agents' etcd credentials (limited to "<prefix>/") cannot read them.
+# Passwords are kept only as salted scrypt hashes and are never logged.
+
+USER_ROLES = ("admin", "viewer")
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 14, 8, 1  # about 50 ms and 16 MiB per hash
+MIN_PASSWORD = 8
+
+
+class AuthKeys:
+    """Key layout of the web's users and sessions: ``<prefix>-auth/users/<name>``
+    and ``<prefix>-auth/sessions/<sha256 of the session token>``."""
+
+    def __init__(self, prefix: str) -> None:
+        self.root = f"{prefix.rstrip('/')}-auth/"
+
+    def user(self, name: str) -> str:
+        return f"{self.root}users/{name}"
+
+    def session(self, token_hash: str) -> str:
+        return f"{self.root}sessions/{token_hash}"
+
+    @property
+    def users(self) -> str:
+        return f"{self.root}users/"
+
+
+def hash_password(password: str, salt: Optional[bytes] = None) -> dict[str, Any]:
+    """A slow salted hash of ``password`` as stored in a user record."""
+    salt = salt if salt is not None else secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, dklen=32)
+    return {"alg": "scrypt", "n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P,
+            "salt": base64.b64encode(salt).decode(), "hash": base64.b64encode(digest).decode()}
+
+
+def verify_password(stored: Any, password: str) -> bool:
+    """Whether ``password`` matches a hash made by ``hash_password``; False
+    for anything malformed. Constant-time comparison."""
+    try:
+        n, r, p = int(stored["n"]), int(stored["r"]), int(stored["p"])
+        if stored.get("alg") != "scrypt" or not (2 <= n <= 2 ** 20 and 1 <= r <= 32 and 1 <= p <= 16):
+            return False
+        salt, want = base64.b64decode(stored["salt"]), base64.b64decode(stored["hash"])
+        got = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, dklen=len(want),
+                             maxmem=256 * 1024 * 1024)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return False
+    return hmac.compare_digest(got, want)
+
+
+@dataclasses.dataclass(frozen=True)
+class User:
+    """``<prefix>-auth/users/<name>``: {"role": "admin"|"viewer",
+    "password": hash_password(...), "created": ISO-8601 UTC}."""
+
+    name: str
+    role: str
+    password: dict[str, Any]
+    created: str = ""
+
+    @classmethod
+    def parse(cls, name: str, raw: bytes) -> "User":
+        """Raises SpecError for a record that is not a usable user."""
+        try:
+            obj = json.loads(raw)
+        except ValueError:
+            raise ms.SpecError(f"user {name!r}: not JSON") from None
+        if not isinstance(obj, dict) or obj.get("role") not in USER_ROLES or not isinstance(obj.get("password"), dict):
+            raise ms.SpecError(f"user {name!r}: not a user record")
+        return cls(name, obj["role"], obj["password"], str(obj.get("created", "")))
+
+    def encode(self) -> bytes:
+        return json.dumps({"role": self.role, "password": self.password, "created": self.created}).encode()
+
+
+def add_user(store: ms.Store, auth: AuthKeys, name: Any, role: Any, password: str) -> User:
+    """Create web user ``name``; refused: bad name, role or password
+    (invalid), the name taken (conflict)."""
+    check_name(name, "user")
+    if role not in USER_ROLES:
+        raise AdminError("invalid", f"role must be one of {', '.join(USER_ROLES)}")
+    if len(password) < MIN_PASSWORD:
+        raise AdminError("invalid", f"the password must have at least {MIN_PASSWORD} characters")
+    user = User(name, role, hash_password(password), ms.utc_now())
+    rev, _ = store.create(auth.user(name), user.encode())
+    if rev is None:
+        raise AdminError("conflict", f"a user named {name!r} already exists")
+    return user
+
+
+def get_user(store: ms.Store, auth: AuthKeys, name: str) -> Optional[User]:
+    """The user record of ``name``, or None (absent or malformed)."""
+    if not ms.valid_name(name):
+        return None
+    entry = store.get(auth.user(name))
+    if entry is None:
+        return None
+    try:
+        return User.parse(name, entry.value)
+    except ms.SpecError:
+        return None
+
+
+@cli.group()
+def user() -> None:
+    """Manage users of the web interface (metastack-web)."""
+
+
+def _auth(c: Context) -> AuthKeys:
+    return AuthKeys(c.etcd.prefix)
+
+
+@user.command("add")
+@click.argument("name", callback=name_arg("user"))
+@click.option("--role", required=True, type=click.Choice(USER_ROLES), help="admin: read and change; viewer: read only.")
+@click.option("--password-stdin", is_flag=True, help="Read the password from the first line of stdin.")
+@pass_ctx
+def user_add(c: Context, name: str, role: str, password_stdin: bool) -> None:
+    """Add user NAME (asks for the password unless --password-stdin)."""
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True, err=True)
+    if len(password) < MIN_PASSWORD:
+        raise click.BadParameter(f"the password must have at least {MIN_PASSWORD} characters")
+    c.admin(add_user, c.store, _auth(c), name, role, password)
+    click.echo(f"added user {name} ({role})", err=True)
+
+
+@user.command("list")
+@OUTPUT
+@pass_ctx
+def user_list(c: Context, output: str) -> None:
+    """List users with their role (never their password hash)."""
+    auth = _auth(c)
+    _, entries = c.call(c.store.list_prefix, auth.users)
+    rows = []
+    for key, entry in sorted(entries.items()):
+        name = key[len(auth.users):]
+        try:
+            u = User.parse(name, entry.value)
+            rows.append([name, u.role, u.created])
+        except ms.SpecError:
+            rows.append([name, "malformed", None])
+    print_output(("NAME", "ROLE", "CREATED"), rows, output)
+
+
+@user.command("delete")
+@click.argument("name", callback=name_arg("user"))
+@pass_ctx
+def user_delete(c: Context, name: str) -> None:
+    """Delete user NAME; their web sessions end at their next request."""
+    if not c.call(c.store.delete, _auth(c).user(name)):
+        raise click.ClickException(f"no user named {name!r}")
+    click.echo(f"deleted user {name}", err=True)
 
 
 def main() -> None:

@@ -29,6 +29,7 @@ stop_pid() {  # stop_pid PIDFILE NAME: SIGTERM, wait up to 20 s, then SIGKILL
 }
 
 down() {
+  stop_pid "$demo/web.pid" "web console"
   for n in 1 2 3; do stop_pid "$demo/agent$n.pid" "agent node$n"; done  # agents drain: guests stop
   if [ -f "$demo/libvirtd/supervisor.pid" ]; then "$PY" deploy/libvirtd.py stop "$demo/libvirtd"; fi
   if [ -d "$demo/ceph" ]; then "$PY" deploy/cephdev.py stop "$demo/ceph"; fi
@@ -53,11 +54,12 @@ bash deploy/build-guest.sh "$here/.cache/guest" >/dev/null
 "$PY" deploy/libvirtd.py start "$demo/libvirtd" >/dev/null
 free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 if [ ! -f "$demo/ports" ]; then
-  echo "CLIENT=$(free_port) PEER=$(free_port) SYSLOG=$(free_port)" > "$demo/ports"
+  echo "CLIENT=$(free_port) PEER=$(free_port) SYSLOG=$(free_port) WEB=$(free_port)" > "$demo/ports"
 fi
 # shellcheck disable=SC1091
 . "$demo/ports"
-export CLIENT PEER SYSLOG
+WEB=${WEB:-8080}
+export CLIENT PEER SYSLOG WEB
 
 if ! alive "$demo/rsyslog.pid"; then
   cat > "$demo/rsyslog.conf" <<CONF
@@ -122,6 +124,24 @@ ctl flavour list -o json | grep -q '"tiny"' || ctl flavour create tiny --vcpus 1
 ctl flavour list -o json | grep -q '"small"' || ctl flavour create small --vcpus 1 --ram-mb 256
 ctl show web1 >/dev/null 2>&1 || ctl create web1 --flavour tiny --image tiny
 ctl show db1 >/dev/null 2>&1 || ctl create db1 --flavour small --image tiny
+# The web console on this management node, with a demo login.
+cat > "$demo/web.ini" <<INI
+[etcd]
+endpoints = 127.0.0.1:$CLIENT
+prefix = /metastack
+[web]
+listen = 127.0.0.1:$WEB
+[ceph]
+conf = $demo/ceph/ceph.conf
+client = admin
+keyring = $demo/ceph/ceph.client.admin.keyring
+pool = metastack
+INI
+ctl user list -o json | grep -q '"demo"' || echo "demo-password" | ctl user add demo --role admin --password-stdin
+if ! alive "$demo/web.pid"; then
+  "$PY" "$here/metastackweb.py" -c "$demo/web.ini" >> "$demo/web.log" 2>&1 &
+  echo $! > "$demo/web.pid"
+fi
 deadline=$(( $(date +%s) + 120 ))
 while :; do
   n=0
@@ -140,6 +160,7 @@ echo
 echo "web1's console:"; ctl console web1 | tail -2
 echo
 printf "demo: up in %.1f s (etcd 127.0.0.1:%s, central syslog %s)\n" "$("$PY" -c "print($t1 - $t0)")" "$CLIENT" "$demo/syslog.log"
+echo "demo: web console at http://127.0.0.1:$WEB/  (log in as demo / demo-password; log: .demo/web.log)"
 cat <<USAGE
 Try:
   .venv/bin/metastackctl -c .demo/node1.ini create web2 --flavour tiny --image tiny

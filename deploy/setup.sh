@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent set-up of a Debian 12 machine for MetaStack development:
 # Debian packages (etcd, libvirt, QEMU, Ceph, rsyslog, and what
-# deploy/build-guest.sh builds the tiny test guest from) and a venv in .venv
+# deploy/build-guest.sh builds the tiny test guest from; chromium and its
+# driver for the web console's browser tests) and a venv in .venv
 # that sees Debian's rados/rbd bindings next to the pinned pip packages.
 # Usage: bash deploy/setup.sh            (run as root, or with sudo available)
 set -euo pipefail
@@ -16,6 +17,7 @@ PKGS=(
   rsyslog
   busybox-static cpio linux-image-cloud-amd64 mtools dosfstools syslinux syslinux-common fdisk
   python3-venv python3-dev gcc pkg-config
+  chromium chromium-driver
 )
 
 SUDO=""
@@ -51,9 +53,9 @@ stamp=.venv/.metastack-installed
 if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ]; then
   .venv/bin/pip install -q --upgrade "pip<25" >/dev/null 2>&1 || true
   .venv/bin/pip install -q -e '.[test]' 2>&1 | grep -v "^WARNING: Location\|DEPRECATION: Legacy editable" || true
-  .venv/bin/python -c 'import etcd3, click, libvirt, pytest, hypothesis' || { echo "setup: pip install failed" >&2; exit 1; }
+  .venv/bin/python -c 'import etcd3, click, libvirt, pytest, hypothesis, aiohttp, selenium' || { echo "setup: pip install failed" >&2; exit 1; }
   touch "$stamp"
 fi
-.venv/bin/python -c 'import etcd3, libvirt, click, rados, rbd' \
+.venv/bin/python -c 'import etcd3, libvirt, click, rados, rbd, aiohttp, selenium' \
   || { echo "setup: the venv cannot import its dependencies" >&2; exit 1; }
 echo "setup: ready (.venv)"
