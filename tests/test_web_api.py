@@ -264,6 +264,7 @@ def test_history_and_console_of_a_vm(env: WebEnv, admin: Client) -> None:
         env.history("hist1", base + 1_000_000, "node1", "fenced", "node1 was fenced")
         status, _, items = admin.request("GET", "/api/v1/vms/hist1/events")
         assert status == 200
+        items = [i for i in items if i["key"] < f"{base + 3_000_000:020d}"]  # not the agents' own records
         assert [(i["event"], i["node"]) for i in items] == [("claimed", "node1"), ("fenced", "node1"),
                                                             ("started", "node2")]
         assert items[0]["key"] == f"{base:020d}-node1" and items[0]["at"].endswith("Z")

@@ -191,14 +191,17 @@ def test_a_bad_name_shows_an_error_and_writes_nothing(page: Page, env: WebEnv) -
 
 def test_vm_detail_shows_console_and_history_live(page: Page, env: WebEnv) -> None:
     base = 1_790_000_000_000_000
-    env.history("cli1", base, "node1", "claimed")
+    # events the agents do not write in this flow (they write claimed/started of their own)
+    env.history("cli1", base, "node1", "fenced", "node node9 (clients)")
     page.go("#/vms/cli1")
-    page.wait(lambda: page.find('#history tr[data-event="claimed"]'), "history loaded")
-    env.history("cli1", base + 1_000_000, "node1", "started", "domain cli1.node1 started")
-    page.wait(lambda: page.find('#history tr[data-event="started"]'), "a new history event appears live")
+    page.wait(lambda: page.find('#history tr[data-event="fenced"]'), "history loaded")
+    env.history("cli1", base + 1_000_000, "node2", "moved", "to node2")
+    page.wait(lambda: page.find('#history tr[data-event="moved"]'), "a new history event appears live")
     env.store.put(env.keys.console("cli1"), b"Booting...\nMETASTACK-GUEST-UP boot=1\n")
     page.wait(lambda: "METASTACK-GUEST-UP boot=1" in page.text("#console"), "console tail appears live")
-    assert [r.text.split()[1] for r in page.find("#history tbody tr")] == ["claimed", "started"]
+    rows = [r.text.split()[1] for r in page.find("#history tbody tr")]
+    assert [e for e in rows if e in ("fenced", "moved")] == ["fenced", "moved"]  # oldest first
+    assert "claimed" in rows  # and the agent's own record of it
     assert '"flavour": "tiny"' in page.text("#desired-entry")
     page.shot("2-vm-detail")
 
