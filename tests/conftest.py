@@ -117,3 +117,10 @@ def real_cluster(etcd: EtcdServer, prefix: str, store: ms.Store, e2e_root: Path,
     yield c
     c.stop_all()
     _deploy_module("cephdev").clear_blocklist(ceph)
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line(
+        "markers", "chaos: the chaos suite (tests/test_chaos.py): a 3-node testbed with real etcd, Ceph, "
+                   "per-node libvirtd and QEMU guests, faults injected for real; root, about 10 minutes. "
+                   "Select with -m chaos, skip with -m 'not chaos'.")
