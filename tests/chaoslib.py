@@ -39,6 +39,13 @@ libvirt.registerErrorHandler(lambda *_a: None, None)
 TTL = 5
 MOVE_SLACK = 3.0  # a VM of a failed node must run elsewhere within TTL + this
 BOOT_TIMEOUT = 90.0
+# What the suite measured: (test, what, seconds); printed at the end of a
+# pytest run (tests/conftest.py pytest_terminal_summary).
+MEASURED: list[tuple[str, str, float]] = []
+
+
+def _current_test() -> str:
+    return os.environ.get("PYTEST_CURRENT_TEST", "?").split("::")[-1].split(" ")[0]
 
 
 class ChaosCluster:
@@ -195,6 +202,9 @@ class ChaosCluster:
         res = self.wait_moved(vms, from_node, t_fault)
         limit = self.ttl + MOVE_SLACK
         t_ref = t_fault if t_ref is None else t_ref
+        for vm, r in res.items():
+            MEASURED.append((_current_test(), f"{vm} running on {r[1] if r else '-'} after",
+                             (r[0] - (t_ref - t_fault)) if r else float("nan")))
         late = {vm: r for vm, r in res.items() if r is None or r[0] - (t_ref - t_fault) > limit}
         assert not late, self.explain(t_fault, f"VMs of {from_node} not running elsewhere within {limit:.0f} s "
                                       f"(TTL + {MOVE_SLACK:.0f} s): {late} (all: {res})")

@@ -53,9 +53,11 @@ def baseline(cc: ChaosCluster) -> Iterator[None]:
     cc.bed.heal()  # a failed test must not leave its fault to the next one
 
 
-def move_fault(cc: ChaosCluster, label: str, inject, recover, victim: str | None = None) -> str:
+def move_fault(cc: ChaosCluster, label: str, inject, recover, victim: str | None = None,
+               min_down: float = 0.0) -> str:
     """Inject a fault on the busiest node that requires its VMs to move;
-    assert the move, then recover and assert nothing stale is left."""
+    assert the move, then recover (not before min_down s after the fault)
+    and assert nothing stale is left."""
     victim = victim or cc.busiest()
     vms = cc.vms_on(victim)
     others = [v for v in cc.vms if v not in vms]
@@ -65,6 +67,7 @@ def move_fault(cc: ChaosCluster, label: str, inject, recover, victim: str | None
     inject(victim)
     cc.assert_moved(vms, victim, t0)
     cc.assert_boots_continue(vms, before, disks)
+    time.sleep(max(0.0, t0 + min_down - time.monotonic()))
     cc.checker.mark(f"recover {victim}")
     recover(victim)
     cc.assert_no_stale(t0)
@@ -134,7 +137,7 @@ def test_agent_restart_at_once_restarts_nothing(cc: ChaosCluster) -> None:
 
 def test_agent_sigstop_past_ttl_moves_its_vms(cc: ChaosCluster) -> None:
     move_fault(cc, "SIGSTOP agent", lambda n: cc.agent(n).signal(signal.SIGSTOP),
-               lambda n: cc.agent(n).signal(signal.SIGCONT))
+               lambda n: cc.agent(n).signal(signal.SIGCONT), min_down=cc.ttl + 3)
 
 
 def test_agent_etcd_cut_moves_its_vms(cc: ChaosCluster) -> None:
@@ -148,7 +151,7 @@ def test_node_cut_off_moves_its_vms(cc: ChaosCluster) -> None:
 
 def test_agent_restart_after_ttl_moves_its_vms(cc: ChaosCluster) -> None:
     move_fault(cc, "stop the agent (SIGTERM), start it after the TTL", lambda n: cc.agent(n).stop(),
-               lambda n: cc.agent(n).start())
+               lambda n: cc.agent(n).start(), min_down=cc.ttl + 3)
 
 
 def test_etcd_frozen_3x_ttl_restarts_nothing(cc: ChaosCluster) -> None:
