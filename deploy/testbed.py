@@ -422,6 +422,7 @@ class Agent:
             [agent]
             lease_ttl = {b.ttl}
             resync_interval = 10
+            on_stop = keep
             [logging]
             syslog = none
             [ceph]
@@ -647,12 +648,15 @@ class Testbed:
         if self.etcd is not None:
             step("stop etcd", self.etcd.stop)
         step("stop ceph", cephdev.stop, self.dir / "ceph")
+        # veths first (deleting one end deletes its peer in the namespace),
+        # then the namespaces, then the bridge.
+        for link in reversed(self.state.get("links", [])):
+            r = _ip("link", "del", link, check=False)
+            if r.returncode != 0 and "Cannot find device" not in r.stderr:
+                problems.append(f"delete link {link}: {r.stderr.strip()}")
         for ns in self.state.get("netns", []):
             if Path(f"/run/netns/{ns}").exists():
                 step(f"delete netns {ns}", _ip, "netns", "del", ns)
-        for link in reversed(self.state.get("links", [])):
-            if _ip("link", "show", link, check=False).returncode == 0:
-                step(f"delete link {link}", _ip, "link", "del", link)
         return problems
 
     # -- agents

@@ -118,166 +118,39 @@ def in_ranges(ip: str, ranges: Iterable[str]) -> bool:
     return any(a in ipaddress.ip_network(r, strict=False) for r in ranges)
 
 
-class Checker(threading.Thread):
-    """Samples the testbed in its own thread; see the module docstring."""
+class Timeline:
+    """Samples in time order, and the suite's questions about them (pure:
+    tests/test_chaoscheck.py feeds it made-up samples)."""
 
-    def __init__(self, etcd_endpoint: str, prefix: str, ceph_conf: str, ceph_keyring: str, pool: str,
-                 nodes: list[NodeInfo], interval: float = 0.25, ceph_client: str = "admin") -> None:
-        super().__init__(name="chaos-checker", daemon=True)
-        self.prefix = prefix.rstrip("/")
-        self.pool = pool
+    def __init__(self, nodes: list[NodeInfo], interval: float = 0.25) -> None:
         self.nodes = {n.name: n for n in nodes}
-        self.by_inode = {n.netns_inode: n.name for n in nodes}
-        self.by_ip = {n.address: n.name for n in nodes}
         self.interval = interval
-        host, port = etcd_endpoint.rsplit(":", 1)
-        self.etcd = etcd3.MultiEndpointEtcd3Client(
-            [etcd3.Endpoint(host, int(port), secure=False, time_retry=0.5)], timeout=0.5, failover=True)
-        self.cluster = rados.Rados(conffile=ceph_conf, name=f"client.{ceph_client}",
-                                   conf={"keyring": ceph_keyring, "rados_osd_op_timeout": "5",
-                                         "rados_mon_op_timeout": "5"})
-        self.cluster.connect(timeout=10)
-        self.ioctx = self.cluster.open_ioctx(pool)
         self.samples: list[Sample] = []
         self.marks: list[tuple[float, str]] = []
         self.errors: list[str] = []
         self.lock = threading.Lock()
-        self.stopping = threading.Event()
-        self.etcd_retry_at = 0.0
-        self.boots: dict[str, int] = {}
-        self.boots_at = 0.0
-        self.known_disks: dict[str, str] = {}
         self.qemu_addrs: dict[tuple[int, int], set[str]] = {}  # QEMU identity -> watcher addrs seen from it
+        self.qemu_boot0: dict[tuple[int, int], int] = {}  # QEMU identity -> the VM's boot counter when first seen
         self.last: Optional[Sample] = None
 
-    # -- sampling -------------------------------------------------------------
-    def run(self) -> None:
-        while not self.stopping.is_set():
-            t0 = time.monotonic()
-            try:
-                s = self.sample()
-                with self.lock:
-                    self.samples.append(s)
-                    self.last = s
-            except Exception as exc:  # noqa: BLE001 - keep sampling; report at the end
-                self.errors.append(f"{time.monotonic():.2f} {type(exc).__name__}: {exc}")
-            self.stopping.wait(max(0.0, self.interval - (time.monotonic() - t0)))
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.join(10)
-        try:
-            self.ioctx.close()
-            self.cluster.shutdown()
-        except Exception:  # noqa: BLE001
-            pass
-        try:
-            self.etcd.close()
-        except Exception:  # noqa: BLE001
-            pass
+    def add(self, s: Sample) -> None:
+        """Append a sample, remembering which watcher addresses each QEMU had
+        and the VM's boot counter when each QEMU appeared."""
+        for vm, qs in s.qemus.items():
+            for q in qs:
+                self.qemu_boot0.setdefault(q.ident, s.boots.get(vm, 0))
+                ip = self.nodes[q.node].address
+                self.qemu_addrs.setdefault(q.ident, set()).update(
+                    w.addr for w in s.watchers.get(vm, []) if w.ip == ip)
+        with self.lock:
+            self.samples.append(s)
+            self.last = s
 
     def mark(self, label: str) -> float:
         t = time.monotonic()
         with self.lock:
             self.marks.append((t, label))
         return t
-
-    def scan_qemus(self) -> dict[str, list[Qemu]]:
-        out: dict[str, list[Qemu]] = {}
-        for d in os.listdir("/proc"):
-            if not d.isdigit():
-                continue
-            try:
-                argv = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
-                if not argv or b"qemu-system" not in argv[0] or b"-name" not in argv:
-                    continue
-                stat = Path(f"/proc/{d}/stat").read_text()
-                fields = stat.rsplit(")", 1)[1].split()
-                if fields[0] in ("Z", "X"):
-                    continue
-                ino = os.stat(f"/proc/{d}/ns/net").st_ino
-            except OSError:
-                continue
-            name_arg = argv[argv.index(b"-name") + 1].decode(errors="replace")
-            m = re.search(r"(?:^|,)guest=([^,]+)", name_arg)
-            domain = m.group(1) if m else name_arg.split(",")[0]
-            if ino not in self.by_inode:
-                continue  # not one of our nodes' QEMUs (someone else's)
-            node = self.by_inode[ino]
-            vm = domain.rsplit(".", 1)[0]
-            out.setdefault(vm, []).append(Qemu(vm, node, int(d), int(fields[19])))
-        return out
-
-    def read_etcd(self) -> tuple[bool, Any, Any, Any, Any]:
-        if time.monotonic() < self.etcd_retry_at:
-            return False, None, None, None, None
-        try:
-            kinds = {}
-            for kind in ("desired", "actual", "fences", "hosts"):
-                p = f"{self.prefix}/{kind}/"
-                got = {}
-                for value, meta in self.etcd.get_prefix(p):
-                    k = meta.key.decode()[len(p):]
-                    try:
-                        got[k] = json.loads(value)
-                    except ValueError:
-                        got[k] = {"_raw": value.decode(errors="replace")}
-                kinds[kind] = got
-        except Exception:  # noqa: BLE001 - etcd down or frozen: try again in a second
-            self.etcd_retry_at = time.monotonic() + 1.0
-            return False, None, None, None, None
-        return True, frozenset(kinds["desired"]), kinds["actual"], kinds["fences"], kinds["hosts"]
-
-    def read_boots(self) -> None:
-        for n in self.nodes.values():
-            try:
-                files = list(n.console_dir.glob("*.log"))
-            except OSError:
-                continue
-            for f in files:
-                try:
-                    data = f.read_bytes()
-                except OSError:
-                    continue
-                nums = [int(x) for x in BOOT_RE.findall(data)]
-                if nums:
-                    vm = f.name[:-len(".log")]
-                    self.boots[vm] = max(self.boots.get(vm, 0), max(nums))
-
-    def sample(self) -> Sample:
-        t = time.monotonic()
-        qemus = self.scan_qemus()
-        etcd_ok, desired, actual, fences, hosts = self.read_etcd()
-        ret, out, err = self.cluster.mon_command(json.dumps({"prefix": "osd blocklist ls", "format": "json"}), b"")
-        addrs, ranges = parse_blocklist(out) if ret == 0 else (set(), [])
-        for name in rbd.RBD().list(self.ioctx):
-            m = DISK_RE.match(name)
-            if m:
-                cur = self.known_disks.get(m.group(1))
-                cm = DISK_RE.match(cur) if cur else None
-                if cm is None or int(m.group(2)) >= int(cm.group(2)):
-                    self.known_disks[m.group(1)] = name
-        for vm, a in (actual or {}).items():
-            disk = a.get("disk") if isinstance(a, dict) else None
-            if disk and "/" in disk:
-                self.known_disks[vm] = disk.split("/", 1)[1]
-        watchers: dict[str, list[Watcher]] = {}
-        for vm, disk in self.known_disks.items():
-            try:
-                with rbd.Image(self.ioctx, disk, read_only=True) as img:
-                    ws = [str(w["addr"]) for w in img.watchers_list()]
-            except rbd.ImageNotFound:
-                continue
-            watchers[vm] = [Watcher(a, addr_ip(a), a in addrs or in_ranges(addr_ip(a), ranges)) for a in ws]
-        for vm, qs in qemus.items():
-            for q in qs:
-                ip = self.nodes[q.node].address
-                self.qemu_addrs.setdefault(q.ident, set()).update(w.addr for w in watchers.get(vm, []) if w.ip == ip)
-        if t - self.boots_at >= 1.0:
-            self.read_boots()
-            self.boots_at = t
-        return Sample(t, qemus, dict(self.known_disks), watchers, frozenset(addrs), tuple(ranges), etcd_ok,
-                      desired, actual, fences, hosts, dict(self.boots))
 
     # -- reading the timeline ----------------------------------------------------
     def window(self, t0: float = 0.0, t1: Optional[float] = None) -> list[Sample]:
@@ -411,9 +284,16 @@ class Checker(threading.Thread):
                     out.append(f"{vm}: QEMU pid {q.pid} on {q.node}, actual host {host}")
         return out
 
-    def settled(self, vms: Iterable[str], s: Optional[Sample] = None) -> bool:
+    def booted(self, s: Sample, vm: str) -> bool:
+        """The guest in vm's (only) QEMU has printed its boot line: the boot
+        counter went up after that QEMU appeared."""
+        qs = s.qemus.get(vm, [])
+        return len(qs) == 1 and s.boots.get(vm, 0) > self.qemu_boot0.get(qs[0].ident, 1 << 30)
+
+    def settled(self, vms: Iterable[str], s: Optional[Sample] = None, booted: bool = True) -> bool:
         """Every VM running on the host its actual key names, as its only
-        QEMU, with an unfenced watcher from that host's address."""
+        QEMU, with an unfenced watcher from that host's address, and (with
+        booted) its guest booted."""
         s = s or self.latest()
         if s.actual is None:
             return False
@@ -424,6 +304,8 @@ class Checker(threading.Thread):
                 return False
             ip = self.nodes[qs[0].node].address
             if not any(w.ip == ip and not w.fenced for w in s.watchers.get(vm, [])):
+                return False
+            if booted and not self.booted(s, vm):
                 return False
         return True
 
@@ -464,3 +346,141 @@ class Checker(threading.Thread):
         for t, text in sorted(events, key=lambda e: e[0]):
             out.append(f"[{t - t0:7.2f}] {text}")
         return "\n".join(out)
+
+
+class Checker(Timeline, threading.Thread):
+    """Samples the testbed in its own thread; see the module docstring."""
+
+    def __init__(self, etcd_endpoint: str, prefix: str, ceph_conf: str, ceph_keyring: str, pool: str,
+                 nodes: list[NodeInfo], interval: float = 0.25, ceph_client: str = "admin") -> None:
+        Timeline.__init__(self, nodes, interval)
+        threading.Thread.__init__(self, name="chaos-checker", daemon=True)
+        self.prefix = prefix.rstrip("/")
+        self.pool = pool
+        self.by_inode = {n.netns_inode: n.name for n in nodes}
+        host, port = etcd_endpoint.rsplit(":", 1)
+        self.etcd = etcd3.MultiEndpointEtcd3Client(
+            [etcd3.Endpoint(host, int(port), secure=False, time_retry=0.5)], timeout=0.5, failover=True)
+        self.cluster = rados.Rados(conffile=ceph_conf, name=f"client.{ceph_client}",
+                                   conf={"keyring": ceph_keyring, "rados_osd_op_timeout": "5",
+                                         "rados_mon_op_timeout": "5"})
+        self.cluster.connect(timeout=10)
+        self.ioctx = self.cluster.open_ioctx(pool)
+        self.stopping = threading.Event()
+        self.etcd_retry_at = 0.0
+        self.boots: dict[str, int] = {}
+        self.known_disks: dict[str, str] = {}
+
+    # -- sampling -------------------------------------------------------------
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            t0 = time.monotonic()
+            try:
+                self.add(self.sample())
+            except Exception as exc:  # noqa: BLE001 - keep sampling; report at the end
+                self.errors.append(f"{time.monotonic():.2f} {type(exc).__name__}: {exc}")
+            self.stopping.wait(max(0.0, self.interval - (time.monotonic() - t0)))
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(10)
+        try:
+            self.ioctx.close()
+            self.cluster.shutdown()
+        except Exception:  # noqa: BLE001
+            pass
+        try:
+            self.etcd.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+    def scan_qemus(self) -> dict[str, list[Qemu]]:
+        out: dict[str, list[Qemu]] = {}
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                argv = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
+                if not argv or b"qemu-system" not in argv[0] or b"-name" not in argv:
+                    continue
+                stat = Path(f"/proc/{d}/stat").read_text()
+                fields = stat.rsplit(")", 1)[1].split()
+                if fields[0] in ("Z", "X"):
+                    continue
+                ino = os.stat(f"/proc/{d}/ns/net").st_ino
+            except OSError:
+                continue
+            name_arg = argv[argv.index(b"-name") + 1].decode(errors="replace")
+            m = re.search(r"(?:^|,)guest=([^,]+)", name_arg)
+            domain = m.group(1) if m else name_arg.split(",")[0]
+            if ino not in self.by_inode:
+                continue  # not one of our nodes' QEMUs (someone else's)
+            node = self.by_inode[ino]
+            vm = domain.rsplit(".", 1)[0]
+            out.setdefault(vm, []).append(Qemu(vm, node, int(d), int(fields[19])))
+        return out
+
+    def read_etcd(self) -> tuple[bool, Any, Any, Any, Any]:
+        if time.monotonic() < self.etcd_retry_at:
+            return False, None, None, None, None
+        try:
+            kinds = {}
+            for kind in ("desired", "actual", "fences", "hosts"):
+                p = f"{self.prefix}/{kind}/"
+                got = {}
+                for value, meta in self.etcd.get_prefix(p):
+                    k = meta.key.decode()[len(p):]
+                    try:
+                        got[k] = json.loads(value)
+                    except ValueError:
+                        got[k] = {"_raw": value.decode(errors="replace")}
+                kinds[kind] = got
+        except Exception:  # noqa: BLE001 - etcd down or frozen: try again in a second
+            self.etcd_retry_at = time.monotonic() + 1.0
+            return False, None, None, None, None
+        return True, frozenset(kinds["desired"]), kinds["actual"], kinds["fences"], kinds["hosts"]
+
+    def read_boots(self) -> None:
+        for n in self.nodes.values():
+            try:
+                files = list(n.console_dir.glob("*.log"))
+            except OSError:
+                continue
+            for f in files:
+                try:
+                    data = f.read_bytes()
+                except OSError:
+                    continue
+                nums = [int(x) for x in BOOT_RE.findall(data)]
+                if nums:
+                    vm = f.name[:-len(".log")]
+                    self.boots[vm] = max(self.boots.get(vm, 0), max(nums))
+
+    def sample(self) -> Sample:
+        t = time.monotonic()
+        qemus = self.scan_qemus()
+        etcd_ok, desired, actual, fences, hosts = self.read_etcd()
+        ret, out, err = self.cluster.mon_command(json.dumps({"prefix": "osd blocklist ls", "format": "json"}), b"")
+        addrs, ranges = parse_blocklist(out) if ret == 0 else (set(), [])
+        for name in rbd.RBD().list(self.ioctx):
+            m = DISK_RE.match(name)
+            if m:
+                cur = self.known_disks.get(m.group(1))
+                cm = DISK_RE.match(cur) if cur else None
+                if cm is None or int(m.group(2)) >= int(cm.group(2)):
+                    self.known_disks[m.group(1)] = name
+        for vm, a in (actual or {}).items():
+            disk = a.get("disk") if isinstance(a, dict) else None
+            if disk and "/" in disk:
+                self.known_disks[vm] = disk.split("/", 1)[1]
+        watchers: dict[str, list[Watcher]] = {}
+        for vm, disk in self.known_disks.items():
+            try:
+                with rbd.Image(self.ioctx, disk, read_only=True) as img:
+                    ws = [str(w["addr"]) for w in img.watchers_list()]
+            except rbd.ImageNotFound:
+                continue
+            watchers[vm] = [Watcher(a, addr_ip(a), a in addrs or in_ranges(addr_ip(a), ranges)) for a in ws]
+        self.read_boots()  # a few small files: every sample
+        return Sample(t, qemus, dict(self.known_disks), watchers, frozenset(addrs), tuple(ranges), etcd_ok,
+                      desired, actual, fences, hosts, dict(self.boots))

@@ -133,5 +133,5 @@ def pytest_terminal_summary(terminalreporter) -> None:
     if lib is None or not lib.MEASURED:
         return
     terminalreporter.section("chaos: measured")
-    for test, what, seconds in lib.MEASURED:
-        terminalreporter.write_line(f"{test:58s} {what:28s} {seconds:6.2f} s")
+    for test, what, value, unit in lib.MEASURED:
+        terminalreporter.write_line(f"{test:58s} {what:28s} {value:6.2f} {unit}")

@@ -29,7 +29,7 @@ from typing import Iterator
 
 import pytest
 
-from chaoslib import ChaosCluster
+from chaoslib import ETCD_ELECTION, ChaosCluster
 
 pytestmark = pytest.mark.chaos
 
@@ -110,11 +110,49 @@ def test_each_node_has_its_own_address_libvirtd_and_etcd_path(cc: ChaosCluster) 
         assert cc.bed.etcd_mode(n.name) == "open"
 
 
+def test_checker_sees_an_unfenced_second_writer(cc: ChaosCluster) -> None:
+    """Negative control: a second client opens a running VM's disk
+    read-write from another node, unfenced; the checker must report it."""
+    vm = cc.vms[0]
+    host = cc.checker.placement()[vm]
+    other = next(n.name for n in cc.bed.nodes if n.name != host)
+    t0 = cc.checker.mark(f"open {vm}'s disk read-write from {other}")
+    cc.intrude(vm, other, 2.0)
+    found = cc.checker.unfenced_writers(t0)
+    assert any(f" {vm}: 2 unfenced watchers" in f and cc.bed.node(other).address in f for f in found), \
+        cc.explain(t0, f"the checker missed the second writer: {found}")
+    cc.assert_no_restarts(cc.vms, t0)
+
+
 # -- one fault at a time: fast and reliable first -------------------------------------
 
 
 def test_agent_kill9_moves_its_vms(cc: ChaosCluster) -> None:
     move_fault(cc, "kill -9 agent", lambda n: cc.agent(n).kill(), lambda n: cc.agent(n).start())
+
+
+def test_dead_node_is_fenced_by_address_and_unfenced_once_clean(cc: ChaosCluster) -> None:
+    """The taker fences the dead node as a whole (`osd blocklist range add
+    IP/32`, recorded under <prefix>/fences/<node>); once the node is back
+    and its stale copies are gone, the fence is lifted."""
+    victim = cc.busiest()
+    vms = cc.vms_on(victim)
+    address = cc.bed.node(victim).address
+    t0 = cc.checker.mark(f"kill -9 agent {victim} (runs {vms})")
+    cc.agent(victim).kill()
+    cc.assert_moved(vms, victim, t0)
+    s = cc.checker.latest()
+    fence = (s.fences or {}).get(victim) or {}
+    assert cc.checker.node_fenced(s, victim), cc.explain(t0, f"no range blocklist entry for {address}")
+    assert (fence.get("mode"), fence.get("address"), fence.get("state")) == ("range", address, "fenced"), \
+        cc.explain(t0, f"fences/{victim} = {fence}")
+    cc.checker.mark(f"start agent {victim}")
+    cc.agent(victim).start()
+    cc.assert_no_stale(t0)
+    cc.checker.wait_for(lambda s: not cc.checker.node_fenced(s, victim)
+                        and ((s.fences or {}).get(victim) or {}).get("state", "clean") == "clean",
+                        30, f"{victim}'s fence lifted once it is clean")
+    cc.assert_safe(t0)
 
 
 def test_libvirtd_restart_restarts_nothing(cc: ChaosCluster) -> None:
@@ -195,8 +233,9 @@ def test_overlap_etcd_restart_during_a_failover(cc: ChaosCluster) -> None:
     time.sleep(2.0)
     cc.bed.etcd.start()
     t_back = cc.checker.mark("etcd back")
-    # etcd extends every lease on restart: the clock for the move starts again.
-    cc.assert_moved(vms_a, a, t0, t_ref=t_back)
+    # etcd extends every lease on restart (by TTL + an election timeout):
+    # the clock for the move starts again when etcd is back.
+    cc.assert_moved(vms_a, a, t0, t_ref=t_back, extra=ETCD_ELECTION)
     cc.assert_boots_continue(vms_a, before, disks)
     cc.agent(a).start()
     cc.assert_no_stale(t0)
