@@ -135,13 +135,15 @@ class ChaosCluster:
     def disks(self) -> dict[str, str]:
         return {vm: (a or {}).get("disk") for vm, a in (self.checker.latest().actual or {}).items()}
 
-    def domains(self) -> dict[str, list[str]]:
-        """node -> every domain (running or only defined) its libvirtd has."""
+    def domains(self, active_only: bool = False) -> dict[str, list[str]]:
+        """node -> every domain (running or only defined; with active_only
+        the running ones) its libvirtd has."""
         out = {}
+        flags = libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE if active_only else 0
         for n in self.bed.nodes:
             conn = libvirt.open(n.uri)
             try:
-                out[n.name] = sorted(d.name() for d in conn.listAllDomains())
+                out[n.name] = sorted(d.name() for d in conn.listAllDomains(flags))
             finally:
                 conn.close()
         return out

@@ -157,7 +157,10 @@ def test_dead_node_is_fenced_by_address_and_unfenced_once_clean(cc: ChaosCluster
 
 def test_libvirtd_restart_restarts_nothing(cc: ChaosCluster) -> None:
     node = cc.busiest()
+    vms = cc.vms_on(node)
     quiet_fault(cc, f"restart libvirtd of {node}", lambda: cc.bed.restart_libvirtd(node), lambda: None, 0)
+    # The new libvirtd re-attached to the QEMUs that kept running.
+    assert cc.domains(active_only=True)[node] == sorted(f"{vm}.{node}" for vm in vms)
 
 
 def test_etcd_kill9_and_restart_restarts_nothing(cc: ChaosCluster) -> None:
@@ -171,6 +174,15 @@ def test_agent_restart_at_once_restarts_nothing(cc: ChaosCluster) -> None:
         cc.agent(node).stop()  # SIGTERM; on_stop = keep (the default) leaves the guests running
         cc.agent(node).start()
     quiet_fault(cc, f"restart agent of {node} at once", restart, lambda: None, 0)
+
+
+def test_agent_kill9_and_restart_at_once_restarts_nothing(cc: ChaosCluster) -> None:
+    node = cc.busiest()
+
+    def restart() -> None:
+        cc.agent(node).kill()  # its QEMUs keep running; the restarted agent adopts them
+        cc.agent(node).start()
+    quiet_fault(cc, f"kill -9 agent of {node}, start it at once", restart, lambda: None, 0)
 
 
 def test_agent_sigstop_past_ttl_moves_its_vms(cc: ChaosCluster) -> None:
@@ -218,6 +230,26 @@ def test_overlap_agent_kill9_and_another_agents_etcd_cut(cc: ChaosCluster) -> No
     cc.agent(a).start()
     cc.assert_no_stale(t0)
     cc.assert_safe(t0)
+
+
+def test_overlap_node_cut_off_while_another_nodes_libvirtd_restarts(cc: ChaosCluster) -> None:
+    a = cc.busiest()
+    b = cc.busiest(exclude=[a])
+    vms_a = cc.vms_on(a)
+    others = [v for v in cc.vms if v not in vms_a]
+    before, disks = cc.boots(), cc.disks()
+    t0 = cc.checker.mark(f"cut {a} off (runs {vms_a})")
+    cc.bed.isolate(a)
+    time.sleep(cc.ttl - 1.0)  # just before a's lease expires: the takeover meets a restarting libvirtd
+    cc.checker.mark(f"restart libvirtd of {b}")
+    cc.bed.restart_libvirtd(b)
+    cc.assert_moved(vms_a, a, t0)
+    cc.assert_boots_continue(vms_a, before, disks)
+    cc.checker.mark(f"{a} back")
+    cc.bed.rejoin(a)
+    cc.assert_no_stale(t0)
+    cc.assert_safe(t0)
+    cc.assert_no_restarts(others, t0)
 
 
 def test_overlap_etcd_restart_during_a_failover(cc: ChaosCluster) -> None:
