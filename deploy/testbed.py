@@ -48,7 +48,11 @@ by STATE_DIR/watchdog-NODE.pid (if it runs and is a `--watchdog` process),
 then each libvirtd (which destroys its domains), proxies, etcd, Ceph, and
 removes veths, namespaces and the bridge. Every process is stopped by the
 pid this file recorded, after checking its command line; nothing is killed
-by name. DIR/testbed.json records what was made.
+by name. DIR/testbed.json records what was made, and
+/run/metastack-testbed-NAME which DIR holds the names. A testbed whose owner
+(the process that called up(), e.g. a pytest run killed with -9) is gone is
+taken down by the next `up` with the same --name; one made with the command
+line has no owner and is only taken down by `down`.
 """
 from __future__ import annotations
 
@@ -56,7 +60,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -76,6 +79,7 @@ import cephdev  # noqa: E402
 import libvirtd  # noqa: E402
 
 STATE = "testbed.json"
+REGISTRY_DIR = Path("/run")  # /run/metastack-testbed-NAME: the DIR of the testbed holding NAME's links
 SYS_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -560,15 +564,38 @@ class Testbed:
         raise KeyError(name)
 
     # -- up / down
-    def up(self) -> "Testbed":
+    @property
+    def registry(self) -> Path:
+        return REGISTRY_DIR / f"metastack-testbed-{self.name}"
+
+    def _reclaim(self) -> None:
+        """Take down the testbed that holds our names if its owner is gone."""
+        try:
+            other = Path(self.registry.read_text().strip())
+        except OSError:
+            return
+        if other == self.dir or not (other / STATE).exists():
+            return
+        owner = json.loads((other / STATE).read_text()).get("owner", 0)
+        if owner and not _alive(owner):
+            print(f"testbed: taking down {other}, left behind by pid {owner}", file=sys.stderr)
+            for p in Testbed.open(other).down():
+                print(f"testbed: {p}", file=sys.stderr)
+
+    def up(self, owner: Optional[int] = None) -> "Testbed":
+        """Build everything but the agents. ``owner``: the pid whose death
+        makes this testbed a leftover (default: this process; 0: none)."""
         if os.geteuid() != 0:
             raise TestbedError("the testbed needs root (network namespaces, bridges, bind mounts)")
         self.dir.mkdir(parents=True, exist_ok=True)
         self.dir.chmod(0o755)  # QEMU (libvirt-qemu) reads consoles and kernels below it
+        self._reclaim()
         if _ip("link", "show", self.bridge, check=False).returncode == 0:
             raise TestbedError(f"a link named {self.bridge} already exists: another testbed runs (or was left"
                                f" behind: `testbed.py down DIR` on its DIR), or pick another --name")
+        self.state["owner"] = os.getpid() if owner is None else owner
         self._save()
+        self.registry.write_text(f"{self.dir}\n")
         try:
             self._network_up()
             self.ceph = cephdev.start(self.dir / "ceph", pool=self.pool, address=self.host_address)
@@ -657,6 +684,9 @@ class Testbed:
         for ns in self.state.get("netns", []):
             if Path(f"/run/netns/{ns}").exists():
                 step(f"delete netns {ns}", _ip, "netns", "del", ns)
+        with contextlib.suppress(OSError):
+            if self.registry.read_text().strip() == str(self.dir):
+                self.registry.unlink()
         return problems
 
     # -- agents
@@ -765,7 +795,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return _Proxy((lh, int(lp)), (th, int(tp)), a.statefile).run()
     try:
         if a.cmd == "up":
-            bed = Testbed(a.dir, nodes=a.nodes, subnet=a.subnet, name=a.name).up()
+            bed = Testbed(a.dir, nodes=a.nodes, subnet=a.subnet, name=a.name).up(owner=0)
             if a.agents:
                 for n in bed.nodes:
                     bed.agent(n.name).start()

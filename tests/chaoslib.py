@@ -13,7 +13,6 @@ its config file, etcd (metastackctl) and signals.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -274,11 +273,3 @@ class ChaosCluster:
     def observe(self, seconds: float) -> None:
         time.sleep(seconds)
         self.checker.wait_sample_after(time.monotonic())
-
-
-@contextlib.contextmanager
-def timed(label: str, sink: Optional[dict] = None):
-    t0 = time.monotonic()
-    yield
-    if sink is not None:
-        sink[label] = time.monotonic() - t0
