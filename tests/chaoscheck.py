@@ -194,6 +194,14 @@ class Timeline:
         return self.node_fenced(s, q.node) or any(a in s.blocklist for a in self.qemu_addrs.get(q.ident, ()))
 
     # -- the suite's questions ----------------------------------------------------
+    def blind_spots(self, t0: float, t1: Optional[float] = None, max_gap: float = 2.0) -> list[str]:
+        """Stretches longer than max_gap in [t0, t1 or now] without a sample:
+        the other answers mean nothing there."""
+        t1 = time.monotonic() if t1 is None else t1
+        times = [t0] + [s.t for s in self.window(t0, t1)] + [t1]
+        return [f"no sample from t={a:.2f} to t={b:.2f} ({b - a:.1f} s)"
+                for a, b in zip(times, times[1:]) if b - a > max_gap]
+
     def unfenced_writers(self, t0: float = 0.0, t1: Optional[float] = None) -> list[str]:
         """Moments where one disk had two writers nobody had fenced, held for
         two consecutive samples (a taker's lock-break open lasts milliseconds):
@@ -461,7 +469,9 @@ class Checker(Timeline, threading.Thread):
         qemus = self.scan_qemus()
         etcd_ok, desired, actual, fences, hosts = self.read_etcd()
         ret, out, err = self.cluster.mon_command(json.dumps({"prefix": "osd blocklist ls", "format": "json"}), b"")
-        addrs, ranges = parse_blocklist(out) if ret == 0 else (set(), [])
+        if ret != 0:  # never guess "nothing is fenced": skip this sample
+            raise RuntimeError(f"osd blocklist ls failed: {ret} {err}")
+        addrs, ranges = parse_blocklist(out)
         for name in rbd.RBD().list(self.ioctx):
             m = DISK_RE.match(name)
             if m:

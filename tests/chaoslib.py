@@ -250,7 +250,11 @@ class ChaosCluster:
                                      f" {bad}")
 
     def assert_safe(self, t0: float) -> None:
-        """Never two unfenced writers of a disk; no desired entry lost."""
+        """Never two unfenced writers of a disk; no desired entry lost (and
+        the checker never looked away for more than 2 s)."""
+        blind = self.checker.blind_spots(t0)
+        assert not blind, self.explain(t0, f"the checker missed samples: {blind}; errors: "
+                                           f"{self.checker.errors[-5:]}")
         writers = self.checker.unfenced_writers(t0)
         assert not writers, self.explain(t0, "two unfenced writers of one disk:\n" + "\n".join(writers[:20]))
         lost = self.checker.lost_desired(self.vms, t0)

@@ -63,6 +63,12 @@ def test_two_qemus_are_a_violation_unless_one_is_fenced() -> None:
     assert tl.unfenced_writers() == ["t=0.50 vm1: unfenced QEMUs on ['node1', 'node2']"]
 
 
+def test_gaps_in_the_timeline_are_reported() -> None:
+    tl = timeline(sample(10.0), sample(10.25), sample(13.0))
+    assert tl.blind_spots(10.0, 13.5) == ["no sample from t=10.25 to t=13.00 (2.8 s)"]
+    assert tl.blind_spots(9.0, 10.25) == []
+
+
 def test_move_time_restarts_lost_entries_and_stale_copies() -> None:
     on1 = {"vm1": {"host": "node1", "state": "running"}}
     on2 = {"vm1": {"host": "node2", "state": "running"}}
