@@ -2,7 +2,7 @@
 """A private single-node Ceph cluster (mon + mgr + 1 memstore OSD on 127.0.0.1)
 for MetaStack's tests and demo.
 
-    python3 deploy/cephdev.py start DIR [--pool NAME] [--timeout S] [--wait-health]
+    python3 deploy/cephdev.py start DIR [--pool NAME] [--timeout S] [--wait-health] [--address IP]
     python3 deploy/cephdev.py status DIR
     python3 deploy/cephdev.py stop DIR
 
@@ -11,6 +11,13 @@ or, imported (from /usr/bin/python3 or a venv made with --system-site-packages):
     info = cephdev.start(Path(d), pool="metastack")   # -> CephInfo
     cephdev.admin_key(info); cephdev.clear_blocklist(info)
     cephdev.stop(Path(d))
+
+``--address IP`` (``start(..., address=IP)``) binds the daemons to another
+local address instead of 127.0.0.1, e.g. the bridge address of a multi-node
+testbed (deploy/testbed.py) so clients in network namespaces reach the
+cluster and each client shows up with its own address (node-level
+``ceph osd blocklist range`` fencing needs that). The address must already
+be configured on this machine. Default: 127.0.0.1, as before.
 
 Everything lives in DIR: ceph.conf, the client.admin keyring, mon/mgr/osd
 data, logs (DIR/log), admin sockets (DIR/run), pid files (DIR/<daemon>.pid),
@@ -158,10 +165,10 @@ def _import_bindings() -> tuple[Any, Any]:
     return rados, rbd
 
 
-def _free_port(taken: set[int]) -> int:
+def _free_port(taken: set[int], address: str = "127.0.0.1") -> int:
     while True:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
+            s.bind((address, 0))
             port = s.getsockname()[1]
         if port not in taken:
             taken.add(port)
@@ -352,7 +359,7 @@ def _link_mgr_modules(dest: Path) -> None:
             (dest / entry.name).symlink_to(entry)
 
 
-def _conf_text(d: Path, fsid: str, mon_host: str) -> str:
+def _conf_text(d: Path, fsid: str, mon_host: str, address: str = "127.0.0.1") -> str:
     asok = f"{d}/run/$name.asok"
     if len(f"{d}/run/mgr.x.asok") > 100:  # AF_UNIX path limit (108 bytes)
         asok = ""  # admin sockets disabled rather than failing to bind
@@ -362,6 +369,7 @@ log file = {d}/log/$name.log
 pid file = {d}/$name.pid
 keyring = {d}/$name/keyring
 """
+    mgr_addr = "" if address == "127.0.0.1" else f"public addr = {address}\n"
     return f"""\
 # Written by deploy/cephdev.py: a private single-node test cluster. Use -c {d}/{CONF_FILE}.
 [global]
@@ -404,11 +412,11 @@ mon cluster log file = default={d}/log/ceph.$channel.log cluster={d}/log/ceph.lo
 [mgr]
 {daemon_common}mgr data = {d}/$name
 mgr module path = {d}/mgr-modules
-
+{mgr_addr}
 [osd]
 {daemon_common}osd data = {d}/$name
-public addr = 127.0.0.1
-cluster addr = 127.0.0.1
+public addr = {address}
+cluster addr = {address}
 osd op num shards = 2
 osd op num threads per shard = 1
 """
@@ -546,7 +554,7 @@ def _fail(d: Path, msg: str) -> CephDevError:
     return CephDevError(msg + ("\n" + "\n".join(logs) if logs else ""))
 
 
-def _create(d: Path, pool: str, deadline: float) -> CephInfo:
+def _create(d: Path, pool: str, deadline: float, address: str = "127.0.0.1") -> CephInfo:
     for name in MANAGED:
         p = d / name
         if p.is_dir() and not p.is_symlink():
@@ -561,12 +569,12 @@ def _create(d: Path, pool: str, deadline: float) -> CephInfo:
     fsid = str(uuid.uuid4())
     osd_uuid = str(uuid.uuid4())
     ports: set[int] = set()
-    v2, v1 = _free_port(ports), _free_port(ports)
-    mon_host = f"[v2:127.0.0.1:{v2},v1:127.0.0.1:{v1}]"
+    v2, v1 = _free_port(ports, address), _free_port(ports, address)
+    mon_host = f"[v2:{address}:{v2},v1:{address}:{v1}]"
     conf = d / CONF_FILE
     info = CephInfo(dir=str(d), conf=str(conf), keyring=str(d / KEYRING_FILE), client=CLIENT, pool=pool,
                     fsid=fsid, mon_host=mon_host, pids={})
-    _write(conf, _conf_text(d, fsid, mon_host))
+    _write(conf, _conf_text(d, fsid, mon_host, address))
 
     # Every key is made here and handed to the mon at mkfs, so the mon starts
     # with the mgr's and the OSD's auth entries already in place.
@@ -635,10 +643,13 @@ def _create(d: Path, pool: str, deadline: float) -> CephInfo:
     return info
 
 
-def start(dir: Path, pool: str = "metastack", timeout: float = 60.0) -> CephInfo:
+def start(dir: Path, pool: str = "metastack", timeout: float = 60.0, address: str = "127.0.0.1") -> CephInfo:
     """Start (or find running) the cluster in ``dir``; return once a rados
-    client can create and remove an RBD image in ``pool``."""
+    client can create and remove an RBD image in ``pool``. ``address``: the
+    local IPv4 address the daemons bind (a running cluster keeps its own)."""
     d = _check_dir(Path(dir))
+    if not re.match(r"^\d{1,3}(\.\d{1,3}){3}$", address):
+        raise CephDevError(f"{address!r} is not an IPv4 address")
     _check_pool(pool)
     _check_installed()
     _import_bindings()
@@ -660,7 +671,7 @@ def start(dir: Path, pool: str = "metastack", timeout: float = 60.0) -> CephInfo
             return info
         _stop_locked(d)  # whatever is left of an earlier cluster in d
         try:
-            return _create(d, pool, deadline)
+            return _create(d, pool, deadline, address)
         except BaseException as exc:
             with contextlib.suppress(Exception):
                 _stop_locked(d)
@@ -712,8 +723,27 @@ def admin_key(info: CephInfo) -> str:
 
 
 def _blocklist_ls(client: _Client) -> list[str]:
-    out = client.mon("list blocklist", prefix="osd blocklist ls") or []
-    return [e["addr"] for e in out]
+    """Every blocklist entry: client addresses, then ranges as "cidr:IP:0/BITS"
+    (pacific prints the range list as a second JSON list after the first)."""
+    ret, out, err = client.cluster.mon_command(json.dumps({"prefix": "osd blocklist ls", "format": "json"}), b"")
+    if ret != 0:
+        raise CephDevError(f"list blocklist: {err}")
+    return [f"cidr:{e['range']}" if "range" in e else e["addr"] for e in parse_blocklist(out)]
+
+
+def parse_blocklist(out: bytes) -> list[dict[str, Any]]:
+    """The entries of `osd blocklist ls -f json` output: one or two JSON lists
+    (the second, pacific+, holds range entries {"range": "IP:0/BITS", ...})."""
+    text, entries, pos = out.decode(errors="replace").strip(), [], 0
+    dec = json.JSONDecoder()
+    while pos < len(text):
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if pos >= len(text):
+            break
+        obj, pos = dec.raw_decode(text, pos)
+        entries.extend(obj if isinstance(obj, list) else [])
+    return entries
 
 
 def clear_blocklist(info: CephInfo) -> int:
@@ -727,7 +757,11 @@ def clear_blocklist(info: CephInfo) -> int:
                 client.mon("clear blocklist", prefix="osd blocklist", blocklistop="clear")
             except CephDevError:
                 for addr in _blocklist_ls(client):
-                    client.mon(f"unblocklist {addr}", prefix="osd blocklist", blocklistop="rm", addr=addr)
+                    if addr.startswith("cidr:"):
+                        client.mon(f"unblocklist {addr}", prefix="osd blocklist", range="range", blocklistop="rm",
+                                   addr=addr[len("cidr:"):])
+                    else:
+                        client.mon(f"unblocklist {addr}", prefix="osd blocklist", blocklistop="rm", addr=addr)
         return n
     finally:
         client.close()
@@ -786,6 +820,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--pool", default="metastack")
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument("--wait-health", action="store_true", help="also wait (up to --timeout) for HEALTH_OK")
+    p.add_argument("--address", default="127.0.0.1", help="local IPv4 address the daemons bind (default 127.0.0.1)")
     p = sub.add_parser("stop", help="stop the cluster in DIR (by its pid files only)")
     p.add_argument("dir", type=Path)
     p = sub.add_parser("status", help="print the cluster's info as JSON; exit 3 if it is not running")
@@ -794,7 +829,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if args.cmd == "start":
             t0 = time.monotonic()
-            info = start(args.dir, args.pool, args.timeout)
+            info = start(args.dir, args.pool, args.timeout, args.address)
             print(info.to_json())
             print(f"cephdev: ready in {time.monotonic() - t0:.2f} s (conf {info.conf})", file=sys.stderr)
             if args.wait_health:

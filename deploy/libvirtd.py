@@ -6,10 +6,31 @@ For tests and the demo on a machine without systemd. Standard library only.
     python3 deploy/libvirtd.py start STATEDIR    start (idempotent), wait until qemu:///system answers
     python3 deploy/libvirtd.py stop STATEDIR     stop what `start` started (no-op if nothing)
     python3 deploy/libvirtd.py status STATEDIR   exit 0 if qemu:///system answers, 3 if not
+    python3 deploy/libvirtd.py restart-libvirtd STATEDIR
+                                                 restart libvirtd only; QEMUs keep running
 
 As a module: start(statedir) -> supervisor pid (0 if a libvirtd that this
 script did not start already answers: use it as is), stop(statedir),
-running(uri="qemu:///system") -> bool.
+restart_libvirtd(statedir), running(uri="qemu:///system") -> bool.
+
+Isolated instances (several libvirtds on one machine, for the multi-node
+testbed in deploy/testbed.py):
+
+    python3 deploy/libvirtd.py start STATEDIR --root NODEDIR [--netns NAME]
+
+runs the supervisor (and so virtlogd, libvirtd and every QEMU) in its own
+mount namespace (`unshare --mount --propagation slave`), inside network
+namespace NAME when given (`nsenter --net=/run/netns/NAME`). Before starting
+anything the supervisor bind-mounts NODEDIR/{run,lib,etc,log,cache} over
+/run/libvirt, /var/lib/libvirt, /etc/libvirt, /var/log/libvirt and
+/var/cache/libvirt, visible to that namespace only: each instance has its own
+sockets, pid files, domain definitions, secrets, logs and capability cache,
+and its QEMUs' network traffic (Ceph) leaves from the namespace's address.
+Clients outside reach it with uri_for(NODEDIR) =
+`qemu+unix:///system?socket=NODEDIR/run/libvirt-sock`. The capability cache
+is seeded from the machine's /var/cache/libvirt (no 4-8 s QEMU probe per
+instance). `stop` and `status` find NODEDIR again in STATEDIR/root. The
+foreign-libvirtd check (qemu:///system) does not apply to such instances.
 
 `start` launches a small supervisor (this file, hidden mode `_supervise`) in
 its own session, logging to STATEDIR/supervisor.log. The supervisor
@@ -68,6 +89,10 @@ STOP_TIMEOUT = 60.0    # stop(): SIGTERM -> SIGKILL for the supervisor
 
 SUP_PID, LIBVIRTD_PID, VIRTLOGD_PID = "supervisor.pid", "libvirtd.pid", "virtlogd.pid"
 LOG, CONF, LOCK = "supervisor.log", "libvirtd.conf", ".lock"
+ROOT_FILE = "root"  # STATEDIR/root: NODEDIR of an isolated instance
+# An isolated instance's private directories: NODEDIR/<sub> is bind-mounted over <path>.
+NODE_DIRS = (("run", "/run/libvirt"), ("lib", "/var/lib/libvirt"), ("etc", "/etc/libvirt"),
+             ("log", "/var/log/libvirt"), ("cache", "/var/cache/libvirt"))
 
 # Root needs no change from libvirtd's built-in defaults (there is no
 # /etc/libvirt/libvirtd.conf without libvirt-daemon-system): the default
@@ -213,12 +238,13 @@ def _kill_ours(path: Path, statedir: Path, marker: bytes, timeout: float = CHILD
         pass
 
 
-def _kill_orphaned_qemu() -> None:
+def _kill_orphaned_qemu(run_dir: Path = RUN_DIR) -> None:
     """After a supervisor had to be killed: QEMU processes of the system
     libvirtd (our libvirtd: start() never runs one next to a foreign one),
-    listed in /run/libvirt/qemu/*.pid, would otherwise run on unsupervised."""
+    listed in /run/libvirt/qemu/*.pid (NODEDIR/run/qemu/*.pid for an isolated
+    instance), would otherwise run on unsupervised."""
     pids = []
-    for f in (RUN_DIR / "qemu").glob("*.pid"):
+    for f in (run_dir / "qemu").glob("*.pid"):
         pid = _read_pid(f)
         args = _cmdline(pid) if _alive(pid) else None
         if args and b"qemu-system" in args[0]:
@@ -243,11 +269,40 @@ class _Lock:
         os.close(self.fd)
 
 
+def uri_for(root=None) -> str:
+    """The URI of the instance whose private root is ``root`` (None: the
+    machine's qemu:///system)."""
+    if root is None:
+        return URI
+    return f"qemu+unix:///system?socket={_sd(root) / 'run' / 'libvirt-sock'}"
+
+
+def _root_of(statedir: Path):
+    try:
+        text = (statedir / ROOT_FILE).read_text().strip()
+    except OSError:
+        return None
+    return Path(text) if text else None
+
+
+def _seed_capabilities(root: Path) -> None:
+    """Copy the machine's QEMU capability cache into a new instance's cache
+    (libvirt re-validates it: binary and libvirtd ctimes, kernel, microcode)."""
+    src = Path("/var/cache/libvirt/qemu/capabilities")
+    dst = root / "cache" / "qemu" / "capabilities"
+    dst.mkdir(parents=True, exist_ok=True)
+    if src.is_dir() and not any(dst.iterdir()):
+        for f in src.glob("*.xml"):
+            shutil.copy2(f, dst / f.name)
+
+
 # ---------------------------------------------------------------- public API
 
 def running(uri: str = URI) -> bool:
     """True if a libvirt daemon answers on uri (`virsh -c uri version`)."""
     virsh = shutil.which("virsh", path=SYS_PATH)
+    if "?socket=" in uri and not _sock_answers(Path(uri.split("?socket=", 1)[1])):
+        return False
     if not virsh:
         return uri == URI and _sock_answers(LIBVIRT_SOCK)
     # Fast "no" without a socket file. (Not a test connect: libvirtd logs an
@@ -265,15 +320,20 @@ def running(uri: str = URI) -> bool:
     return r.returncode == 0
 
 
-def start(statedir: Path, timeout: float = START_TIMEOUT) -> int:
+def start(statedir: Path, timeout: float = START_TIMEOUT, root=None, netns=None) -> int:
     """Start libvirtd under a supervisor; return the supervisor pid.
 
     Returns at once with the pid if our supervisor already runs, and returns
     0 (starting nothing) if a libvirtd not started by us answers on
-    qemu:///system.
+    qemu:///system. With ``root`` (and optionally ``netns``): an isolated
+    instance (see the module docstring), reached at uri_for(root).
     """
     statedir = _sd(statedir)
     statedir.mkdir(parents=True, exist_ok=True)
+    if root is None and netns is not None:
+        raise LibvirtdError("--netns needs --root (a libvirtd in a network namespace needs its own directories)")
+    if netns is not None and not Path(f"/run/netns/{netns}").exists():
+        raise LibvirtdError(f"network namespace {netns} does not exist (/run/netns/{netns})")
     with _Lock(statedir):
         pid = _supervisor_pid(statedir)
         if pid:
@@ -283,10 +343,19 @@ def start(statedir: Path, timeout: float = START_TIMEOUT) -> int:
         _kill_ours(statedir / LIBVIRTD_PID, statedir, b"libvirtd")
         _kill_ours(statedir / VIRTLOGD_PID, statedir, b"virtlogd")
         (statedir / SUP_PID).unlink(missing_ok=True)
-        if running(URI):
-            print(f"libvirtd: a libvirtd not started by this script already answers on {URI};"
-                  " using it as is", file=sys.stderr)
-            return 0
+        uri = uri_for(root)
+        if root is None:
+            (statedir / ROOT_FILE).unlink(missing_ok=True)
+            if running(URI):
+                print(f"libvirtd: a libvirtd not started by this script already answers on {URI};"
+                      " using it as is", file=sys.stderr)
+                return 0
+        else:
+            root = _sd(root)
+            for sub, _ in NODE_DIRS:
+                (root / sub).mkdir(parents=True, exist_ok=True)
+            _seed_capabilities(root)
+            (statedir / ROOT_FILE).write_text(f"{root}\n")
         _check_installed()
 
         t0 = time.monotonic()
@@ -296,9 +365,14 @@ def start(statedir: Path, timeout: float = START_TIMEOUT) -> int:
             log.flush()
             # The intermediate process forks the real supervisor and exits,
             # so the caller is never left holding a zombie.
+            argv = [sys.executable or "/usr/bin/python3", os.path.abspath(__file__), "_supervise", str(statedir)]
+            if root is not None:
+                argv = ["unshare", "--mount", "--propagation", "slave", "--", *argv, "--root", str(root)]
+                if netns is not None:
+                    argv = ["nsenter", f"--net=/run/netns/{netns}", "--", *argv]
+            env = dict(os.environ, LIBVIRTD_PY_CALLER_MNTNS=os.readlink("/proc/self/ns/mnt"))
             proc = subprocess.Popen(
-                [sys.executable or "/usr/bin/python3", os.path.abspath(__file__),
-                 "_supervise", str(statedir)],
+                argv, env=env,
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True, close_fds=True, cwd="/")
         rc = proc.wait()
@@ -309,7 +383,7 @@ def start(statedir: Path, timeout: float = START_TIMEOUT) -> int:
         pid = None
         while True:
             pid = pid or _read_pid(statedir / SUP_PID)
-            if pid and running(URI):
+            if pid and running(uri):
                 return pid
             if pid and not _alive(pid):
                 raise LibvirtdError(f"libvirtd supervisor exited during start-up;"
@@ -318,7 +392,7 @@ def start(statedir: Path, timeout: float = START_TIMEOUT) -> int:
                 if pid and _alive(pid):
                     os.kill(pid, signal.SIGTERM)
                     _wait_gone(pid, STOP_TIMEOUT)
-                raise LibvirtdError(f"{URI} did not answer within {timeout:.0f} s;"
+                raise LibvirtdError(f"{uri} did not answer within {timeout:.0f} s;"
                                     f" {statedir / LOG}:\n{_log_tail(statedir)}")
             time.sleep(0.1)
 
@@ -346,22 +420,49 @@ def stop(statedir: Path, timeout: float = STOP_TIMEOUT) -> None:
         # supervisor (its daemons get SIGTERM through PDEATHSIG anyway).
         _kill_ours(statedir / LIBVIRTD_PID, statedir, b"libvirtd")
         _kill_ours(statedir / VIRTLOGD_PID, statedir, b"virtlogd")
-        if unclean and not running(URI):
-            _kill_orphaned_qemu()
+        root = _root_of(statedir)
+        if unclean and not running(uri_for(root)):
+            _kill_orphaned_qemu(RUN_DIR if root is None else root / "run")
+
+
+def restart_libvirtd(statedir: Path, timeout: float = START_TIMEOUT) -> int:
+    """Restart libvirtd (only) of the supervisor started with statedir, as
+    `systemctl restart libvirtd` would: virtlogd and every QEMU keep running
+    and the new libvirtd re-attaches to them. Returns the new libvirtd pid
+    once the instance answers again."""
+    statedir = _sd(statedir)
+    pid = _supervisor_pid(statedir)
+    if not pid:
+        raise LibvirtdError(f"no supervisor started with {statedir} runs")
+    old = _read_pid(statedir / LIBVIRTD_PID)
+    uri = uri_for(_root_of(statedir))
+    os.kill(pid, signal.SIGUSR1)
+    deadline = time.monotonic() + timeout
+    while True:
+        new = _read_pid(statedir / LIBVIRTD_PID)
+        if new and new != old and _alive(new) and running(uri):
+            return new
+        if not _alive(pid):
+            raise LibvirtdError(f"the supervisor exited while restarting libvirtd; {statedir / LOG}:\n"
+                                f"{_log_tail(statedir)}")
+        if time.monotonic() >= deadline:
+            raise LibvirtdError(f"libvirtd did not come back within {timeout:.0f} s")
+        time.sleep(0.05)
 
 
 def status(statedir: Path) -> int:
     statedir = _sd(statedir)
     pid = _supervisor_pid(statedir) if statedir.is_dir() else None
-    answers = running(URI)
+    uri = uri_for(_root_of(statedir)) if statedir.is_dir() else URI
+    answers = running(uri)
     if pid:
         lv = _read_pid(statedir / LIBVIRTD_PID)
         lg = _read_pid(statedir / VIRTLOGD_PID)
         print(f"supervisor pid {pid}, libvirtd pid {lv}, virtlogd pid {lg};"
-              f" {URI} {'answers' if answers else 'does NOT answer'}")
+              f" {uri} {'answers' if answers else 'does NOT answer'}")
         return 0 if answers else 1
     if answers:
-        print(f"{URI} answers, but not from a libvirtd started with {statedir}")
+        print(f"{uri} answers, but not from a libvirtd started with {statedir}")
         return 0
     print("not running")
     return 3
@@ -370,10 +471,12 @@ def status(statedir: Path) -> int:
 # ---------------------------------------------------------------- supervisor
 
 class _Supervisor:
-    SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+    SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1}
 
-    def __init__(self, statedir: Path):
+    def __init__(self, statedir: Path, root=None):
         self.sd = statedir
+        self.root = root
+        self.restart = False  # SIGUSR1: restart libvirtd only
         self.me = os.getpid()
         self.virtlogd = None
         self.libvirtd = None
@@ -439,6 +542,8 @@ class _Supervisor:
         if sig in (signal.SIGTERM, signal.SIGINT) and not self.stopping:
             self.log(f"got signal {signal.Signals(sig).name}, shutting down")
             self.stopping = True
+        if sig == signal.SIGUSR1:
+            self.restart = True
         self.reap()
 
     def wait_until(self, cond, timeout: float) -> bool:
@@ -486,6 +591,21 @@ class _Supervisor:
         self.reap()
 
     # -- setup
+    def isolate(self) -> None:
+        """Bind-mount the instance's private directories over libvirt's
+        paths, refusing to do so in the machine's own mount namespace."""
+        if os.readlink("/proc/self/ns/mnt") == os.environ.get("LIBVIRTD_PY_CALLER_MNTNS", "unknown"):
+            raise LibvirtdError("--root: not in a private mount namespace; refusing to mount over the"
+                                " machine's libvirt directories")
+        for sub, target in NODE_DIRS:
+            src = self.root / sub
+            src.mkdir(parents=True, exist_ok=True)
+            os.makedirs(target, exist_ok=True)
+            subprocess.run(["mount", "--bind", str(src), target], check=True,
+                           env=dict(os.environ, PATH=SYS_PATH))
+        self.log(f"private libvirt directories from {self.root}; network namespace "
+                 f"{os.readlink('/proc/self/ns/net')}")
+
     def prerequisites(self) -> None:
         for d in DIRS:
             os.makedirs(d, exist_ok=True)
@@ -562,6 +682,8 @@ class _Supervisor:
         _write_pid(self.sd / SUP_PID, self.me)
         rc = 0
         try:
+            if self.root is not None:
+                self.isolate()
             self.prerequisites()
             if _sock_answers(VIRTLOGD_SOCK):
                 self.log(f"a virtlogd already listens on {VIRTLOGD_SOCK}; not starting ours")
@@ -577,6 +699,12 @@ class _Supervisor:
                                             "-p", str(self.sd / LIBVIRTD_PID)])
             while not self.stopping:
                 self.wait_signals(1.0)
+                if self.restart and not self.stopping:
+                    self.restart = False
+                    self.terminate([self.libvirtd], "libvirtd (restart; QEMUs keep running)")
+                    if not self.stopping:
+                        self.libvirtd = self.spawn([LIBVIRTD, "-f", str(self.sd / CONF),
+                                                    "-p", str(self.sd / LIBVIRTD_PID)])
                 if self.gone(self.libvirtd) or (self.virtlogd and self.gone(self.virtlogd)):
                     self.log("a daemon exited by itself; shutting down")
                     rc = 1
@@ -600,30 +728,35 @@ class _Supervisor:
         self.log("stopped")
 
 
-def _supervise(statedir: Path) -> int:
+def _supervise(statedir: Path, root=None) -> int:
     # Daemonise: the parent (started by start()) exits at once; the child is
     # re-parented away from the caller, which then has no zombie to reap.
     if os.fork() != 0:
         os._exit(0)
-    return _Supervisor(statedir).run()
+    return _Supervisor(statedir, root).run()
 
 
 # ---------------------------------------------------------------- CLI
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("command", choices=["start", "stop", "status", "_supervise"])
+    ap.add_argument("command", choices=["start", "stop", "status", "restart-libvirtd", "_supervise"])
     ap.add_argument("statedir", type=Path)
+    ap.add_argument("--root", type=Path, help="isolated instance: private libvirt directories below ROOT")
+    ap.add_argument("--netns", help="isolated instance: run inside this network namespace (needs --root)")
     a = ap.parse_args(argv)
     try:
         if a.command == "_supervise":
-            return _supervise(_sd(a.statedir))
+            return _supervise(_sd(a.statedir), _sd(a.root) if a.root else None)
         if a.command == "start":
             t0 = time.monotonic()
-            pid = start(a.statedir)
+            pid = start(a.statedir, root=a.root, netns=a.netns)
             if pid:
-                print(f"libvirtd: {URI} answers (supervisor pid {pid},"
+                print(f"libvirtd: {uri_for(a.root)} answers (supervisor pid {pid},"
                       f" {time.monotonic() - t0:.2f} s)")
+            return 0
+        if a.command == "restart-libvirtd":
+            print(f"libvirtd: restarted, new pid {restart_libvirtd(a.statedir)}")
             return 0
         if a.command == "stop":
             stop(a.statedir)

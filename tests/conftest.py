@@ -137,3 +137,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Pure tests, then the CLI, agents on test:/// hosts, the web, real
     guests, and the multi-node chaos suite last (stable within a file)."""
     items.sort(key=_layer)
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line(
+        "markers", "chaos: the chaos suite (tests/test_chaos.py): a 3-node testbed with real etcd, Ceph, "
+                   "per-node libvirtd and QEMU guests, faults injected for real; root, about 10 minutes. "
+                   "Select with -m chaos, skip with -m 'not chaos'.")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The chaos suite's measurements (tests/chaoslib.py MEASURED), if it ran."""
+    import sys
+    lib = sys.modules.get("chaoslib")
+    if lib is None or not lib.MEASURED:
+        return
+    terminalreporter.section("chaos: measured")
+    for test, what, value, unit in lib.MEASURED:
+        terminalreporter.write_line(f"{test:58s} {what:28s} {value:6.2f} {unit}")
