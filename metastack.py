@@ -2680,8 +2680,9 @@ class Executor:
         current = domains.get(act.vm)
         if vm.state == "running":
             self.stopping.pop(act.vm, None)
-            if current == "running":
-                changed = self.publish(act.vm, "running", self._kept_reason(act.vm), act.vcpus, act.ram_mb)
+            if current == "running":  # (re-claimed after a lease loss, or simply up): name its disk
+                changed = self.publish(act.vm, "running", self._kept_reason(act.vm), act.vcpus, act.ram_mb,
+                                       self._disk_of(vm, snap))
                 return f"running {act.vm}" if changed else ""
             reason = ""
             before = self._own_claim(act.vm)
@@ -2714,6 +2715,11 @@ class Executor:
             return f"stopping {act.vm}" if changed else ""
         changed = self.publish(act.vm, "stopped", "", act.vcpus, act.ram_mb)
         return f"{act.vm} stopped" if changed else ""
+
+    def _disk_of(self, vm: DesiredVM, snap: Snapshot) -> str:
+        """"pool/name" of ``vm``'s RBD disk by its identity ("" if diskless)."""
+        image = snap.images.get(vm.image) if vm.image is not None else None
+        return f"{image.pool}/{disk_name(vm.name, vm.identity)}" if isinstance(image, Image) else ""
 
     def _kept_reason(self, vm: str) -> str:
         """Keep a 'restarted after ...' note while the VM stays up."""
@@ -3260,7 +3266,7 @@ class Agent:
         self._store_trouble = False
         self._need_relist = False
         self._quiet_until = 0.0  # after our own lease loss: re-claim our running VMs, nothing new
-        self._own_trouble_at = -1e9  # monotonic time our lease was last in doubt
+        self._doubt: list[list[float]] = []  # [start, end] (monotonic) of spells our own lease was in doubt
         self._cannot_lift: set[str] = set()  # fences we were refused the right to lift
         self._last_host: Optional[HostState] = None
         self.last_decision = ""
@@ -3531,7 +3537,10 @@ class Agent:
         assert self._keeper is not None
         now = time.monotonic()
         if self._keeper.failing or self._keeper.lost.is_set() or self._keeper.stalled:
-            self._own_trouble_at = now
+            if self._doubt and self._doubt[-1][1] >= now - 1.0:
+                self._doubt[-1][1] = now  # the same spell goes on
+            else:
+                self._doubt = self._doubt[-9:] + [[now, now]]
         if self._keeper.lost.is_set():
             self._keeper.stop()
             self._quiet_until = now + self.cfg.grace
@@ -3581,20 +3590,19 @@ class Agent:
     def _held(self, snap: Snapshot) -> set[str]:
         """VMs whose owner lost its lease in a correlated loss (etcd
         trouble) less than ``grace`` ago: their owners get the chance to
-        re-claim them before anyone fences and takes them. A loss counts
-        as correlated when our own lease was in doubt around it, or when
-        more than half of the nodes lapsed within one grace period; one
-        node's death alone is failed over at once (fence first)."""
+        re-claim them before anyone fences and takes them. A lapse counts as
+        correlated when we saw it while our own lease was in doubt or just
+        after (etcd expires every lease at once when it comes back from a
+        freeze); a lapse while our lease was fine is that node's own death
+        or isolation, and is failed over at once (fence first). After an
+        etcd restart leases are extended, so a node that died meanwhile
+        lapses a TTL later: not correlated."""
         now = time.monotonic()
         grace = self.cfg.grace
         vanished, lapsed = self.view.departures(now - max(3600.0, 2 * grace))
-        recent = {n: (rev, at) for n, (rev, at) in lapsed.items() if now - at < grace}
-        if not recent:
-            return set()
-        own_doubt = any(abs(at - self._own_trouble_at) < grace for _, at in recent.values())
-        population = set(snap.hosts) | set(recent)
-        if not own_doubt and 2 * len(recent) <= len(population):
-            return set()
+        after = self.cfg.lease_ttl / 2 + 1.0  # the watch delivers the expiries shortly after etcd is back
+        recent = {n: (rev, at) for n, (rev, at) in lapsed.items()
+                  if now - at < grace and any(start - 1.0 <= at <= end + after for start, end in self._doubt)}
         return {vm for vm, gone in vanished.items()
                 if gone.host in recent and recent[gone.host][0] == gone.revision}
 
