@@ -31,6 +31,7 @@ stop_pid() {  # stop_pid PIDFILE NAME: SIGTERM, wait up to 20 s, then SIGKILL
 down() {
   stop_pid "$demo/web.pid" "web console"
   for n in 1 2 3; do stop_pid "$demo/agent$n.pid" "agent node$n"; done  # agents drain: guests stop
+  for n in 1 2 3; do stop_pid "$demo/state-node$n/watchdog-node$n.pid" "watchdog of node$n"; done  # drained: disarmed
   if [ -f "$demo/libvirtd/supervisor.pid" ]; then "$PY" deploy/libvirtd.py stop "$demo/libvirtd"; fi
   if [ -d "$demo/ceph" ]; then "$PY" deploy/cephdev.py stop "$demo/ceph"; fi
   stop_pid "$demo/etcd.pid" etcd
@@ -104,6 +105,9 @@ keyring = $demo/ceph/ceph.client.admin.keyring
 pool = metastack
 [agent]
 lease_ttl = 5
+# The demo's "down" stops the guests with the agents (a real node keeps
+# them running across an agent restart: on_stop = keep, the default).
+on_stop = drain
 [logging]
 syslog = udp://127.0.0.1:$SYSLOG
 INI

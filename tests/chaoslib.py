@@ -175,6 +175,25 @@ class ChaosCluster:
         subprocess.run(["ip", "netns", "exec", self.bed.node(node).netns, sys.executable, "-c", code],
                        check=True, timeout=seconds + 30)
 
+    def late_write(self, node: str) -> str:
+        """A client that opens only now, from node's address (a QEMU whose
+        start was slow, finding 6), writes one RADOS object in the VM pool.
+        Returns "written" or the error it got; never touches a VM disk."""
+        c = self.bed.ceph
+        code = ("import rados\n"
+                f"c = rados.Rados(conffile={c.conf!r}, name='client.{c.client}', "
+                f"conf={{'keyring': {c.keyring!r}, 'rados_osd_op_timeout': '10'}})\n"
+                "c.connect(timeout=10)\n"
+                f"io = c.open_ioctx({c.pool!r})\n"
+                "try:\n"
+                f"    io.write_full('metastack-late-writer-{node}', b'x' * 4096)\n"
+                "    print('written')\n"
+                "except rados.Error as e:\n"
+                "    print(f'{type(e).__name__}: {e}')\n")
+        r = subprocess.run(["ip", "netns", "exec", self.bed.node(node).netns, sys.executable, "-c", code],
+                           capture_output=True, text=True, timeout=60)
+        return (r.stdout.strip() or r.stderr.strip()).splitlines()[-1]
+
     # -- between tests ---------------------------------------------------------------------
     def baseline(self, timeout: float = 120.0) -> None:
         """Undo every fault (links up, etcd paths open, etcd running and not

@@ -149,6 +149,9 @@ def test_dead_node_is_fenced_by_address_and_unfenced_once_clean(cc: ChaosCluster
     assert cc.checker.node_fenced(s, victim), cc.explain(t0, f"no range blocklist entry for {address}")
     assert (fence.get("mode"), fence.get("address"), fence.get("state")) == ("range", address, "fenced"), \
         cc.explain(t0, f"fences/{victim} = {fence}")
+    # Finding 6: a client of the fenced node that opens only now (a slow QEMU start) cannot write.
+    late = cc.late_write(victim)
+    assert late != "written" and ("108" in late or "Shutdown" in late or "locklist" in late), late
     cc.checker.mark(f"start agent {victim}")
     cc.agent(victim).start()
     cc.assert_no_stale(t0)
