@@ -920,20 +920,121 @@ class FenceRecord:
 @dataclasses.dataclass(frozen=True)
 class NodeRecord:
     """``/metastack/nodes/<node>``: a node as known to the cluster, whether
-    or not it lives now. JSON: {"address", "first_seen"}; created by the
-    node's agent on first start, no lease. Takers read the address of a
-    dead node here to fence it."""
+    or not it lives now; no lease. JSON: {"address", "first_seen"} written
+    by the node's agent (created on first start), plus the operator's
+    cordon/drain state {"cordon": bool, "drain": bool, "reason", "by",
+    "since"} (``metastackctl host cordon|drain|uncordon``) and ``lost_at``
+    (when a live node first saw the node's host record vanish; cleared when
+    it registers again). Every writer changes only its own fields, by
+    compare-and-swap, and keeps unknown keys (``extra``). Takers read the
+    address of a dead node here to fence it; a cordoned or draining node
+    claims nothing new."""
 
     address: str = ""
     first_seen: str = ""
+    cordon: bool = False
+    drain: bool = False
+    reason: str = ""
+    by: str = ""
+    since: str = ""
+    lost_at: str = ""
+    extra: tuple[tuple[str, Any], ...] = ()
+
+    TEXT = ("address", "first_seen", "reason", "by", "since", "lost_at")
+    FLAGS = ("cordon", "drain")
 
     @classmethod
     def parse(cls, name: str, raw: bytes) -> "NodeRecord":
         obj = _json_object(raw, f"node record of {name!r}")
-        return cls(address=str(obj.get("address", "") or ""), first_seen=str(obj.get("first_seen", "")))
+        texts = {k: str(obj.get(k, "") or "") for k in cls.TEXT}
+        flags = {k: obj.get(k) is True for k in cls.FLAGS}
+        extra = tuple(sorted((k, v) for k, v in obj.items() if k not in cls.TEXT + cls.FLAGS))
+        return cls(**texts, **flags, extra=extra)
+
+    @property
+    def unschedulable(self) -> bool:
+        """Cordoned or draining: claims nothing new."""
+        return self.cordon or self.drain
 
     def encode(self) -> bytes:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+        obj: dict[str, Any] = dict(self.extra)
+        obj.update({"address": self.address, "first_seen": self.first_seen})
+        for k in self.FLAGS:
+            if getattr(self, k):
+                obj[k] = True
+        for k in ("reason", "by", "since", "lost_at"):
+            if getattr(self, k):
+                obj[k] = getattr(self, k)
+        return json.dumps(obj, sort_keys=True).encode()
+
+
+def free_capacity(host: HostState) -> tuple[int, int]:
+    """(vcpus, ram_mb) a live node reports free in its host record."""
+    return max(0, host.vcpus - host.vcpus_used), max(0, host.ram_mb - host.ram_mb_used)
+
+
+def pending_reason(name: str, snap: "Snapshot") -> str:
+    """Why VM ``name`` waits: the reason no live node takes it, computed by
+    a reader from what the nodes already publish (host records: capacity,
+    use, state, ``cannot``; node records: cordon/drain, lost_at). "" when
+    the VM is claimed or has no desired entry. Pure; ``snap`` as
+    ClusterView.snapshot() gives it (live hosts only, trusted claims).
+
+    Nobody writes anything for a VM it does not take: this is an
+    explanation, in the Sparrow/Nomad style ("0/3 nodes: ..."), not a
+    record of a decision, and a node may claim the VM a moment later."""
+    spec = snap.desired.get(name)
+    if spec is None or name in snap.actual:
+        return ""
+    live = dict(sorted(snap.hosts.items()))
+    if not live:
+        known = sorted(snap.nodes)
+        return "no live node" + (f" (known but lost: {', '.join(known[:10])})" if known else "")
+    resolved = resolve(spec, snap)
+    if isinstance(resolved, str):
+        return f"{resolved} (a live node records it as an error claim)"
+    vm, flav = resolved
+    if vm.host is not None:
+        rec = snap.nodes.get(vm.host)
+        if vm.host not in live:
+            if rec is None:
+                return f"pinned to {vm.host}, which is not a known node"
+            lost = f", lost since {rec.lost_at}" if rec.lost_at else ""
+            return f"pinned to {vm.host}, which is not live{lost}"
+        live = {vm.host: live[vm.host]}
+    why: dict[str, list[str]] = {}
+    small: list[str] = []
+    best_cpu: tuple[int, str] = (-1, "")
+    best_ram: tuple[int, str] = (-1, "")
+    fits: list[str] = []
+    for node, host in live.items():
+        rec = snap.nodes.get(node)
+        cannot = dict(host.cannot)
+        if host.state == "fenced":
+            why.setdefault("fenced", []).append(node)
+        elif rec is not None and rec.drain:
+            why.setdefault("draining", []).append(node + (f" ({rec.reason})" if rec.reason else ""))
+        elif rec is not None and rec.cordon:
+            why.setdefault("cordoned", []).append(node + (f" ({rec.reason})" if rec.reason else ""))
+        elif name in cannot:
+            why.setdefault("gave it up", []).append(f"{node} ({cannot[name]})")
+        else:
+            cpu, ram = free_capacity(host)
+            best_cpu = max(best_cpu, (cpu, node), key=lambda p: p[0])
+            best_ram = max(best_ram, (ram, node), key=lambda p: p[0])
+            if cpu >= flav.vcpus and ram >= flav.ram_mb:
+                fits.append(node)
+            else:
+                small.append(node)
+    if fits:
+        return (f"not claimed yet: {', '.join(fits[:5])}{' ...' if len(fits) > 5 else ''} "
+                f"{'has' if len(fits) == 1 else 'have'} room (a claim is due, or waits out a failover grace)")
+    parts = [f"{what}: {', '.join(nodes)}" for what, nodes in why.items()]
+    if small:
+        parts.append(f"too small: {', '.join(small)} (needs {flav.vcpus} vcpus and {flav.ram_mb} MiB RAM; "
+                     f"largest free: {best_cpu[0]} vcpus on {best_cpu[1]}, {best_ram[0]} MiB on {best_ram[1]})")
+    pin = f" (pinned to {vm.host})" if vm.host is not None else ""
+    return f"0/{len(live)} live node(s) can take it{pin}: " + "; ".join(parts)
 
 
 # ---------------------------------------------------------------------------
@@ -3338,16 +3439,27 @@ class Agent:
                                  f"(lock {self.cfg.state_dir}/agent-{self.node}.lock); refusing to start") from None
 
     def _register_node(self) -> None:
-        """Create ``nodes/<node>`` on first start; keep its address current."""
+        """Create ``nodes/<node>`` on first start; keep its address current
+        and clear ``lost_at``. Compare-and-swap, keeping every other field
+        (an operator's cordon/drain state): retried on a lost race."""
         key = self.keys.node(self.node)
-        entry = self.store.get(key)
-        old: Optional[NodeRecord] = None
-        if entry is not None:
-            with contextlib.suppress(SpecError):
-                old = NodeRecord.parse(self.node, entry.value)
-        if old is None or old.address != self.cfg.address:
-            rec = NodeRecord(address=self.cfg.address, first_seen=old.first_seen if old else utc_now())
-            self.store.put(key, rec.encode())
+        for _ in range(10):
+            entry = self.store.get(key)
+            old: Optional[NodeRecord] = None
+            if entry is not None:
+                with contextlib.suppress(SpecError):
+                    old = NodeRecord.parse(self.node, entry.value)
+            if old is not None and old.address == self.cfg.address and not old.lost_at:
+                return
+            base = old or NodeRecord(first_seen=utc_now())
+            rec = dataclasses.replace(base, address=self.cfg.address, lost_at="")
+            if entry is None:
+                rev, _ = self.store.create(key, rec.encode())
+            else:
+                rev = self.store.replace(key, rec.encode(), entry.mod_revision)
+            if rev is not None:
+                return
+        log.warning("node record %s keeps changing; not updated this time", key)
 
     @property
     def _lease_file(self) -> str:

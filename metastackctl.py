@@ -336,10 +336,24 @@ def as_objects(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[di
 VM_COLUMNS = ("NAME", "FLAVOUR", "DESIRED", "STATE", "HOST", "REASON")
 
 
+SNAPSHOT_KINDS = ("desired", "actual", "hosts", "flavours", "images", "nodes", "fences")
+
+
+def snapshot_of(keys: ms.Keys, parts: Mapping[str, Mapping[str, ms.Entry]]) -> ms.Snapshot:
+    """The agents' parsed view (ms.Snapshot: live hosts, trusted claims) of
+    listings by kind ({"desired": {name: entry}, ...}, as
+    ``ClusterView.entries_of`` or ``Context.listing`` give them)."""
+    view = ms.ClusterView(keys)
+    view.load(0, {keys.dir(kind) + name: e for kind, entries in parts.items() for name, e in entries.items()})
+    return view.snapshot()
+
+
 def vm_row(name: str, desired: Optional[ms.Entry], actual: Optional[ms.Entry],
-           hosts: Mapping[str, ms.Entry]) -> list[Any]:
+           hosts: Mapping[str, ms.Entry], snap: Optional[ms.Snapshot] = None) -> list[Any]:
     """One VM as ``list`` shows it. A claim counts only when attached to the
-    lease the named host's record hangs on; any other is "untrusted"."""
+    lease the named host's record hangs on; any other is "untrusted". A
+    pending VM's reason says why no node takes it (``ms.pending_reason``)
+    when ``snap`` (``snapshot_of``) is given."""
     flavour = want = ""
     if desired is not None:
         try:
@@ -350,7 +364,7 @@ def vm_row(name: str, desired: Optional[ms.Entry], actual: Optional[ms.Entry],
     else:
         want = "(deleted)"
     if actual is None:
-        return [name, flavour, want, "pending", "", ""]
+        return [name, flavour, want, "pending", "", ms.pending_reason(name, snap) if snap is not None else ""]
     a = ms.ActualVM.parse(actual.value)
     host = hosts.get(a.host)
     if not actual.lease or host is None or host.lease != actual.lease:
@@ -370,12 +384,13 @@ def given_up(hosts: Mapping[str, ms.Entry]) -> dict[str, dict[str, str]]:
 
 
 def vm_fields(name: str, desired: Optional[ms.Entry], actual: Optional[ms.Entry],
-              hosts: Mapping[str, ms.Entry], gave_up: Optional[Mapping[str, dict[str, str]]] = None) -> dict[str, Any]:
+              hosts: Mapping[str, ms.Entry], gave_up: Optional[Mapping[str, dict[str, str]]] = None,
+              snap: Optional[ms.Snapshot] = None) -> dict[str, Any]:
     """One VM as ``show -o json`` prints it: the ``list`` fields plus the raw
     desired entry, when the claim was last updated, its disk, and the nodes
     that gave it up (with why; ``gave_up`` is ``given_up(hosts)``, passed
     in when formatting many VMs)."""
-    fields: dict[str, Any] = dict(zip([k.lower() for k in VM_COLUMNS], vm_row(name, desired, actual, hosts)))
+    fields: dict[str, Any] = dict(zip([k.lower() for k in VM_COLUMNS], vm_row(name, desired, actual, hosts, snap)))
     parsed = ms.ActualVM.parse(actual.value) if actual else None
     fields["desired_entry"] = desired.value.decode(errors="replace") if desired else None
     fields["updated"] = parsed.updated if parsed else None
@@ -530,9 +545,15 @@ def stop(c: Context, name: str) -> None:
 @OUTPUT
 @pass_ctx
 def list_(c: Context, output: str) -> None:
-    """List VMs: desired state next to what their owner reports."""
-    desired, actual, hosts_ = c.listing("desired"), c.listing("actual"), c.listing("hosts")
-    rows = [vm_row(n, desired.get(n), actual.get(n), hosts_) for n in sorted(set(desired) | set(actual))]
+    """List VMs: desired state next to what their owner reports. A
+    pending VM's REASON says why no node takes it (no live node with the
+    vcpus or RAM, with the largest free amounts; its pin names a node that
+    is not live or is cordoned; its flavour or image is missing; nodes that
+    gave it up), computed here from what the nodes publish."""
+    parts = {kind: c.listing(kind) for kind in SNAPSHOT_KINDS}
+    snap = snapshot_of(c.keys, parts)
+    desired, actual, hosts_ = parts["desired"], parts["actual"], parts["hosts"]
+    rows = [vm_row(n, desired.get(n), actual.get(n), hosts_, snap) for n in sorted(set(desired) | set(actual))]
     print_output(VM_COLUMNS, rows, output)
 
 
@@ -546,7 +567,10 @@ def show(c: Context, name: str, output: str) -> None:
     actual = c.call(c.store.get, c.keys.actual(name))
     if desired is None and actual is None:
         raise click.ClickException(f"no VM named {name!r}")
-    fields = vm_fields(name, desired, actual, c.listing("hosts"))
+    parts = {kind: c.listing(kind) for kind in SNAPSHOT_KINDS if kind not in ("desired", "actual")}
+    parts["desired"] = {name: desired} if desired is not None else {}
+    parts["actual"] = {name: actual} if actual is not None else {}
+    fields = vm_fields(name, desired, actual, parts["hosts"], snap=snapshot_of(c.keys, parts))
     if output == "json":
         click.echo(json.dumps(fields, indent=2))
         return
