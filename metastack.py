@@ -3691,6 +3691,7 @@ class Agent:
             note = self._while_fenced(fence, snap)
             if note:
                 done.append(note)
+        self._record_lost(snap)
         host = self._publish_host(fenced)
         self._console_polling = self.executor.publish_consoles(self.hv.domains())
         summary = (f"{host.vms} VM(s) here, {host.vcpus_used}/{host.vcpus} vcpus, "
@@ -3698,6 +3699,36 @@ class Agent:
         if done:
             return f"acted: {'; '.join(done)} | {summary}"
         return f"no action: {summary}"
+
+    def _record_lost(self, snap: Snapshot) -> None:
+        """Record ``lost_at`` in the node record of each node whose host
+        record we saw vanish and that is still not live (compare-and-swap on
+        a record without one: the first node to see it writes it, once),
+        and clear our own when it is set (we are live). Best effort: only
+        for ``metastackctl hosts``; never needed for correctness."""
+        _, lapsed = self.view.departures(time.monotonic() - max(3600.0, 2 * self.cfg.grace))
+        todo = {n for n in lapsed if n not in snap.hosts and n in snap.nodes and not snap.nodes[n].lost_at}
+        mine = snap.nodes.get(self.node)
+        if mine is not None and mine.lost_at:
+            todo.add(self.node)
+        for node in sorted(todo):
+            key = self.keys.node(node)
+            entry = self.view.entry(key)
+            if entry is None:
+                continue
+            try:
+                rec = NodeRecord.parse(node, entry.value)
+            except SpecError:
+                continue
+            new = dataclasses.replace(rec, lost_at="" if node == self.node else utc_now())
+            try:
+                rev = self.store.replace(key, new.encode(), entry.mod_revision)
+            except StoreUnavailable:
+                return
+            if rev is not None:
+                self.view.note(key, new.encode(), rev)
+                if node != self.node:
+                    log.warning("node=%s lost: its host record vanished (lease lapsed); lost_at recorded", node)
 
     def _held(self, snap: Snapshot) -> set[str]:
         """VMs whose owner lost its lease in a correlated loss (etcd

@@ -125,12 +125,22 @@ def name_arg(what: str) -> Callable[[click.Context, click.Parameter, Optional[st
     return check
 
 
+def cell(value: Any) -> str:
+    """One table cell: nothing for None, ``k=v`` pairs for a nested object."""
+    if value is None:
+        return ""
+    if isinstance(value, dict):
+        return ",".join(f"{k}={'yes' if v is True else v}" for k, v in value.items()
+                        if v not in (None, "", False)) or "-"
+    return str(value)
+
+
 def print_output(columns: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str) -> None:
     """Print rows as an aligned table or as a JSON list of objects keyed by column."""
     if fmt == "json":
         click.echo(json.dumps(as_objects(columns, rows), indent=2, sort_keys=False))
         return
-    text = [[("" if v is None else str(v)) for v in r] for r in rows]
+    text = [[cell(v) for v in r] for r in rows]
     widths = [max([len(c)] + [len(r[i]) for r in text]) for i, c in enumerate(columns)]
     click.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip())
     for r in text:
@@ -200,7 +210,8 @@ def new_desired(name: str, flavour: str, host: Optional[str] = None, image: Opti
                 state: str = "running") -> ms.DesiredVM:
     """A new VM's desired entry, with a fresh uuid: its identity, which only a
     real destroy ends."""
-    return ms.DesiredVM(name, flavour, state, host, image, uuid=str(uuid.uuid4()))
+    return ms.DesiredVM(name, flavour, state, host, image, extra=(("created", ms.utc_now()),),
+                        uuid=str(uuid.uuid4()))
 
 
 def create_vm(store: ms.Store, name: Any, flavour: Any, host: Any = None, image: Any = None,
@@ -397,17 +408,72 @@ def vm_fields(name: str, desired: Optional[ms.Entry], actual: Optional[ms.Entry]
     fields["disk"] = (parsed.disk or None) if parsed else None
     refused = (gave_up if gave_up is not None else given_up(hosts)).get(name)
     fields["given_up_by"] = dict(refused) if refused else None  # nodes that failed to run it and handed it on
+    trusted = parsed is not None and fields["state"] != "untrusted"
+    fields["domain"] = ms.domain_name(name, parsed.host) if trusted and parsed and parsed.host else None
+    fields["reserved"] = ({"vcpus": parsed.vcpus, "ram_mb": parsed.ram_mb} if trusted and parsed else None)
+    created = None
+    if desired is not None:
+        with contextlib.suppress(ValueError, RecursionError):
+            obj = json.loads(desired.value)
+            if isinstance(obj, dict) and isinstance(obj.get("created"), str):
+                created = obj["created"]
+    fields["created"] = created
     return fields
 
 
-HOST_COLUMNS = ("NODE", "STATE", "VCPUS_USED", "VCPUS", "RAM_MB_USED", "RAM_MB", "VMS", "ADDRESS", "FENCE")
+def age_seconds(stamp: Optional[str], now: Optional[float] = None) -> Optional[int]:
+    """Whole seconds since an ISO-8601 UTC time as utc_now() writes it; None
+    when there is none or it does not parse."""
+    import datetime
+    if not stamp:
+        return None
+    try:
+        when = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    now = now if now is not None else datetime.datetime.now(datetime.timezone.utc).timestamp()
+    return max(0, int(now - when.timestamp()))
+
+
+def show_object(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """``show -o json``: ``vm_fields`` with the desired entry as a nested
+    object (the raw text only when it is not a JSON object), null for
+    unknown values (never "?"), and ``age_s``: seconds since the owner last
+    reported a change."""
+    out = {k: (None if v == "?" else v) for k, v in fields.items()}
+    raw = fields.get("desired_entry")
+    if isinstance(raw, str):
+        with contextlib.suppress(ValueError, RecursionError):
+            obj = json.loads(raw)
+            if isinstance(obj, dict):
+                out["desired_entry"] = obj
+    out["age_s"] = age_seconds(fields.get("updated"))
+    return out
+
+
+HOST_COLUMNS = ("NODE", "STATE", "VCPUS_USED", "VCPUS", "RAM_MB_USED", "RAM_MB", "VMS", "ADDRESS", "FENCE",
+                "FREE_VCPUS", "FREE_RAM_MB", "SCHEDULING", "LOST_AT")
+
+
+def scheduling(rec: Optional[ms.NodeRecord]) -> Optional[dict[str, Any]]:
+    """A node's cordon/drain state as ``hosts -o json`` gives it, or None
+    when it takes new VMs."""
+    if rec is None or not rec.unschedulable:
+        return None
+    return {"cordon": rec.cordon, "drain": rec.drain, "reason": rec.reason or None, "by": rec.by or None,
+            "since": rec.since or None}
 
 
 def host_rows(hosts: Mapping[str, ms.Entry], fences: Mapping[str, ms.Entry],
               nodes: Mapping[str, ms.Entry]) -> list[list[Any]]:
-    """Nodes as ``hosts`` shows them: each live node with its capacity and
-    use; a node with a fence record or a node record but no host record is
-    "down" when fenced, "lost" otherwise (it stopped renewing its lease)."""
+    """Nodes as ``hosts`` shows them: each live node with its capacity, use
+    and free capacity; a node with a fence record or a node record but no
+    host record is "down" when fenced, "lost" otherwise (it stopped renewing
+    its lease; LOST_AT: when a live node saw its host record vanish).
+    SCHEDULING: the cordon/drain state of its node record (null: takes new
+    VMs)."""
     fence_text: dict[str, str] = {}
     for name, entry in fences.items():
         try:
@@ -415,23 +481,28 @@ def host_rows(hosts: Mapping[str, ms.Entry], fences: Mapping[str, ms.Entry],
             fence_text[name] = f"{rec.state} ({rec.mode}{' ' + rec.address if rec.address else ''}, by {rec.by})"
         except ms.SpecError as exc:
             fence_text[name] = f"malformed: {exc}"
+    records: dict[str, ms.NodeRecord] = {}
+    for name, entry in nodes.items():
+        with contextlib.suppress(ms.SpecError):
+            records[name] = ms.NodeRecord.parse(name, entry.value)
     rows = []
     for name, entry in sorted(hosts.items()):
+        sched = scheduling(records.get(name))
         try:
             h = ms.HostState.parse(entry.value)
         except ms.SpecError:
-            rows.append([name, "malformed", None, None, None, None, None, None, fence_text.get(name)])
+            rows.append([name, "malformed", None, None, None, None, None, None, fence_text.get(name),
+                         None, None, sched, None])
             continue
         state = h.state if entry.lease else "no lease (not a live node)"
+        free_cpu, free_ram = ms.free_capacity(h)
         rows.append([name, state, h.vcpus_used, h.vcpus, h.ram_mb_used, h.ram_mb, h.vms, h.address or None,
-                     fence_text.get(name)])
+                     fence_text.get(name), free_cpu, free_ram, sched, None])
     for name in sorted((set(fence_text) | set(nodes)) - set(hosts)):
-        address = None
-        if name in nodes:
-            with contextlib.suppress(ms.SpecError):
-                address = ms.NodeRecord.parse(name, nodes[name].value).address or None
-        rows.append([name, "down" if name in fence_text else "lost", None, None, None, None, None, address,
-                     fence_text.get(name)])
+        rec = records.get(name)
+        rows.append([name, "down" if name in fence_text else "lost", None, None, None, None, None,
+                     (rec.address or None) if rec else None, fence_text.get(name), None, None,
+                     scheduling(rec), (rec.lost_at or None) if rec else None])
     return rows
 
 
@@ -562,7 +633,10 @@ def list_(c: Context, output: str) -> None:
 @OUTPUT
 @pass_ctx
 def show(c: Context, name: str, output: str) -> None:
-    """Show one VM: its desired entry and its actual state."""
+    """Show one VM: its desired entry and its actual state, the libvirt
+    domain (VM.NODE), what its claim reserves, when it was created and
+    last updated, and the age of that update (age_s). JSON: nested objects,
+    null for what is not known."""
     desired = c.call(c.store.get, c.keys.desired(name))
     actual = c.call(c.store.get, c.keys.actual(name))
     if desired is None and actual is None:
@@ -570,10 +644,11 @@ def show(c: Context, name: str, output: str) -> None:
     parts = {kind: c.listing(kind) for kind in SNAPSHOT_KINDS if kind not in ("desired", "actual")}
     parts["desired"] = {name: desired} if desired is not None else {}
     parts["actual"] = {name: actual} if actual is not None else {}
-    fields = vm_fields(name, desired, actual, parts["hosts"], snap=snapshot_of(c.keys, parts))
+    fields = show_object(vm_fields(name, desired, actual, parts["hosts"], snap=snapshot_of(c.keys, parts)))
     if output == "json":
         click.echo(json.dumps(fields, indent=2))
         return
+    fields["desired_entry"] = desired.value.decode(errors="replace") if desired else None
     print_output(("FIELD", "VALUE"), [[k, v] for k, v in fields.items()], "table")
 
 

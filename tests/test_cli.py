@@ -54,6 +54,7 @@ def test_create_writes_the_contract_and_rejects_duplicates(ctl, store) -> None:
     assert r.exit_code == 0, r.output
     written = json.loads(store.get(store.keys.desired("web1")).value)
     assert ms.valid_uuid(written.pop("uuid"))  # the VM's identity (finding 7)
+    assert written.pop("created").endswith("Z")  # when it was created (metastackctl show)
     assert written == {"flavour": "small", "state": "stopped", "host": "node2"}
     r = ctl("create", "web1", "--flavour", "small")
     assert r.exit_code == 1 and "already exists" in r.output
@@ -142,9 +143,10 @@ def test_list_and_hosts_show_what_agents_report(ctl, cluster: Cluster) -> None:
     h = json.loads(ctl("hosts", "-o", "json").stdout)
     assert h == [{"node": "node1", "state": "ready", "vcpus_used": 2, "vcpus": 2,
                   "ram_mb_used": 1024, "ram_mb": 16384, "vms": 3,  # 2 VMs + the error claim
-                  "address": None, "fence": None}]
+                  "address": None, "fence": None, "free_vcpus": 0, "free_ram_mb": 15360,
+                  "scheduling": None, "lost_at": None}]
     s = json.loads(ctl("show", "a1", "-o", "json").stdout)
-    entry = json.loads(s["desired_entry"])
+    entry = s["desired_entry"]  # a nested object in show -o json
     assert s["name"] == "a1" and {k: entry[k] for k in ("flavour", "state")} == {"flavour": "small",
                                                                                    "state": "running"}
     assert ms.valid_uuid(entry["uuid"])  # identity written at create

@@ -67,7 +67,8 @@ def test_hosts_lists_a_node_that_stopped_renewing_as_lost(run, store: ms.Store) 
     store.put(store.keys.node("gone"), ms.NodeRecord(address="10.0.0.9", first_seen=ms.utc_now()).encode())
     rows = json.loads(run("hosts", "-o", "json").stdout)
     assert rows == [{"node": "gone", "state": "lost", "vcpus_used": None, "vcpus": None, "ram_mb_used": None,
-                     "ram_mb": None, "vms": None, "address": "10.0.0.9", "fence": None}]
+                     "ram_mb": None, "vms": None, "address": "10.0.0.9", "fence": None,
+                     "free_vcpus": None, "free_ram_mb": None, "scheduling": None, "lost_at": None}]
 
 
 def test_shared_admin_operations_refuse_bad_input_without_writing(store: ms.Store) -> None:
