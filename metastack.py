@@ -411,7 +411,7 @@ VM_STATES = ("running", "stopped")
 class Keys:
     """The key layout under one prefix. See README "The contract in etcd"."""
 
-    KINDS = ("desired", "actual", "hosts", "flavours", "images", "console", "fences", "nodes")
+    KINDS = ("desired", "actual", "hosts", "flavours", "images", "console", "fences", "nodes", "moves")
 
     def events(self, vm: str) -> str:
         """The folder of ``vm``'s history: ``events/<vm>/<usec>-<node>``."""
@@ -446,6 +446,9 @@ class Keys:
 
     def node(self, node: str) -> str:
         return f"{self.prefix}/nodes/{node}"
+
+    def move(self, vm: str) -> str:
+        return f"{self.prefix}/moves/{vm}"
 
     def dir(self, kind: str) -> str:
         return f"{self.prefix}/{kind}/"
@@ -968,6 +971,36 @@ class NodeRecord:
         return json.dumps(obj, sort_keys=True).encode()
 
 
+@dataclasses.dataclass(frozen=True)
+class MoveRequest:
+    """``/metastack/moves/<vm>``: move the VM off node ``from_node``
+    (``metastackctl move NAME``). JSON: {"from": node, "mode": "cold", "by",
+    "at"}; no lease. The owner named in ``from`` hands the VM over (stop
+    cleanly, release) once another live node has room, and claims it no
+    more while the request exists; the next owner deletes the request.
+    ``mode`` leaves room for a live migration later: today only "cold"
+    exists, and an agent ignores a mode it does not know."""
+
+    from_node: str
+    mode: str = "cold"
+    by: str = ""
+    at: str = ""
+
+    MODES = ("cold",)
+
+    @classmethod
+    def parse(cls, name: str, raw: bytes) -> "MoveRequest":
+        obj = _json_object(raw, f"move request of {name!r}")
+        src = obj.get("from")
+        if not isinstance(src, str) or not valid_name(src):
+            raise SpecError(f"move request of {name!r}: 'from' must be a node name, got {_show(src)}")
+        return cls(src, str(obj.get("mode", "cold")), str(obj.get("by", "")), str(obj.get("at", "")))
+
+    def encode(self) -> bytes:
+        return json.dumps({"from": self.from_node, "mode": self.mode, "by": self.by, "at": self.at},
+                          sort_keys=True).encode()
+
+
 def free_capacity(host: HostState) -> tuple[int, int]:
     """(vcpus, ram_mb) a live node reports free in its host record."""
     return max(0, host.vcpus - host.vcpus_used), max(0, host.ram_mb - host.ram_mb_used)
@@ -1230,6 +1263,7 @@ class Snapshot:
     untrusted: dict[str, ActualVM] = dataclasses.field(default_factory=dict)  # claims on no live host lease
     fences: dict[str, FenceRecord] = dataclasses.field(default_factory=dict)
     nodes: dict[str, NodeRecord] = dataclasses.field(default_factory=dict)
+    moves: dict[str, MoveRequest] = dataclasses.field(default_factory=dict)
 
 
 def split_trusted(snap: Snapshot) -> None:
@@ -1384,17 +1418,19 @@ class ClusterView:
                 return FenceRecord.parse(name, entry.value)
             if kind == "nodes":
                 return NodeRecord.parse(name, entry.value)
+            if kind == "moves":
+                return MoveRequest.parse(name, entry.value)
             if kind == "images":
                 return Image.parse(name, entry.value)
             return None
         except SpecError as exc:
-            return None if kind in ("hosts", "fences", "nodes") else exc
+            return None if kind in ("hosts", "fences", "nodes", "moves") else exc
         except Exception as exc:  # a parser bug must stay this key's problem, not stop every tick
             log.exception("%s %r: cannot parse its value", kind, name)
             why = f"cannot parse the {kind} record ({type(exc).__name__})"
             if kind == "actual":
                 return ActualVM(host="", state="error", reason=why)
-            return None if kind in ("hosts", "fences", "nodes") else SpecError(why)
+            return None if kind in ("hosts", "fences", "nodes", "moves") else SpecError(why)
 
     def _cached(self, key: str, entry: Entry) -> tuple[Optional[tuple[str, str]], Any]:
         """(kind and name, parsed value) of one key; parses only when the key
@@ -2267,9 +2303,27 @@ def resolve(spec: Union[DesiredVM, SpecError], snap: Snapshot) -> Union[tuple[De
     return spec, flav
 
 
+def room_elsewhere(node: str, name: str, flav: Flavour, snap: Snapshot) -> list[str]:
+    """Live nodes other than ``node`` that could take VM ``name`` now, by
+    what they publish: ready, not cordoned or draining, not given up on it,
+    enough free vcpus and RAM. Pure."""
+    out = []
+    for other, host in sorted(snap.hosts.items()):
+        rec = snap.nodes.get(other)
+        if other == node or host.state != "ready" or (rec is not None and rec.unschedulable):
+            continue
+        if name in dict(host.cannot):
+            continue
+        cpu, ram = free_capacity(host)
+        if cpu >= flav.vcpus and ram >= flav.ram_mb:
+            out.append(other)
+    return out
+
+
 def plan(node: str, capacity: Capacity, snap: Snapshot, domains: Mapping[str, str],
          hold: Iterable[str] = (), cannot: Iterable[str] = (), quiet: bool = False,
-         fenced: bool = False) -> list[Action]:
+         fenced: bool = False, cordoned: bool = False, draining: bool = False,
+         handing: Iterable[str] = ()) -> list[Action]:
     """Decide what ``node`` should do, from one consistent view.
 
     ``snap.actual`` holds only trusted claims (see split_trusted). ``hold``:
@@ -2296,6 +2350,17 @@ def plan(node: str, capacity: Capacity, snap: Snapshot, domains: Mapping[str, st
         of ours that nobody desires;
       * claims on no live lease are purged by one node (the first live
         node by name), or replaced by a claim of ours.
+
+    Operations (issue #7), all off by default: ``cordoned``: claim nothing
+    new (our own running domains are still re-claimed). ``draining``:
+    cordoned, and hand our VMs over one at a time: release one (not pinned
+    here) only when another node has room for it and none we handed over
+    (``handing``: released by the drain, not yet claimed elsewhere) is still
+    on its way. A move request (``snap.moves``) from this node hands that VM
+    over the same way, and keeps this node from claiming it back. A VM
+    whose flavour changed (resize) takes its new size when its domain is
+    not running: here if the difference fits, else it is released to a node
+    with room.
     """
     actions: list[Action] = []
     if fenced:
@@ -2306,6 +2371,8 @@ def plan(node: str, capacity: Capacity, snap: Snapshot, domains: Mapping[str, st
             actions.append(Action("kill", name, reason="this node is fenced: stale copy"))
         return actions
     hold, cannot = frozenset(hold), frozenset(cannot)
+    cordoned = cordoned or draining
+    handed_over = any(n in snap.desired and n not in snap.actual for n in handing)
     used_cpu, used_ram, _ = usage(node, snap.actual)
     free_cpu, free_ram = capacity.vcpus - used_cpu, capacity.ram_mb - used_ram
 
@@ -2330,7 +2397,7 @@ def plan(node: str, capacity: Capacity, snap: Snapshot, domains: Mapping[str, st
         if claim is None:
             running_here = domains.get(name) == "running"
             if isinstance(resolved, str):
-                if not quiet or running_here:
+                if not (quiet or cordoned) or running_here:
                     actions.append(Action("claim_error", name, reason=resolved))
                     claiming.add(name)
                 continue
@@ -2341,6 +2408,11 @@ def plan(node: str, capacity: Capacity, snap: Snapshot, domains: Mapping[str, st
                 continue
             if (quiet or name in hold) and not running_here:
                 continue  # its owner may still come back for it
+            move = snap.moves.get(name)
+            if (cordoned or (move is not None and move.from_node == node)) and not running_here:
+                if name in domains:
+                    actions.append(Action("kill", name, reason="unclaimed and not claimable here"))
+                continue
             if vm.host not in (None, node) or flav.vcpus > free_cpu or flav.ram_mb > free_ram:
                 if name in domains:  # a leftover domain we may not run: never let it race a new owner
                     actions.append(Action("kill", name, reason="unclaimed and not claimable here"))
@@ -2367,6 +2439,15 @@ def plan(node: str, capacity: Capacity, snap: Snapshot, domains: Mapping[str, st
         if name in cannot:
             actions.append(Action("release", name, reason="given up on this node"))
             continue
+        move = snap.moves.get(name)
+        if move is not None and move.from_node == node and move.mode in MoveRequest.MODES:
+            if room_elsewhere(node, name, flav, snap):
+                actions.append(Action("release", name, reason=f"moving away ({move.mode} move requested)"))
+                continue
+        if draining and vm.host != node and not handed_over and room_elsewhere(node, name, flav, snap):
+            handed_over = True  # one at a time
+            actions.append(Action("release", name, reason="node is draining: handed over"))
+            continue
         cpu, ram = claim.vcpus, claim.ram_mb  # what the claim reserved
         if cpu == 0 and ram == 0:  # an error claim whose entry became valid
             if flav.vcpus > free_cpu or flav.ram_mb > free_ram:
@@ -2375,6 +2456,14 @@ def plan(node: str, capacity: Capacity, snap: Snapshot, domains: Mapping[str, st
             cpu, ram = flav.vcpus, flav.ram_mb
             free_cpu -= cpu
             free_ram -= ram
+        elif (cpu, ram) != (flav.vcpus, flav.ram_mb) and domains.get(name) != "running":
+            # resized: the new size takes effect now that the domain is not running
+            if flav.vcpus - cpu > free_cpu or flav.ram_mb - ram > free_ram:
+                actions.append(Action("release", name, reason="resized: does not fit here"))
+                continue
+            free_cpu -= flav.vcpus - cpu
+            free_ram -= flav.ram_mb - ram
+            cpu, ram = flav.vcpus, flav.ram_mb
         kind = "run" if vm.state == "running" else "park"
         actions.append(Action(kind, name, state=vm.state, vcpus=cpu, ram_mb=ram))
 

@@ -371,7 +371,7 @@ def vm_row(name: str, desired: Optional[ms.Entry], actual: Optional[ms.Entry],
             spec = ms.DesiredVM.parse(name, desired.value)
             flavour, want = spec.flavour, spec.state
         except ms.SpecError:
-            flavour, want = "?", "?"
+            flavour, want = None, None  # malformed: the reason says why
     else:
         want = "(deleted)"
     if actual is None:
@@ -418,6 +418,11 @@ def vm_fields(name: str, desired: Optional[ms.Entry], actual: Optional[ms.Entry]
             if isinstance(obj, dict) and isinstance(obj.get("created"), str):
                 created = obj["created"]
     fields["created"] = created
+    spec = None
+    if desired is not None:
+        with contextlib.suppress(ValueError, RecursionError):
+            spec = json.loads(desired.value)
+    fields["spec"] = spec if isinstance(spec, dict) else None  # the desired entry as a nested object
     return fields
 
 
@@ -437,20 +442,14 @@ def age_seconds(stamp: Optional[str], now: Optional[float] = None) -> Optional[i
     return max(0, int(now - when.timestamp()))
 
 
-def show_object(fields: Mapping[str, Any]) -> dict[str, Any]:
-    """``show -o json``: ``vm_fields`` with the desired entry as a nested
-    object (the raw text only when it is not a JSON object), null for
-    unknown values (never "?"), and ``age_s``: seconds since the owner last
-    reported a change."""
-    out = {k: (None if v == "?" else v) for k, v in fields.items()}
-    raw = fields.get("desired_entry")
-    if isinstance(raw, str):
-        with contextlib.suppress(ValueError, RecursionError):
-            obj = json.loads(raw)
-            if isinstance(obj, dict):
-                out["desired_entry"] = obj
-    out["age_s"] = age_seconds(fields.get("updated"))
-    return out
+def age_text(seconds: Optional[int]) -> Optional[str]:
+    """``age_seconds`` for people: 42s, 5m, 3h, 2d."""
+    if seconds is None:
+        return None
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 HOST_COLUMNS = ("NODE", "STATE", "VCPUS_USED", "VCPUS", "RAM_MB_USED", "RAM_MB", "VMS", "ADDRESS", "FENCE",
@@ -635,8 +634,9 @@ def list_(c: Context, output: str) -> None:
 def show(c: Context, name: str, output: str) -> None:
     """Show one VM: its desired entry and its actual state, the libvirt
     domain (VM.NODE), what its claim reserves, when it was created and
-    last updated, and the age of that update (age_s). JSON: nested objects,
-    null for what is not known."""
+    last updated (and, in the table, the age of that update). JSON: the
+    desired entry also as a nested object (spec), null for what is not
+    known."""
     desired = c.call(c.store.get, c.keys.desired(name))
     actual = c.call(c.store.get, c.keys.actual(name))
     if desired is None and actual is None:
@@ -644,12 +644,13 @@ def show(c: Context, name: str, output: str) -> None:
     parts = {kind: c.listing(kind) for kind in SNAPSHOT_KINDS if kind not in ("desired", "actual")}
     parts["desired"] = {name: desired} if desired is not None else {}
     parts["actual"] = {name: actual} if actual is not None else {}
-    fields = show_object(vm_fields(name, desired, actual, parts["hosts"], snap=snapshot_of(c.keys, parts)))
+    fields = vm_fields(name, desired, actual, parts["hosts"], snap=snapshot_of(c.keys, parts))
     if output == "json":
         click.echo(json.dumps(fields, indent=2))
         return
-    fields["desired_entry"] = desired.value.decode(errors="replace") if desired else None
-    print_output(("FIELD", "VALUE"), [[k, v] for k, v in fields.items()], "table")
+    rows = [[k, v] for k, v in fields.items() if k != "spec"]
+    rows.append(["age", age_text(age_seconds(fields["updated"]))])
+    print_output(("FIELD", "VALUE"), rows, "table")
 
 
 @cli.command()

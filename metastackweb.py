@@ -364,7 +364,8 @@ class Catalog:
     def vms(self) -> list[dict[str, Any]]:
         desired, actual, hosts = (self.view.entries_of(k) for k in ("desired", "actual", "hosts"))
         gave_up = ctl.given_up(hosts)
-        return [ctl.vm_fields(n, desired.get(n), actual.get(n), hosts, gave_up)
+        snap = self.view.snapshot()  # for why a pending VM waits
+        return [ctl.vm_fields(n, desired.get(n), actual.get(n), hosts, gave_up, snap)
                 for n in sorted(set(desired) | set(actual))]
 
     def vm(self, name: str, hosts: Optional[dict[str, ms.Entry]] = None,
@@ -374,7 +375,7 @@ class Catalog:
         if desired is None and actual is None:
             return None
         return ctl.vm_fields(name, desired, actual, hosts if hosts is not None else self.view.entries_of("hosts"),
-                             gave_up)
+                             gave_up, self.view.snapshot())
 
     def hosts(self, only: Optional[str] = None) -> list[dict[str, Any]]:
         parts = [self.view.entries_of(k) for k in ("hosts", "fences", "nodes")]

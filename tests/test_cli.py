@@ -135,7 +135,7 @@ def test_list_and_hosts_show_what_agents_report(ctl, cluster: Cluster) -> None:
     pending = next(n for n, row in rows.items() if row["state"] == "pending")
     assert rows[pending]["host"] == "" and rows[pending]["desired"] == "running"
     assert rows["bad"]["state"] == "error" and "not valid JSON" in rows["bad"]["reason"]
-    assert rows["bad"]["flavour"] == "?"
+    assert rows["bad"]["flavour"] is None  # null, not "?"
     table = ctl("list").stdout.splitlines()
     assert table[0].split() == ["NAME", "FLAVOUR", "DESIRED", "STATE", "HOST", "REASON"]
     assert any(line.split()[:5] == ["a1", "small", "running", "running", "node1"] or
@@ -146,7 +146,8 @@ def test_list_and_hosts_show_what_agents_report(ctl, cluster: Cluster) -> None:
                   "address": None, "fence": None, "free_vcpus": 0, "free_ram_mb": 15360,
                   "scheduling": None, "lost_at": None}]
     s = json.loads(ctl("show", "a1", "-o", "json").stdout)
-    entry = s["desired_entry"]  # a nested object in show -o json
+    entry = s["spec"]  # the desired entry as a nested object
+    assert entry == json.loads(s["desired_entry"])
     assert s["name"] == "a1" and {k: entry[k] for k in ("flavour", "state")} == {"flavour": "small",
                                                                                    "state": "running"}
     assert ms.valid_uuid(entry["uuid"])  # identity written at create

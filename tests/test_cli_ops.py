@@ -81,11 +81,12 @@ def test_show_gives_domain_reservation_times_and_clean_json(ctl, cluster: Cluste
     cluster.wait_running(["w1"])
     s = json.loads(ctl("show", "w1", "-o", "json").stdout)
     assert s["domain"] == "w1.node1" and s["reserved"] == {"vcpus": 1, "ram_mb": 512}
-    assert s["desired_entry"]["flavour"] == "small" and s["created"] == s["desired_entry"]["created"]
-    assert s["updated"] and isinstance(s["age_s"], int) and 0 <= s["age_s"] < 60
-    # a malformed entry: null, not "?"; the raw text kept when it is not an object
+    assert s["spec"]["flavour"] == "small" and s["created"] == s["spec"]["created"]
+    assert s["updated"] and json.loads(s["desired_entry"]) == s["spec"]
+    # a malformed entry: null, not "?"; the raw text kept, no spec
     store.put(store.keys.desired("bad"), b"not json")
     s = json.loads(ctl("show", "bad", "-o", "json").stdout)
-    assert s["flavour"] is None and s["desired_entry"] == "not json"
+    assert s["flavour"] is None and s["desired"] is None and s["spec"] is None and s["desired_entry"] == "not json"
     table = ctl("show", "w1").stdout
     assert "w1.node1" in table and "vcpus=1,ram_mb=512" in table
+    assert any(line.split()[0] == "age" and line.split()[1][-1] in "smhd" for line in table.splitlines()[1:])

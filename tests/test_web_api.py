@@ -119,6 +119,7 @@ def test_vm_mutations_apply_the_clis_validation(env: WebEnv, admin: Client) -> N
     assert status == 201 and vm["name"] == "web1" and vm["state"] == "pending"
     written = json.loads(env.store.get(env.keys.desired("web1")).value)
     assert ms.valid_uuid(written.pop("uuid"))
+    assert written.pop("created").endswith("Z")  # written by the shared create_vm
     assert written == {"flavour": "small", "state": "running", "host": "node1"}
     assert admin.request("POST", "/api/v1/vms", {"name": "web1", "flavour": "small"})[:1] == (409,)
     before = env.keys_under()
