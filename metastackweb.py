@@ -375,7 +375,7 @@ class Catalog:
         if desired is None and actual is None:
             return None
         return ctl.vm_fields(name, desired, actual, hosts if hosts is not None else self.view.entries_of("hosts"),
-                             gave_up, self.view.snapshot())
+                             gave_up, self.view.snapshot() if actual is None else None)  # reason of a pending VM
 
     def hosts(self, only: Optional[str] = None) -> list[dict[str, Any]]:
         parts = [self.view.entries_of(k) for k in ("hosts", "fences", "nodes")]
