@@ -3459,6 +3459,7 @@ class Agent:
         self._doubt: list[list[float]] = []  # [start, end] (monotonic) of spells our own lease was in doubt
         self._cannot_lift: set[str] = set()  # fences we were refused the right to lift
         self._last_host: Optional[HostState] = None
+        self._handed: dict[str, float] = {}  # VMs the drain released -> when (monotonic)
         self.last_decision = ""
 
     # -- lifecycle -----------------------------------------------------------
@@ -3765,13 +3766,18 @@ class Agent:
         fence = snap.fences.get(self.node)
         fenced = fence is not None or self.executor.ceph_refused
         cannot = self.executor.cannot(snap)
+        rec = snap.nodes.get(self.node)
         actions = plan(self.node, self.capacity, snap, domains, hold=self._held(snap), cannot=cannot,
-                       quiet=time.monotonic() < self._quiet_until, fenced=fenced)
+                       quiet=time.monotonic() < self._quiet_until, fenced=fenced,
+                       cordoned=rec is not None and rec.cordon, draining=rec is not None and rec.drain,
+                       handing=self._handing(snap))
         done: list[str] = []
         for act in actions:
             self.beat()
             if self._stop_requested or not self._keeper.valid():
                 break
+            if act.kind == "release" and act.reason.startswith("node is draining"):
+                self._handed[act.vm] = time.monotonic()
             note = self.executor.apply(act, snap, domains)
             if note:
                 done.append(note)
@@ -3781,6 +3787,7 @@ class Agent:
             if note:
                 done.append(note)
         self._record_lost(snap)
+        self._finish_moves(snap)
         host = self._publish_host(fenced)
         self._console_polling = self.executor.publish_consoles(self.hv.domains())
         summary = (f"{host.vms} VM(s) here, {host.vcpus_used}/{host.vcpus} vcpus, "
@@ -3788,6 +3795,39 @@ class Agent:
         if done:
             return f"acted: {'; '.join(done)} | {summary}"
         return f"no action: {summary}"
+
+    HANDOVER_WAIT = 60.0  # a drain waits at most this long for a handed-over VM to be claimed elsewhere
+
+    def _handing(self, snap: Snapshot) -> set[str]:
+        """VMs this node's drain released that no node has claimed yet (for
+        at most HANDOVER_WAIT s): the drain hands over the next one only
+        when none is on its way."""
+        now = time.monotonic()
+        self._handed = {vm: at for vm, at in self._handed.items()
+                        if vm in snap.desired and vm not in snap.actual and now - at < self.HANDOVER_WAIT}
+        return set(self._handed)
+
+    def _finish_moves(self, snap: Snapshot) -> None:
+        """Delete the move requests that are done: the VM is ours now and
+        the request named another node, or the VM is gone (then the first
+        live node by name does it). Best effort, compare-and-swap."""
+        for vm, move in sorted(snap.moves.items()):
+            claim = snap.actual.get(vm)
+            done = claim is not None and claim.host == self.node and move.from_node != self.node
+            gone = vm not in snap.desired and snap.hosts and min(snap.hosts) == self.node
+            if not (done or gone):
+                continue
+            key = self.keys.move(vm)
+            entry = self.view.entry(key)
+            if entry is None:
+                continue
+            try:
+                rev = self.store.delete_if(key, entry.mod_revision)
+            except StoreUnavailable:
+                return
+            if rev is not None:
+                self.view.note(key, None, rev)
+                log.info("vm=%s node=%s move from %s done", vm, self.node, move.from_node)
 
     def _record_lost(self, snap: Snapshot) -> None:
         """Record ``lost_at`` in the node record of each node whose host

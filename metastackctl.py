@@ -10,21 +10,25 @@ Exit codes:
   1  the request failed (unknown VM, name taken, flavour in use, ...)
   2  bad usage or bad arguments (nothing was written)
   3  etcd could not be reached
+  4  a wait timed out (--wait, --restart, host drain's deadline)
 """
 from __future__ import annotations
 
 import base64
 import contextlib
 import dataclasses
+import getpass
 import hashlib
 import hmac
 import json
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -40,6 +44,12 @@ class StoreDown(click.ClickException):
     """etcd is unreachable (exit code 3)."""
 
     exit_code = 3
+
+
+class TimedOut(click.ClickException):
+    """A --wait or a drain reached its timeout or deadline (exit code 4)."""
+
+    exit_code = 4
 
 
 class Context:
@@ -99,6 +109,10 @@ class Context:
             return self.call(fn, *args)
         except AdminError as exc:
             raise click.ClickException(str(exc)) from None
+
+    def snapshot(self) -> ms.Snapshot:
+        """The agents' parsed view of the cluster now (live hosts, trusted claims)."""
+        return snapshot_of(self.keys, {kind: self.listing(kind) for kind in SNAPSHOT_KINDS})
 
     @property
     def endpoint_text(self) -> str:
@@ -273,6 +287,151 @@ def set_vm_state(store: ms.Store, name: Any, state: str) -> bool:
     raise AdminError("conflict", f"VM {name!r} keeps changing; try again")
 
 
+def edit_desired(store: ms.Store, name: Any, change: Callable[[dict[str, Any]], bool]) -> bool:
+    """Apply ``change`` (edits the decoded entry in place; False: nothing
+    to do) to VM ``name``'s desired entry by compare-and-swap, keeping every
+    other key; retried when the entry changed meanwhile. False when there
+    was nothing to do."""
+    check_name(name, "VM")
+    for _ in range(5):
+        entry = store.get(store.keys.desired(name))
+        if entry is None:
+            raise AdminError("missing", f"no VM named {name!r}")
+        try:
+            obj = json.loads(entry.value)
+            if not isinstance(obj, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            raise AdminError("conflict", f"the desired entry of {name!r} is not a JSON object; "
+                                         f"fix it with etcdctl or destroy the VM") from None
+        if not change(obj):
+            return False
+        if store.replace(store.keys.desired(name), json.dumps(obj).encode(), entry.mod_revision):
+            return True
+    raise AdminError("conflict", f"VM {name!r} keeps changing; try again")
+
+
+def _live_claim(store: ms.Store, name: str) -> Optional[ms.ActualVM]:
+    """VM ``name``'s claim when it is trusted (on its host's live lease)."""
+    entry = store.get(store.keys.actual(name))
+    if entry is None:
+        return None
+    claim = ms.ActualVM.parse(entry.value)
+    host = store.get(store.keys.host(claim.host)) if claim.host else None
+    return claim if host is not None and host.lease and host.lease == entry.lease else None
+
+
+def _node_record(store: ms.Store, node: str) -> tuple[Optional[ms.Entry], Optional[ms.NodeRecord]]:
+    entry = store.get(store.keys.node(node))
+    if entry is None:
+        return None, None
+    try:
+        return entry, ms.NodeRecord.parse(node, entry.value)
+    except ms.SpecError as exc:
+        raise AdminError("conflict", f"the node record of {node!r} is malformed ({exc}); fix it with etcdctl") from None
+
+
+def set_node_schedule(store: ms.Store, node: Any, cordon: bool, drain: bool = False,
+                      reason: Optional[str] = None, by: str = "") -> ms.NodeRecord:
+    """Cordon (no new VMs), drain (cordon and hand every VM over) or
+    uncordon (both off) ``node``: its node record's cordon/drain fields, by
+    compare-and-swap so the agent's own updates are kept. A reason given
+    replaces the old one; ``since`` is when it became unschedulable."""
+    check_name(node, "node")
+    if reason is not None and (not isinstance(reason, str) or len(reason) > 200):
+        raise AdminError("invalid", "the reason must be text of at most 200 characters")
+    for _ in range(5):
+        entry, rec = _node_record(store, node)
+        if entry is None or rec is None:
+            known = ", ".join(_names(store, "nodes")) or "none"
+            raise AdminError("missing", f"no node named {node!r} (known: {known})")
+        cordon = cordon or drain
+        if not cordon:
+            new = dataclasses.replace(rec, cordon=False, drain=False, reason="", by="", since="")
+        else:
+            new = dataclasses.replace(rec, cordon=True, drain=drain,
+                                      reason=rec.reason if reason is None else reason,
+                                      by=by or rec.by, since=rec.since if rec.unschedulable else ms.utc_now())
+        if new == rec:
+            return rec
+        if store.replace(store.keys.node(node), new.encode(), entry.mod_revision):
+            return new
+    raise AdminError("conflict", f"the node record of {node!r} keeps changing; try again")
+
+
+def pin_vm(store: ms.Store, name: Any, node: Any) -> bool:
+    """``move NAME --to NODE``: pin the VM to a live, schedulable node; its
+    owner hands it over (stop cleanly, release) and NODE claims it and boots
+    it from the same disk. False when it is already pinned there."""
+    check_name(node, "node")
+    _, rec = _node_record(store, node)
+    host = store.get(store.keys.host(node))
+    if host is None or not host.lease:
+        raise AdminError("invalid", f"node {node!r} is not a live node")
+    if rec is not None and rec.unschedulable:
+        raise AdminError("conflict", f"node {node!r} is {'draining' if rec.drain else 'cordoned'}: it takes no VM")
+
+    def change(obj: dict[str, Any]) -> bool:
+        if obj.get("host") == node:
+            return False
+        obj["host"] = node
+        return True
+    return edit_desired(store, name, change)
+
+
+def request_move(store: ms.Store, name: Any, by: str = "") -> ms.MoveRequest:
+    """``move NAME``: a cold move to any other node. Writes
+    ``moves/<vm>`` naming its current owner; that owner hands it over once
+    another node has room, and the new owner deletes the request."""
+    check_name(name, "VM")
+    entry = store.get(store.keys.desired(name))
+    if entry is None:
+        raise AdminError("missing", f"no VM named {name!r}")
+    claim = _live_claim(store, name)
+    if claim is None:
+        raise AdminError("conflict", f"VM {name!r} runs on no live node: there is nothing to move")
+    with contextlib.suppress(ms.SpecError):
+        spec = ms.DesiredVM.parse(name, entry.value)
+        if spec.host is not None:
+            raise AdminError("conflict", f"VM {name!r} is pinned to {spec.host}: use move --to NODE")
+    move = ms.MoveRequest(claim.host, "cold", by, ms.utc_now())
+    key = store.keys.move(name)
+    old = store.get(key)
+    if old is None:
+        rev, _ = store.create(key, move.encode())
+    else:
+        rev = store.replace(key, move.encode(), old.mod_revision)
+    if rev is None:
+        raise AdminError("conflict", f"a move of {name!r} was requested meanwhile; try again")
+    return move
+
+
+def resize_vm(store: ms.Store, name: Any, flavour: Any, stop: bool = False) -> bool:
+    """Give VM ``name`` flavour ``flavour``; the new size takes effect at
+    its next start (its owner redefines the domain, or hands it to a node
+    with room). Refused while it runs, unless ``stop`` (the caller then
+    waits for it to stop and starts it again). False when unchanged."""
+    check_name(name, "VM")
+    check_name(flavour, "flavour")
+    if store.get(store.keys.flavour(flavour)) is None:
+        known = ", ".join(_names(store, "flavours")) or "none"
+        raise AdminError("invalid", f"no flavour named {flavour!r} (known: {known})")
+    claim = _live_claim(store, name)
+    running = claim is not None and claim.state in ("running", "starting", "stopping")
+
+    def change(obj: dict[str, Any]) -> bool:
+        if obj.get("flavour") == flavour:
+            return False
+        if running and obj.get("state", "running") == "running" and not stop:
+            raise AdminError("conflict", f"VM {name!r} is running: the new flavour would take effect only at "
+                                         f"its next start; stop it first, or use --restart")
+        obj["flavour"] = flavour
+        if stop and running:
+            obj["state"] = "stopped"
+        return True
+    return edit_desired(store, name, change)
+
+
 def _count(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= ms.MAX_INT:
         raise AdminError("invalid", f"{what} must be a positive integer, got {_short(value)}")
@@ -347,7 +506,7 @@ def as_objects(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[di
 VM_COLUMNS = ("NAME", "FLAVOUR", "DESIRED", "STATE", "HOST", "REASON")
 
 
-SNAPSHOT_KINDS = ("desired", "actual", "hosts", "flavours", "images", "nodes", "fences")
+SNAPSHOT_KINDS = ("desired", "actual", "hosts", "flavours", "images", "nodes", "fences", "moves")
 
 
 def snapshot_of(keys: ms.Keys, parts: Mapping[str, Mapping[str, ms.Entry]]) -> ms.Snapshot:
@@ -667,7 +826,7 @@ def hosts(c: Context, output: str) -> None:
 
 @cli.group()
 def host() -> None:
-    """Operate on nodes (fences)."""
+    """Operate on nodes: cordon, drain, uncordon, fences."""
 
 
 @host.command("unfence")
@@ -702,6 +861,157 @@ def host_unfence(c: Context, node: str, force: bool, yes: bool) -> None:
     if c.call(c.store.delete_if, c.keys.fence(node), entry.mod_revision) is None:
         raise click.ClickException(f"the fence record of {node!r} changed meanwhile; try again")
     click.echo(f"unfenced {node}", err=True)
+
+
+def operator() -> str:
+    """Who asks (for the ``by`` of cordons and moves): user@host."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
+
+
+@host.command("cordon")
+@click.argument("node", callback=name_arg("node"))
+@click.option("--reason", help="Why (shown by hosts and in pending VMs' reasons).")
+@pass_ctx
+def host_cordon(c: Context, node: str, reason: Optional[str]) -> None:
+    """Cordon NODE: it claims no new VM; its VMs stay."""
+    c.admin(set_node_schedule, c.store, node, True, False, reason, operator())
+    click.echo(f"cordoned {node}", err=True)
+
+
+@host.command("uncordon")
+@click.argument("node", callback=name_arg("node"))
+@pass_ctx
+def host_uncordon(c: Context, node: str) -> None:
+    """Uncordon NODE (ends a cordon or a drain): it takes new VMs again."""
+    c.admin(set_node_schedule, c.store, node, False)
+    click.echo(f"uncordoned {node}", err=True)
+
+
+def _on_node(snap: ms.Snapshot, node: str) -> dict[str, ms.ActualVM]:
+    return {vm: a for vm, a in snap.actual.items() if a.host == node}
+
+
+def _pinned_to(snap: ms.Snapshot, vm: str, node: str) -> bool:
+    spec = snap.desired.get(vm)
+    return isinstance(spec, ms.DesiredVM) and spec.host == node
+
+
+@host.command("drain")
+@click.argument("node", callback=name_arg("node"))
+@click.option("--deadline", type=click.FloatRange(min=0), default=600, show_default=True,
+              help="Seconds to wait for the drain to finish (it goes on after that).")
+@click.option("--reason", help="Why (shown by hosts).")
+@pass_ctx
+def host_drain(c: Context, node: str, deadline: float, reason: Optional[str]) -> None:
+    """Drain NODE: cordon it and hand its VMs over to other nodes one at a
+    time (each is stopped cleanly, released, claimed by a node with room
+    and booted there from the same disk). Prints progress, waits until
+    only VMs pinned to NODE are left or the deadline passes (exit 4; the
+    drain goes on), and ends with a report. Re-running it continues an
+    interrupted drain. `host uncordon NODE` ends it."""
+    c.admin(set_node_schedule, c.store, node, True, True, reason, operator())
+    snap = c.snapshot()
+    if node not in snap.hosts:
+        click.echo(f"{node} is not live: its VMs fail over to other nodes by themselves", err=True)
+    first = _on_node(snap, node)
+    click.echo(f"draining {node}: {len(first)} VM(s) here", err=True)
+    moved: dict[str, str] = {}
+    end = time.monotonic() + deadline
+    last = ""
+    while True:
+        left = _on_node(snap, node)
+        for vm in sorted(first):
+            claim = snap.actual.get(vm)
+            if vm not in moved and claim is not None and claim.host != node:
+                moved[vm] = claim.host
+                click.echo(f"  moved {vm} -> {claim.host} ({claim.state})", err=True)
+        movable = sorted(vm for vm in left if not _pinned_to(snap, vm, node))
+        on_way = sorted(vm for vm in first if vm in snap.desired and vm not in snap.actual)
+        status = f"{len(movable)} to hand over" + (f", on the way: {', '.join(on_way)}" if on_way else "")
+        if status != last:
+            click.echo(f"  {status}", err=True)
+            last = status
+        if not movable and not on_way:
+            break
+        if time.monotonic() >= end:
+            _drain_report(node, moved, left, snap)
+            raise TimedOut(f"drain of {node} not finished after {deadline:.0f}s (it goes on; "
+                           f"re-run to follow it): {status}")
+        time.sleep(0.5)
+        snap = c.snapshot()
+    _drain_report(node, moved, left, snap)
+
+
+def _drain_report(node: str, moved: Mapping[str, str], left: Mapping[str, ms.ActualVM], snap: ms.Snapshot) -> None:
+    rows = [[vm, node, to, (snap.actual[vm].state if vm in snap.actual else "pending")] for vm, to in sorted(moved.items())]
+    for vm in sorted(left):
+        rows.append([vm, node, None, "stays: pinned here" if _pinned_to(snap, vm, node) else "not handed over yet"])
+    print_output(("VM", "FROM", "TO", "STATE"), rows, "table")
+
+
+@cli.command()
+@click.argument("name", callback=name_arg("VM"))
+@click.option("--to", "to", callback=name_arg("node"), help="Move it to this node and pin it there.")
+@pass_ctx
+def move(c: Context, name: str, to: Optional[str]) -> None:
+    """Move VM NAME to another node (cold: stopped cleanly, booted there
+    from the same disk). With --to NODE it is pinned to NODE; without, it
+    goes to any other node with room (a request in moves/NAME that its
+    owner acts on; the new owner deletes it)."""
+    if to is not None:
+        changed = c.admin(pin_vm, c.store, name, to)
+        click.echo(f"{name}: pinned to {to}" if changed else f"{name} is already pinned to {to}", err=True)
+        return
+    req = c.admin(request_move, c.store, name, operator())
+    click.echo(f"{name}: moving off {req.from_node}", err=True)
+
+
+@cli.command()
+@click.argument("name", callback=name_arg("VM"))
+@click.option("--flavour", "-f", required=True, callback=name_arg("flavour"), help="The new flavour.")
+@click.option("--restart", is_flag=True, help="Stop it, resize, start it again (when it runs).")
+@click.option("--timeout", type=click.FloatRange(min=0), default=120, show_default=True,
+              help="Seconds to wait for the stop with --restart.")
+@pass_ctx
+def resize(c: Context, name: str, flavour: str, restart: bool, timeout: float) -> None:
+    """Give VM NAME flavour F. It takes effect at its next start (the owner
+    redefines the domain, or hands the VM to a node with room); refused
+    while it runs unless --restart (stop, wait, start)."""
+    claim = c.call(_live_claim, c.store, name)
+    was_running = claim is not None and claim.state in ("running", "starting", "stopping")
+    if not c.admin(resize_vm, c.store, name, flavour, restart):
+        click.echo(f"{name} already has flavour {flavour}", err=True)
+        return
+    if not (restart and was_running):
+        click.echo(f"{name}: flavour {flavour} (takes effect at its next start)", err=True)
+        return
+    click.echo(f"{name}: flavour {flavour}; stopping it", err=True)
+    _wait_state(c, name, ("stopped",), timeout)
+    c.admin(set_vm_state, c.store, name, "running")
+    click.echo(f"{name}: stopped; starting it with flavour {flavour}", err=True)
+
+
+def _wait_state(c: Context, name: str, states: Sequence[str], timeout: float,
+                host: Optional[str] = None, avoid: Optional[str] = None) -> ms.ActualVM:
+    """Wait until VM NAME's trusted claim is in one of ``states`` (on
+    ``host``, or not on ``avoid``, when given); exit 1 when it lands in
+    error, 4 on timeout."""
+    end = time.monotonic() + timeout
+    while True:
+        claim = c.call(_live_claim, c.store, name)
+        if claim is not None and (host is None or claim.host == host) and (avoid is None or claim.host != avoid):
+            if claim.state in states:
+                return claim
+            if claim.state == "error" and "error" not in states:
+                raise click.ClickException(f"{name} is in error on {claim.host}: {claim.reason}")
+        if time.monotonic() >= end:
+            now = f"{claim.state} on {claim.host}" if claim is not None else "pending"
+            raise TimedOut(f"{name} is not {'/'.join(states)} after {timeout:.0f}s (now {now})")
+        time.sleep(0.25)
 
 
 @cli.command()

@@ -73,3 +73,85 @@ def test_node_record_keeps_every_field_and_unknown_keys() -> None:
     assert json.loads(rec.encode()) == json.loads(raw)
     assert NodeRecord.parse("n1", b'{"cordon": "yes"}').cordon is False  # only a real true counts
     assert json.loads(NodeRecord(address="a", first_seen="t").encode()) == {"address": "a", "first_seen": "t"}
+
+
+# -- the planner's new inputs: cordon, drain, moves, resize ---------------------
+
+CAP = ms.Capacity(4, 8192)
+
+
+def kinds(actions) -> dict[str, str]:
+    return {a.vm: a.kind for a in actions}
+
+
+def claim(host_: str = "n1", cpu: int = 1, ram: int = 512, state: str = "running") -> ActualVM:
+    return ActualVM(host=host_, state=state, vcpus=cpu, ram_mb=ram, lease=7)
+
+
+def two_nodes(desired, actual=None, nodes=None, moves=None, other_free=(4, 8192)) -> Snapshot:
+    s = snap(desired, {"n1": host(), "n2": host(4, 8192, 4 - other_free[0], 8192 - other_free[1])},
+             nodes, actual)
+    s.moves = dict(moves or {})
+    return s
+
+
+def test_cordoned_node_claims_nothing_new_but_keeps_and_re_claims_its_own() -> None:
+    s = two_nodes({"a": DesiredVM("a", "small"), "b": DesiredVM("b", "small"), "c": DesiredVM("c", "small")},
+                  {"c": claim()})
+    acts = kinds(ms.plan("n1", CAP, s, {"b": "running", "c": "running"}, cordoned=True))
+    assert acts == {"b": "claim", "c": "run"}  # b: our running domain (a lease lost in an outage)
+    assert kinds(ms.plan("n1", CAP, s, {"c": "running"})) == {"a": "claim", "b": "claim", "c": "run"}
+
+
+@pytest.mark.parametrize("handing,other_free,expected", [
+    # one at a time: the first VM in name order is released, the rest run on
+    ((), (4, 8192), {"a": "release", "b": "run", "p": "run"}),
+    # one handed over and not yet claimed elsewhere: wait for it
+    (("x",), (4, 8192), {"a": "run", "b": "run", "p": "run"}),
+    # no room elsewhere: keep them all
+    ((), (0, 0), {"a": "run", "b": "run", "p": "run"}),
+])
+def test_draining_node_hands_vms_over_one_at_a_time(handing, other_free, expected) -> None:
+    desired = {n: DesiredVM(n, "small") for n in ("a", "b", "x")}
+    desired["p"] = DesiredVM("p", "small", host="n1")  # pinned here: stays
+    s = two_nodes(desired, {"a": claim(), "b": claim(), "p": claim()}, other_free=other_free)
+    acts = ms.plan("n1", CAP, s, {"a": "running", "b": "running", "p": "running"}, draining=True, handing=handing)
+    assert {k: v for k, v in kinds(acts).items() if k != "x"} == expected
+    assert "x" not in kinds(acts)  # draining: no new claim
+    assert all(a.reason == "node is draining: handed over" for a in acts if a.kind == "release")
+
+
+def test_move_request_hands_the_vm_over_and_keeps_it_from_coming_back() -> None:
+    move = ms.MoveRequest("n1")
+    s = two_nodes({"a": DesiredVM("a", "small")}, {"a": claim()}, moves={"a": move})
+    assert kinds(ms.plan("n1", CAP, s, {"a": "running"})) == {"a": "release"}
+    s.actual = {}
+    assert kinds(ms.plan("n1", CAP, s, {})) == {}  # released: n1 does not claim it back
+    assert kinds(ms.plan("n2", CAP, s, {})) == {"a": "claim"}
+    # no room elsewhere: it stays where it is
+    s = two_nodes({"a": DesiredVM("a", "small")}, {"a": claim()}, moves={"a": move}, other_free=(0, 0))
+    assert kinds(ms.plan("n1", CAP, s, {"a": "running"})) == {"a": "run"}
+    # a mode this agent does not know (a future live migration) is left alone
+    s = two_nodes({"a": DesiredVM("a", "small")}, {"a": claim()}, moves={"a": ms.MoveRequest("n1", "live")})
+    assert kinds(ms.plan("n1", CAP, s, {"a": "running"})) == {"a": "run"}
+
+
+def test_resize_takes_effect_when_the_domain_is_not_running() -> None:
+    s = two_nodes({"a": DesiredVM("a", "big")}, {"a": claim(cpu=1, ram=512)})
+    # running: keeps what it reserved
+    [act] = ms.plan("n1", CAP, s, {"a": "running"})
+    assert (act.kind, act.vcpus, act.ram_mb) == ("run", 1, 512)
+    # stopped (or gone): the new size, since the difference fits
+    [act] = ms.plan("n1", CAP, s, {"a": "stopped"})
+    assert (act.kind, act.vcpus, act.ram_mb) == ("run", 4, 4096)
+    # does not fit here any more: released to a node with room
+    [act] = ms.plan("n1", ms.Capacity(2, 8192), s, {"a": "stopped"})
+    assert (act.kind, act.reason) == ("release", "resized: does not fit here")
+
+
+def test_move_request_parse() -> None:
+    m = ms.MoveRequest.parse("a", b'{"from": "n1", "by": "ops@x", "at": "t"}')
+    assert (m.from_node, m.mode) == ("n1", "cold") and ms.MoveRequest.parse("a", m.encode()) == m
+    with pytest.raises(SpecError):
+        ms.MoveRequest.parse("a", b'{"from": "N 1"}')
+    assert ms.Keys("/p").split("/p/moves/a") == ("moves", "a")

@@ -1,0 +1,135 @@
+"""Agents on test:/// hosts for issue #7 (operations): cordon, drain (and a
+drain interrupted then resumed), move, resize, driven by metastackctl."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+import metastack as ms
+from harness import Cluster, EtcdServer, wait_for
+from metastackctl import cli
+
+
+@pytest.fixture
+def ctl(etcd: EtcdServer, prefix: str):
+    runner = CliRunner()
+
+    def run(*args: str, input: str | None = None):
+        return runner.invoke(cli, ["--endpoints", etcd.endpoint, "--prefix", prefix, *args], input=input)
+    return run
+
+
+def node_record(store: ms.Store, node: str) -> dict:
+    return json.loads(store.get(store.keys.node(node)).value)
+
+
+def test_cordon_stops_new_claims_and_keeps_the_agents_fields(ctl, cluster: Cluster, store) -> None:
+    cluster.flavour("small", 1, 512)
+    cluster.agent("node1")
+    cluster.wait_hosts("node1")
+    first_seen = node_record(store, "node1")["first_seen"]
+    r = ctl("host", "cordon", "node1", "--reason", "disk swap")
+    assert r.exit_code == 0, r.output
+    rec = node_record(store, "node1")
+    assert rec["cordon"] is True and rec["reason"] == "disk swap" and rec["first_seen"] == first_seen
+    assert "@" in rec["by"] and rec["since"].endswith("Z")
+    assert ctl("create", "a1", "--flavour", "small").exit_code == 0
+    wait_for(lambda: "cordoned: node1 (disk swap)" in json.loads(ctl("show", "a1", "-o", "json").stdout)["reason"],
+             what="pending reason names the cordon")
+    assert "a1" not in cluster.actual()
+    hosts = {h["node"]: h for h in json.loads(ctl("hosts", "-o", "json").stdout)}
+    assert hosts["node1"]["scheduling"]["cordon"] is True and hosts["node1"]["scheduling"]["reason"] == "disk swap"
+    assert "cordon=yes" in ctl("hosts").stdout
+    assert ctl("host", "uncordon", "node1").exit_code == 0
+    cluster.wait_running(["a1"])
+    assert node_record(store, "node1") == {"address": "", "first_seen": first_seen}
+    assert ctl("host", "cordon", "nope").exit_code == 1
+
+
+def test_drain_hands_vms_over_one_at_a_time_and_resumes_after_an_interruption(ctl, cluster: Cluster) -> None:
+    cluster.flavour("small", 1, 512)
+    cluster.agent("node1")
+    cluster.wait_hosts("node1")
+    vms = [f"d{i}" for i in range(4)]
+    for vm in vms:
+        assert ctl("create", vm, "--flavour", "small").exit_code == 0
+    assert ctl("create", "pin", "--flavour", "small", "--host", "node1").exit_code == 0
+    cluster.wait_running(vms + ["pin"])
+    assert ctl("host", "drain", "node1", "--deadline", "2").exit_code == 4  # nowhere to go yet: times out
+    assert all(cluster.states()[vm] == ("running", "node1") for vm in vms)  # nothing was stopped for nothing
+    cluster.agent("node2")
+    cluster.wait_hosts("node2")
+    # interrupted: the first run stops waiting early, the drain goes on in the agents
+    r = ctl("host", "drain", "node1", "--deadline", "0")
+    assert r.exit_code == 4 and "draining node1" in r.output
+    r = ctl("host", "drain", "node1", "--deadline", "60")  # re-run: it continues
+    assert r.exit_code == 0, r.output
+    states = cluster.states()
+    assert all(states[vm] == ("running", "node2") for vm in vms), states
+    assert states["pin"] == ("running", "node1")
+    assert "stays: pinned here" in r.output
+    # one at a time: node1 released them in turn, each claimed elsewhere before the next
+    released = [e for e in cluster_events(cluster) if e["event"] == "released" and e["node"] == "node1"]
+    claimed = [e for e in cluster_events(cluster) if e["event"] == "claimed" and e["node"] == "node2"]
+    assert len(released) == 4 and len(claimed) == 4
+    order = sorted(released + claimed, key=lambda e: e["key"])
+    assert [e["node"] for e in order] == ["node1", "node2"] * 4, [(e["node"], e["vm"]) for e in order]
+
+
+def cluster_events(cluster: Cluster) -> list[dict]:
+    _, entries = cluster.store.list_prefix(cluster.keys.dir("events"))
+    out = []
+    for key, e in entries.items():
+        ev = json.loads(e.value)
+        ev["key"] = key.rsplit("/", 1)[1]
+        out.append(ev)
+    return out
+
+
+def test_move_to_a_node_and_to_any_other(ctl, cluster: Cluster, store) -> None:
+    cluster.flavour("small", 1, 512)
+    cluster.agent("node1")
+    cluster.wait_hosts("node1")
+    assert ctl("create", "m1", "--flavour", "small", "--host", "node1").exit_code == 0
+    cluster.wait_running(["m1"])
+    cluster.agent("node2")
+    cluster.wait_hosts("node2")
+    assert ctl("move", "m1").exit_code == 1  # pinned: use --to
+    r = ctl("move", "m1", "--to", "node2")
+    assert r.exit_code == 0, r.output
+    wait_for(lambda: cluster.states().get("m1") == ("running", "node2"), what="m1 moved to node2")
+    assert json.loads(store.get(store.keys.desired("m1")).value)["host"] == "node2"
+    assert ctl("move", "m1", "--to", "node9").exit_code == 1  # not a live node
+    # unpin, then a cold move to any other node
+    store.put(store.keys.desired("m1"), json.dumps(
+        {k: v for k, v in json.loads(store.get(store.keys.desired("m1")).value).items() if k != "host"}).encode())
+    r = ctl("move", "m1")
+    assert r.exit_code == 0 and "moving off node2" in r.output
+    wait_for(lambda: cluster.states().get("m1") == ("running", "node1"), what="m1 moved off node2")
+    wait_for(lambda: store.get(store.keys.move("m1")) is None, what="the new owner deleted the request")
+
+
+def test_resize_waits_for_the_next_start_or_restarts(ctl, cluster: Cluster) -> None:
+    cluster.flavour("small", 1, 512)
+    cluster.flavour("big", 2, 1024)
+    cluster.agent("node1")
+    cluster.wait_hosts("node1")
+    assert ctl("create", "r1", "--flavour", "small").exit_code == 0
+    cluster.wait_running(["r1"])
+    r = ctl("resize", "r1", "--flavour", "big")
+    assert r.exit_code == 1 and "use --restart" in r.output
+    assert ctl("resize", "r1", "--flavour", "nope").exit_code == 1
+    r = ctl("resize", "r1", "--flavour", "big", "--restart")
+    assert r.exit_code == 0, r.output
+    wait_for(lambda: cluster.actual()["r1"]["state"] == "running" and cluster.actual()["r1"]["vcpus"] == 2,
+             what="r1 running with 2 vcpus")
+    assert cluster.actual()["r1"]["ram_mb"] == 1024
+    # stopped: accepted at once, effective at the next start
+    assert ctl("stop", "r1").exit_code == 0
+    wait_for(lambda: cluster.actual()["r1"]["state"] == "stopped", what="r1 stopped")
+    assert ctl("resize", "r1", "--flavour", "small").exit_code == 0
+    assert ctl("start", "r1").exit_code == 0
+    wait_for(lambda: cluster.actual()["r1"]["state"] == "running" and cluster.actual()["r1"]["vcpus"] == 1,
+             what="r1 running with 1 vcpu")
