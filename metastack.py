@@ -399,6 +399,8 @@ def setup_logging(node: str, level: str, syslog: str) -> None:
         root.addHandler(handler)
 
 
+__version__ = "0.1.0"  # keep equal to setup.py's version
+
 log = logging.getLogger("metastack")
 
 # ---------------------------------------------------------------------------

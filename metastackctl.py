@@ -28,6 +28,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -38,6 +39,32 @@ import metastack as ms
 
 OUTPUT = click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table",
                       show_default=True, help="Output format.")
+
+
+def wait_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--wait and --timeout S: wait for the VM to get there; exit 4 on
+    timeout, 1 when it lands in error."""
+    fn = click.option("--timeout", type=click.FloatRange(min=0), default=300, show_default=True,
+                      help="Seconds --wait waits (exit 4 when they pass).")(fn)
+    return click.option("--wait", is_flag=True,
+                        help="Wait until it is done (exit 1 if the VM lands in error, 4 on timeout).")(fn)
+
+
+def follow_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The hidden --max-updates N of the --watch/--follow commands (tests)."""
+    return click.option("--max-updates", type=int, default=0, hidden=True)(fn)
+
+
+def version_text() -> str:
+    """The installed package's version, or the module's when run from a checkout."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            return version("metastack")
+        except PackageNotFoundError:
+            return ms.__version__
+    except ImportError:
+        return ms.__version__
 
 
 class StoreDown(click.ClickException):
@@ -113,6 +140,28 @@ class Context:
     def snapshot(self) -> ms.Snapshot:
         """The agents' parsed view of the cluster now (live hosts, trusted claims)."""
         return snapshot_of(self.keys, {kind: self.listing(kind) for kind in SNAPSHOT_KINDS})
+
+    def follow(self, prefix: str, max_updates: int = 0) -> Any:
+        """Yield now, then after every change under ``prefix`` (woken by an
+        etcd watch; at least every 2 s, so a dead watch only slows it), until
+        Ctrl-C or ``max_updates`` yields (0: no limit)."""
+        changed = threading.Event()
+        revision, _ = self.call(self.store.list_prefix, prefix + "\0")  # the revision, no data
+        cancel = self.call(self.store.watch_prefix, prefix, revision + 1,
+                           lambda _rev, _evs: changed.set(), lambda _exc: changed.set())
+        try:
+            n = 0
+            while True:
+                yield
+                n += 1
+                if max_updates and n >= max_updates:
+                    return
+                changed.wait(2.0)
+                changed.clear()
+        except KeyboardInterrupt:
+            return
+        finally:
+            cancel()
 
     @property
     def endpoint_text(self) -> str:
@@ -695,6 +744,7 @@ def image_rows(images: Mapping[str, ms.Entry]) -> list[list[Any]]:
 
 
 @click.group(help=__doc__)
+@click.version_option(version_text(), "--version", prog_name="metastackctl", message="%(prog)s %(version)s")
 @click.option("-c", "--config", type=click.Path(dir_okay=False), envvar="METASTACK_CONFIG",
               help="ini file with an [etcd] section (the agent's file works). Env: METASTACK_CONFIG.")
 @click.option("--endpoints", envvar="METASTACK_ENDPOINTS",
@@ -724,20 +774,31 @@ pass_ctx = click.make_pass_decorator(Context)
 @click.option("--host", callback=name_arg("node"), help="Pin the VM to this node.")
 @click.option("--image", callback=name_arg("image"), help="Base image name.")
 @click.option("--stopped", is_flag=True, help="Create it stopped (defined, not started).")
+@wait_options
 @pass_ctx
-def create(c: Context, name: str, flavour: str, host: Optional[str], image: Optional[str], stopped: bool) -> None:
-    """Create VM NAME; an agent with room claims and starts it."""
+def create(c: Context, name: str, flavour: str, host: Optional[str], image: Optional[str], stopped: bool,
+           wait: bool, timeout: float) -> None:
+    """Create VM NAME; an agent with room claims and starts it. --wait:
+    until it runs (or is defined, with --stopped)."""
     c.admin(create_vm, c.store, name, flavour, host, image, "stopped" if stopped else "running")
     click.echo(f"created {name} (flavour {flavour}{', pinned to ' + host if host else ''}"
                f"{', stopped' if stopped else ''})", err=True)
+    if wait:
+        _report(name, _wait_state(c, name, ("stopped",) if stopped else ("running",), timeout))
+
+
+def _report(name: str, claim: ms.ActualVM) -> None:
+    click.echo(f"{name} is {claim.state} on {claim.host}", err=True)
 
 
 @cli.command()
 @click.argument("name", callback=name_arg("VM"))
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@wait_options
 @pass_ctx
-def destroy(c: Context, name: str, yes: bool) -> None:
-    """Destroy VM NAME: its owner powers it off and removes it."""
+def destroy(c: Context, name: str, yes: bool, wait: bool, timeout: float) -> None:
+    """Destroy VM NAME: its owner powers it off and removes it. --wait:
+    until its claim is gone (domain and disk removed)."""
     entry = c.call(c.store.get, c.keys.desired(name))
     if entry is None:
         raise click.ClickException(f"no VM named {name!r}")
@@ -745,45 +806,69 @@ def destroy(c: Context, name: str, yes: bool) -> None:
         click.confirm(f"Destroy VM {name!r}?", abort=True, err=True)
     c.admin(destroy_vm, c.store, name)
     click.echo(f"destroying {name}", err=True)
+    if wait:
+        end = time.monotonic() + timeout
+        while c.call(c.store.get, c.keys.actual(name)) is not None:
+            if time.monotonic() >= end:
+                raise TimedOut(f"{name} is not removed after {timeout:.0f}s")
+            time.sleep(0.25)
+        click.echo(f"{name} is removed", err=True)
 
 
-def _set_state(c: Context, name: str, state: str) -> None:
+def _set_state(c: Context, name: str, state: str, wait: bool = False, timeout: float = 0) -> None:
     if c.admin(set_vm_state, c.store, name, state):
         click.echo(f"{name}: desired state is now {state}", err=True)
     else:
         click.echo(f"{name} is already desired {state}", err=True)
+    if wait:
+        _report(name, _wait_state(c, name, (state,), timeout))
 
 
 @cli.command()
 @click.argument("name", callback=name_arg("VM"))
+@wait_options
 @pass_ctx
-def start(c: Context, name: str) -> None:
-    """Set VM NAME's desired state to running."""
-    _set_state(c, name, "running")
+def start(c: Context, name: str, wait: bool, timeout: float) -> None:
+    """Set VM NAME's desired state to running (--wait: until it runs)."""
+    _set_state(c, name, "running", wait, timeout)
 
 
 @cli.command()
 @click.argument("name", callback=name_arg("VM"))
+@wait_options
 @pass_ctx
-def stop(c: Context, name: str) -> None:
-    """Set VM NAME's desired state to stopped."""
-    _set_state(c, name, "stopped")
+def stop(c: Context, name: str, wait: bool, timeout: float) -> None:
+    """Set VM NAME's desired state to stopped (--wait: until it is stopped)."""
+    _set_state(c, name, "stopped", wait, timeout)
 
 
 @cli.command("list")
 @OUTPUT
+@click.option("--watch", "-w", is_flag=True, help="Print the list again on every change, until Ctrl-C.")
+@follow_options
 @pass_ctx
-def list_(c: Context, output: str) -> None:
+def list_(c: Context, output: str, watch: bool, max_updates: int) -> None:
     """List VMs: desired state next to what their owner reports. A
     pending VM's REASON says why no node takes it (no live node with the
     vcpus or RAM, with the largest free amounts; its pin names a node that
     is not live or is cordoned; its flavour or image is missing; nodes that
-    gave it up), computed here from what the nodes publish."""
-    parts = {kind: c.listing(kind) for kind in SNAPSHOT_KINDS}
-    snap = snapshot_of(c.keys, parts)
-    desired, actual, hosts_ = parts["desired"], parts["actual"], parts["hosts"]
-    rows = [vm_row(n, desired.get(n), actual.get(n), hosts_, snap) for n in sorted(set(desired) | set(actual))]
-    print_output(VM_COLUMNS, rows, output)
+    gave it up), computed here from what the nodes publish. --watch: a
+    new list after every change (JSON: one list per line)."""
+    last = None
+    for _ in (c.follow(c.keys.all, max_updates) if watch else [None]):
+        parts = {kind: c.listing(kind) for kind in SNAPSHOT_KINDS}
+        snap = snapshot_of(c.keys, parts)
+        desired, actual, hosts_ = parts["desired"], parts["actual"], parts["hosts"]
+        rows = [vm_row(n, desired.get(n), actual.get(n), hosts_, snap) for n in sorted(set(desired) | set(actual))]
+        if rows == last:
+            continue
+        last = rows
+        if watch and output == "json":
+            click.echo(json.dumps(as_objects(VM_COLUMNS, rows)))
+        else:
+            if watch:
+                click.echo(f"-- {ms.utc_now()}")
+            print_output(VM_COLUMNS, rows, output)
 
 
 @cli.command()
@@ -956,18 +1041,28 @@ def _drain_report(node: str, moved: Mapping[str, str], left: Mapping[str, ms.Act
 @cli.command()
 @click.argument("name", callback=name_arg("VM"))
 @click.option("--to", "to", callback=name_arg("node"), help="Move it to this node and pin it there.")
+@wait_options
 @pass_ctx
-def move(c: Context, name: str, to: Optional[str]) -> None:
+def move(c: Context, name: str, to: Optional[str], wait: bool, timeout: float) -> None:
     """Move VM NAME to another node (cold: stopped cleanly, booted there
     from the same disk). With --to NODE it is pinned to NODE; without, it
     goes to any other node with room (a request in moves/NAME that its
     owner acts on; the new owner deletes it)."""
+    entry = c.call(c.store.get, c.keys.desired(name))
+    want = ("running",)
+    with contextlib.suppress(ms.SpecError):
+        if entry is not None:
+            want = (ms.DesiredVM.parse(name, entry.value).state,)
     if to is not None:
         changed = c.admin(pin_vm, c.store, name, to)
         click.echo(f"{name}: pinned to {to}" if changed else f"{name} is already pinned to {to}", err=True)
+        if wait:
+            _report(name, _wait_state(c, name, want, timeout, host=to))
         return
     req = c.admin(request_move, c.store, name, operator())
     click.echo(f"{name}: moving off {req.from_node}", err=True)
+    if wait:
+        _report(name, _wait_state(c, name, want, timeout, avoid=req.from_node))
 
 
 @cli.command()
@@ -1014,37 +1109,79 @@ def _wait_state(c: Context, name: str, states: Sequence[str], timeout: float,
         time.sleep(0.25)
 
 
+def new_console_text(old: str, new: str) -> str:
+    """What ``new`` (the published last 4 KiB) adds to ``old``: the part after
+    the longest end of ``old`` that ``new`` starts with (the window slides)."""
+    if not old:
+        return new
+    for k in range(min(len(old), len(new)), 0, -1):
+        if old.endswith(new[:k]):
+            return new[k:]
+    return new
+
+
 @cli.command()
 @click.argument("name", callback=name_arg("VM"))
+@click.option("--follow", "-f", is_flag=True, help="Keep printing what the console adds, until Ctrl-C.")
+@follow_options
 @pass_ctx
-def console(c: Context, name: str) -> None:
-    """Print the tail of VM NAME's serial console (published by its owner)."""
+def console(c: Context, name: str, follow: bool, max_updates: int) -> None:
+    """Print the tail of VM NAME's serial console (published by its owner,
+    at most every 2 s). --follow: then what it adds."""
     entry = c.call(c.store.get, c.keys.console(name))
-    if entry is None:
+    if entry is None and not follow:
         if c.call(c.store.get, c.keys.desired(name)) is None:
             raise click.ClickException(f"no VM named {name!r}")
         raise click.ClickException(f"no console output published for {name!r} (is it running?)")
-    click.echo(entry.value.decode("utf-8", errors="replace"), nl=False)
+    if not follow:
+        click.echo(entry.value.decode("utf-8", errors="replace"), nl=False)
+        return
+    if c.call(c.store.get, c.keys.desired(name)) is None and entry is None:
+        raise click.ClickException(f"no VM named {name!r}")
+    shown = ""
+    for _ in c.follow(c.keys.console(name), max_updates):
+        entry = c.call(c.store.get, c.keys.console(name))
+        text = entry.value.decode("utf-8", errors="replace") if entry is not None else ""
+        if text != shown:
+            click.echo(new_console_text(shown, text), nl=False)
+            shown = text
 
 
 @cli.command()
 @click.argument("name", required=False, callback=lambda ctx, p, v: name_arg("VM")(ctx, p, v) if v else v)
 @OUTPUT
+@click.option("--follow", "-f", is_flag=True, help="Then print each new event as it comes, until Ctrl-C.")
+@follow_options
 @pass_ctx
-def events(c: Context, name: Optional[str], output: str) -> None:
+def events(c: Context, name: Optional[str], output: str, follow: bool, max_updates: int) -> None:
     """Show VM life events (claimed, started, fenced, stopped, errors, ...)
     recorded by the agents that acted, oldest first; all VMs without NAME.
-    Events are kept for about an hour, at most 50 per VM."""
+    Events are kept for about an hour, at most 50 per VM. --follow: then
+    each new event as it comes, one line each (JSON: one object per line),
+    until Ctrl-C."""
     prefix = c.keys.events(name) if name else c.keys.dir("events")
-    _, entries = c.call(c.store.list_prefix, prefix)
-    rows = []
-    for key in sorted(entries, key=lambda k: k.rsplit("/", 1)[1]):
-        try:
-            ev = json.loads(entries[key].value)
-            rows.append([ev.get("at"), ev.get("vm"), ev.get("node"), ev.get("event"), ev.get("detail")])
-        except (ValueError, AttributeError, RecursionError):
-            rows.append([None, key.split("/")[-2], None, "malformed", None])
-    print_output(("AT", "VM", "NODE", "EVENT", "DETAIL"), rows, output)
+    columns = ("AT", "VM", "NODE", "EVENT", "DETAIL")
+    seen: set[str] = set()
+    for turn in (c.follow(prefix, max_updates) if follow else [None]):
+        _, entries = c.call(c.store.list_prefix, prefix)
+        rows = []
+        for key in sorted(entries, key=lambda k: k.rsplit("/", 1)[1]):
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                ev = json.loads(entries[key].value)
+                rows.append([ev.get("at"), ev.get("vm"), ev.get("node"), ev.get("event"), ev.get("detail")])
+            except (ValueError, AttributeError, RecursionError):
+                rows.append([None, key.split("/")[-2], None, "malformed", None])
+        if not follow:
+            print_output(columns, rows, output)
+        elif output == "json":
+            for obj in as_objects(columns, rows):
+                click.echo(json.dumps(obj))
+        else:
+            for r in rows:
+                click.echo("  ".join(cell(v) for v in r))
 
 
 # -- images -------------------------------------------------------------------

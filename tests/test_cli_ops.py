@@ -90,3 +90,61 @@ def test_show_gives_domain_reservation_times_and_clean_json(ctl, cluster: Cluste
     table = ctl("show", "w1").stdout
     assert "w1.node1" in table and "vcpus=1,ram_mb=512" in table
     assert any(line.split()[0] == "age" and line.split()[1][-1] in "smhd" for line in table.splitlines()[1:])
+
+
+def test_wait_options_exit_codes(ctl, cluster: Cluster, store) -> None:
+    cluster.flavour("small", 1, 512)
+    cluster.flavour("huge", 64, 512)
+    cluster.agent("node1", vcpus=2)
+    cluster.wait_hosts("node1")
+    r = ctl("create", "w1", "--flavour", "small", "--wait", "--timeout", "30")
+    assert r.exit_code == 0 and "w1 is running on node1" in r.output, r.output
+    assert cluster.states()["w1"] == ("running", "node1")
+    r = ctl("stop", "w1", "--wait", "--timeout", "30")
+    assert r.exit_code == 0 and "w1 is stopped on node1" in r.output
+    r = ctl("start", "w1", "--wait", "--timeout", "30")
+    assert r.exit_code == 0 and "w1 is running on node1" in r.output
+    r = ctl("create", "w2", "--flavour", "huge", "--wait", "--timeout", "1")
+    assert r.exit_code == 4 and "not running after 1s (now pending)" in r.output
+    # lands in error: exit 1 with the reason
+    store.put(store.keys.desired("bad"), json.dumps({"flavour": "nope"}).encode())
+    r = ctl("start", "bad", "--wait", "--timeout", "30")
+    assert r.exit_code == 1 and "bad is in error on node1" in r.output and "unknown flavour" in r.output
+    r = ctl("destroy", "w1", "--yes", "--wait", "--timeout", "30")
+    assert r.exit_code == 0 and "w1 is removed" in r.output
+    assert "w1" not in cluster.actual()
+
+
+def test_list_watch_events_and_console_follow_and_version(ctl, cluster: Cluster, store) -> None:
+    import threading
+    cluster.flavour("small", 1, 512)
+    cluster.agent("node1")
+    cluster.wait_hosts("node1")
+    t = threading.Timer(0.5, lambda: ctl("create", "f1", "--flavour", "small"))
+    t.start()
+    r = ctl("list", "--watch", "-o", "json", "--max-updates", "3")
+    t.join()
+    assert r.exit_code == 0, r.output
+    lists = [json.loads(line) for line in r.stdout.splitlines()]
+    assert lists[0] == [] and any(lst and lst[0]["name"] == "f1" for lst in lists[1:]), lists
+    cluster.wait_running(["f1"])
+    r = ctl("events", "f1", "--follow", "-o", "json", "--max-updates", "1")
+    assert r.exit_code == 0 and {json.loads(line)["event"] for line in r.stdout.splitlines()} >= {"claimed", "started"}
+    # the console: its owner publishes the last 4 KiB; --follow prints what is added
+    store.put(store.keys.console("f1"), b"boot 1\n")
+    t = threading.Timer(0.5, lambda: store.put(store.keys.console("f1"), b"boot 1\nlogin: \n"))
+    t.start()
+    r = ctl("console", "f1", "--follow", "--max-updates", "2")
+    t.join()
+    assert r.exit_code == 0 and r.stdout == "boot 1\nlogin: \n", repr(r.stdout)
+    r = ctl("--version")
+    assert r.exit_code == 0 and r.stdout.startswith("metastackctl ") and r.stdout.strip().split()[-1][0].isdigit()
+
+
+@pytest.mark.parametrize("old,new,added", [
+    ("", "abc", "abc"), ("abc", "abcdef", "def"), ("abcdef", "cdefgh", "gh"), ("abc", "xyz", "xyz"),
+    ("abc", "abc", ""),
+])
+def test_new_console_text(old, new, added) -> None:
+    from metastackctl import new_console_text
+    assert new_console_text(old, new) == added
