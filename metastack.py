@@ -49,7 +49,7 @@ import threading
 import time
 import uuid
 import xml.etree.ElementTree as ET
-from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping, Optional, Union
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 # ---------------------------------------------------------------------------
 # Errors
@@ -191,6 +191,8 @@ class AgentConfig:
     on_stop: str = "keep"  # SIGTERM: keep guests running for the next agent, or drain them
     failover_grace: float = 0.0  # seconds owners get to re-claim after a correlated loss (0: 2 x TTL)
     config_path: str = ""  # the ini this came from (the watchdog process reads it too)
+    cpu_allocation_ratio: Optional[float] = None  # [node] override of /metastack/config's
+    ram_allocation_ratio: Optional[float] = None
 
     @property
     def renew_interval(self) -> float:
@@ -246,6 +248,20 @@ def _get_opt_int(cp: configparser.ConfigParser, sec: str, key: str) -> Optional[
     if not raw.isdigit() or int(raw) <= 0:
         raise ConfigError(f"[{sec}] {key}: {raw!r} must be a positive integer or auto")
     return int(raw)
+
+
+def _get_opt_ratio(cp: configparser.ConfigParser, sec: str, key: str) -> Optional[float]:
+    """An allocation ratio (0 < r <= 100), or None when not set."""
+    raw = cp.get(sec, key, fallback="").strip()
+    if not raw:
+        return None
+    try:
+        val = float(raw)
+    except ValueError:
+        raise ConfigError(f"[{sec}] {key}: {raw!r} is not a number") from None
+    if not 0 < val <= 100:
+        raise ConfigError(f"[{sec}] {key}: {val} must be above 0 and at most 100")
+    return val
 
 
 def etcd_config_from(cp: configparser.ConfigParser) -> EtcdConfig:
@@ -326,6 +342,8 @@ def load_config(path: Optional[str]) -> AgentConfig:
         on_stop=on_stop,
         failover_grace=_get_float(cp, "agent", "failover_grace", 0.0, 0.0),
         config_path=os.path.abspath(path) if path else "",
+        cpu_allocation_ratio=_get_opt_ratio(cp, "node", "cpu_allocation_ratio"),
+        ram_allocation_ratio=_get_opt_ratio(cp, "node", "ram_allocation_ratio"),
     )
     check_timings(cfg)
     return cfg
@@ -451,6 +469,11 @@ class Keys:
 
     def move(self, vm: str) -> str:
         return f"{self.prefix}/moves/{vm}"
+
+    def group_guard(self, group: str, node: str) -> str:
+        """``groups/<group>/<node>``: the one VM of a strict anti-affinity
+        group on ``node``, created in the claim's transaction, on its lease."""
+        return f"{self.prefix}/groups/{group}/{node}"
 
     def dir(self, kind: str) -> str:
         return f"{self.prefix}/{kind}/"
@@ -585,8 +608,10 @@ class DesiredVM:
     extra: tuple[tuple[str, Any], ...] = ()
     generation: int = 0  # the desired key's etcd create_revision: new on every re-create
     uuid: Optional[str] = None
+    group: Optional[str] = None  # anti-affinity group: spread over nodes (preferred)
+    strict: bool = False  # ... required: never two of the group on one node
 
-    KNOWN = ("flavour", "state", "host", "image", "uuid")
+    KNOWN = ("flavour", "state", "host", "image", "uuid", "group", "strict")
 
     @property
     def identity(self) -> str:
@@ -618,8 +643,16 @@ class DesiredVM:
         vm_uuid = obj.get("uuid")
         if vm_uuid is not None and not valid_uuid(vm_uuid):
             raise SpecError(f"'uuid' must be a UUID like {uuid.UUID(int=0)}, got {_show(vm_uuid)}")
+        group = obj.get("group")
+        if group is not None and (not isinstance(group, str) or not valid_name(group)):
+            raise SpecError(f"'group' must be a group name, got {_show(group)}")
+        strict = obj.get("strict", False)
+        if not isinstance(strict, bool):
+            raise SpecError(f"'strict' must be true or false, got {_show(strict)}")
+        if strict and group is None:
+            raise SpecError("'strict' needs a 'group'")
         extra = tuple(sorted((k, v) for k, v in obj.items() if k not in cls.KNOWN))
-        return cls(name, flavour, state, host, image, extra, uuid=vm_uuid)
+        return cls(name, flavour, state, host, image, extra, uuid=vm_uuid, group=group, strict=strict)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.extra)
@@ -630,6 +663,10 @@ class DesiredVM:
             out["image"] = self.image
         if self.uuid is not None:
             out["uuid"] = self.uuid
+        if self.group is not None:
+            out["group"] = self.group
+        if self.strict:
+            out["strict"] = True
         return out
 
 
@@ -1003,6 +1040,52 @@ class MoveRequest:
                           sort_keys=True).encode()
 
 
+@dataclasses.dataclass(frozen=True)
+class ClusterConfig:
+    """``/metastack/config``: cluster-wide settings (JSON object), all
+    optional. ``cpu_allocation_ratio``/``ram_allocation_ratio`` (numbers,
+    0 < r <= 100, default 1.0): a node offers its vcpus and RAM times the
+    ratio (overcommit above 1); ``[node]`` in a node's ini overrides them.
+    ``placement``: "spread" (default: emptier nodes claim first) or "pack"
+    (fuller nodes claim first). Unknown keys are ignored."""
+
+    cpu_allocation_ratio: float = 1.0
+    ram_allocation_ratio: float = 1.0
+    placement: str = "spread"
+
+    PLACEMENTS = ("spread", "pack")
+
+    @classmethod
+    def parse(cls, raw: bytes) -> "ClusterConfig":
+        """Raises SpecError naming the bad key."""
+        obj = _json_object(raw, "cluster config")
+        out = {}
+        for key in ("cpu_allocation_ratio", "ram_allocation_ratio"):
+            val = obj.get(key, 1.0)
+            if isinstance(val, bool) or not isinstance(val, (int, float)) or not 0 < val <= 100:
+                raise SpecError(f"cluster config: {key!r} must be a number above 0 and at most 100, got {_show(val)}")
+            out[key] = float(val)
+        placement = obj.get("placement", "spread")
+        if placement not in cls.PLACEMENTS:
+            raise SpecError(f"cluster config: 'placement' must be spread or pack, got {_show(placement)}")
+        return cls(out["cpu_allocation_ratio"], out["ram_allocation_ratio"], placement)
+
+
+def effective_capacity(vcpus: int, ram_mb: int, cpu_ratio: float, ram_ratio: float) -> tuple[int, int]:
+    """What a node offers: its vcpus and RAM times the allocation ratios (floor)."""
+    return int(vcpus * cpu_ratio), int(ram_mb * ram_ratio)
+
+
+def group_members(snap: "Snapshot") -> dict[str, dict[str, list[str]]]:
+    """group -> node -> VMs of that anti-affinity group claimed there (trusted claims)."""
+    out: dict[str, dict[str, list[str]]] = {}
+    for vm, claim in sorted(snap.actual.items()):
+        spec = snap.desired.get(vm)
+        if isinstance(spec, DesiredVM) and spec.group is not None:
+            out.setdefault(spec.group, {}).setdefault(claim.host, []).append(vm)
+    return out
+
+
 def free_capacity(host: HostState) -> tuple[int, int]:
     """(vcpus, ram_mb) a live node reports free in its host record."""
     return max(0, host.vcpus - host.vcpus_used), max(0, host.ram_mb - host.ram_mb_used)
@@ -1037,6 +1120,7 @@ def pending_reason(name: str, snap: "Snapshot") -> str:
             lost = f", lost since {rec.lost_at}" if rec.lost_at else ""
             return f"pinned to {vm.host}, which is not live{lost}"
         live = {vm.host: live[vm.host]}
+    members = group_members(snap).get(vm.group or "", {}) if vm.group is not None else {}
     why: dict[str, list[str]] = {}
     small: list[str] = []
     best_cpu: tuple[int, str] = (-1, "")
@@ -1053,6 +1137,9 @@ def pending_reason(name: str, snap: "Snapshot") -> str:
             why.setdefault("cordoned", []).append(node + (f" ({rec.reason})" if rec.reason else ""))
         elif name in cannot:
             why.setdefault("gave it up", []).append(f"{node} ({cannot[name]})")
+        elif vm.strict and members.get(node):
+            why.setdefault(f"strict group {vm.group} already there", []).append(
+                f"{node} ({', '.join(members[node])})")
         else:
             cpu, ram = free_capacity(host)
             best_cpu = max(best_cpu, (cpu, node), key=lambda p: p[0])
@@ -1155,11 +1242,17 @@ class Store:
     def _txn(self, what: str, compare: list, success: list, failure: Optional[list] = None) -> tuple[bool, list]:
         return self._call(what, self._client.transaction, compare=compare, success=success, failure=failure or [])
 
-    def create(self, key: str, value: bytes, lease: int = 0) -> tuple[Optional[int], Optional[Entry]]:
+    def create(self, key: str, value: bytes, lease: int = 0,
+               also: Sequence[tuple[str, bytes]] = ()) -> tuple[Optional[int], Optional[Entry]]:
         """Create ``key`` only if absent. Returns (revision, None) on success,
-        or (None, the existing entry) when another writer holds the key."""
-        ok, resp = self._txn("create", [self._tx.create(key) == 0],
-                             [self._tx.put(key, value, lease=lease or None)], [self._tx.get(key)])
+        or (None, the existing entry) when another writer holds the key.
+        ``also``: more (key, value) pairs created in the same transaction,
+        on the same lease, only if every one of them is absent too (guard
+        keys); (None, None) when only one of those exists."""
+        compare = [self._tx.create(key) == 0] + [self._tx.create(k) == 0 for k, _ in also]
+        puts = [self._tx.put(key, value, lease=lease or None)] + [self._tx.put(k, v, lease=lease or None)
+                                                                  for k, v in also]
+        ok, resp = self._txn("create", compare, puts, [self._tx.get(key)])
         if ok:
             return resp[0].response_put.header.revision, None
         existing = resp[0][0] if resp and resp[0] else None
@@ -1391,6 +1484,11 @@ class ClusterView:
     def entry(self, key: str) -> Optional[Entry]:
         with self._lock:
             return self._entries.get(key)
+
+    def entries_under(self, prefix: str) -> dict[str, Entry]:
+        """key -> entry of every kept key below ``prefix``."""
+        with self._lock:
+            return {k: e for k, e in self._entries.items() if k.startswith(prefix)}
 
     def entries_of(self, kind: str) -> dict[str, Entry]:
         """name -> raw entry of every kept key of one kind (desired,
@@ -2362,7 +2460,11 @@ def plan(node: str, capacity: Capacity, snap: Snapshot, domains: Mapping[str, st
     over the same way, and keeps this node from claiming it back. A VM
     whose flavour changed (resize) takes its new size when its domain is
     not running: here if the difference fits, else it is released to a node
-    with room.
+    with room. Anti-affinity groups (``group``, ``strict`` in the desired
+    entry): a strict VM is not claimed where a VM of its group is claimed
+    (the claim's transaction also creates a per-group-per-node guard key,
+    see Executor); a non-strict one is not claimed where one is when a node
+    holding fewer of the group has room (spread preferred).
     """
     actions: list[Action] = []
     if fenced:
@@ -2375,6 +2477,7 @@ def plan(node: str, capacity: Capacity, snap: Snapshot, domains: Mapping[str, st
     hold, cannot = frozenset(hold), frozenset(cannot)
     cordoned = cordoned or draining
     handed_over = any(n in snap.desired and n not in snap.actual for n in handing)
+    members = {g: {n: len(v) for n, v in by.items()} for g, by in group_members(snap).items()}
     used_cpu, used_ram, _ = usage(node, snap.actual)
     free_cpu, free_ram = capacity.vcpus - used_cpu, capacity.ram_mb - used_ram
 
@@ -2415,12 +2518,18 @@ def plan(node: str, capacity: Capacity, snap: Snapshot, domains: Mapping[str, st
                 if name in domains:
                     actions.append(Action("kill", name, reason="unclaimed and not claimable here"))
                 continue
-            if vm.host not in (None, node) or flav.vcpus > free_cpu or flav.ram_mb > free_ram:
+            here = members.get(vm.group or "", {}).get(node, 0) if vm.group is not None else 0
+            apart = here and not running_here and (vm.strict or any(
+                members.get(vm.group or "", {}).get(other, 0) < here
+                for other in room_elsewhere(node, name, flav, snap)))
+            if vm.host not in (None, node) or flav.vcpus > free_cpu or flav.ram_mb > free_ram or apart:
                 if name in domains:  # a leftover domain we may not run: never let it race a new owner
                     actions.append(Action("kill", name, reason="unclaimed and not claimable here"))
                 continue
             free_cpu -= flav.vcpus
             free_ram -= flav.ram_mb
+            if vm.group is not None:
+                members.setdefault(vm.group, {})[node] = here + 1
             claiming.add(name)
             actions.append(Action("claim", name, state=vm.state, vcpus=flav.vcpus, ram_mb=flav.ram_mb))
             continue
@@ -2685,6 +2794,7 @@ class Executor:
         self._beat = beat
         self.node = cfg.node_name
         self.capacity = capacity
+        self.placement = "spread"  # from /metastack/config, set by the agent each tick
         self.store, self.keys, self.view, self.hv, self.storage = store, store.keys, view, hv, storage
         self._lease = lease
         self.secret_uuid = ""
@@ -2778,7 +2888,9 @@ class Executor:
             # willingness: a busier node waits a little longer (never for a re-claim)
             cpu, ram, _ = self.view.usage(self.node)
             cap = self.capacity
-            load = max(cpu / cap.vcpus, ram / cap.ram_mb)
+            load = max(cpu / max(cap.vcpus, 1), ram / max(cap.ram_mb, 1))
+            if self.placement == "pack":  # fuller nodes first
+                load = 1.0 - min(load, 1.0)
             time.sleep(self.cfg.claim_spread * min(load, 1.0) + random.uniform(0, self.cfg.claim_spread / 10))
         first = "starting" if act.state == "running" else "stopped"
         spec = snap.desired[act.vm]
@@ -3060,10 +3172,20 @@ class Executor:
                 log.warning("%s: replaced an untrusted claim naming %s", vm, snap.untrusted[vm].host or "nobody")
                 self.view.note(key, value.encode(), rev, self._lease())
             return rev is not None
-        rev, existing = self.store.create(key, value.encode(), self._lease())
+        spec = snap.desired.get(vm) if snap is not None else None
+        guards: list[tuple[str, bytes]] = []
+        if isinstance(spec, DesiredVM) and spec.strict and spec.group is not None:
+            # strict anti-affinity: one VM of the group per node, decided by etcd, not by our view
+            guards.append((self.keys.group_guard(spec.group, self.node), json.dumps({"vm": vm}).encode()))
+        rev, existing = self.store.create(key, value.encode(), self._lease(), also=guards)
         if rev is not None:
             self.view.note(key, value.encode(), rev, self._lease())
+            for gkey, gval in guards:
+                self.view.note(gkey, gval, rev, self._lease())
             return True
+        if existing is None and guards:
+            log.info("vm=%s node=%s not claimed: strict group %s already has a VM here", vm, self.node,
+                     spec.group if isinstance(spec, DesiredVM) else "?")
         if existing is not None:
             self.view.note(key, existing.value, existing.mod_revision, existing.lease)
         return False
@@ -3440,7 +3562,9 @@ class Agent:
         known = cfg.domain_type if cfg.domain_type != "auto" else "qemu"  # resolved in start(), after adoption
         self.hv = Hypervisor(cfg.libvirt_uri, cfg.node_name, known, on_event=self._on_domain_event)
         hv_cpu, hv_ram = self.hv.capacity()
-        self.capacity = Capacity(cfg.vcpus or hv_cpu, cfg.ram_mb or hv_ram)
+        self.base_capacity = Capacity(cfg.vcpus or hv_cpu, cfg.ram_mb or hv_ram)  # before allocation ratios
+        self.capacity = self.base_capacity
+        self._cluster_config: tuple[int, ClusterConfig] = (0, ClusterConfig())
         self.view = ClusterView(self.keys)
         self.storage = (Storage(cfg.ceph, op_timeout=max(1.0, cfg.watchdog_delay - 1.0))
                         if cfg.ceph is not None else None)
@@ -3767,6 +3891,7 @@ class Agent:
         domains = self.hv.domains()
         fence = snap.fences.get(self.node)
         fenced = fence is not None or self.executor.ceph_refused
+        self._apply_cluster_config()
         cannot = self.executor.cannot(snap)
         rec = snap.nodes.get(self.node)
         actions = plan(self.node, self.capacity, snap, domains, hold=self._held(snap), cannot=cannot,
@@ -3790,6 +3915,7 @@ class Agent:
                 done.append(note)
         self._record_lost(snap)
         self._finish_moves(snap)
+        self._tidy_group_guards()
         host = self._publish_host(fenced)
         self._console_polling = self.executor.publish_consoles(self.hv.domains())
         summary = (f"{host.vms} VM(s) here, {host.vcpus_used}/{host.vcpus} vcpus, "
@@ -3797,6 +3923,30 @@ class Agent:
         if done:
             return f"acted: {'; '.join(done)} | {summary}"
         return f"no action: {summary}"
+
+    def _apply_cluster_config(self) -> None:
+        """Capacity and placement from ``/metastack/config`` (parsed once per
+        change; a malformed record keeps the defaults, with a warning) and
+        the ``[node]`` overrides of the allocation ratios."""
+        entry = self.view.entry(self.keys.config)
+        rev = entry.mod_revision if entry is not None else 0
+        if rev != self._cluster_config[0]:
+            conf = ClusterConfig()
+            if entry is not None:
+                try:
+                    conf = ClusterConfig.parse(entry.value)
+                except SpecError as exc:
+                    log.warning("%s: %s; using the defaults", self.keys.config, exc)
+            self._cluster_config = (rev, conf)
+        conf = self._cluster_config[1]
+        cpu_ratio = self.cfg.cpu_allocation_ratio or conf.cpu_allocation_ratio
+        ram_ratio = self.cfg.ram_allocation_ratio or conf.ram_allocation_ratio
+        cap = Capacity(*effective_capacity(self.base_capacity.vcpus, self.base_capacity.ram_mb, cpu_ratio, ram_ratio))
+        if cap != self.capacity:
+            log.info("node=%s capacity %d vcpus, %d MiB (allocation ratios %g/%g)", self.node, cap.vcpus,
+                     cap.ram_mb, cpu_ratio, ram_ratio)
+        self.capacity = self.executor.capacity = cap
+        self.executor.placement = conf.placement
 
     HANDOVER_WAIT = 60.0  # a drain waits at most this long for a handed-over VM to be claimed elsewhere
 
@@ -3808,6 +3958,31 @@ class Agent:
         self._handed = {vm: at for vm, at in self._handed.items()
                         if vm in snap.desired and vm not in snap.actual and now - at < self.HANDOVER_WAIT}
         return set(self._handed)
+
+    def _tidy_group_guards(self) -> None:
+        """Delete our strict-group guard keys whose VM is no longer ours
+        (released, moved, destroyed): the group may then use this node
+        again. They hang on our lease, so a dead node's go by themselves."""
+        suffix = "/" + self.node
+        mine = {k: e for k, e in self.view.entries_under(self.keys.dir("groups")).items()
+                if k.endswith(suffix) and e.lease == self.lease_id}
+        if not mine:
+            return
+        snap = self.view.snapshot()
+        for key, entry in sorted(mine.items()):
+            try:
+                vm = json.loads(entry.value).get("vm")
+            except (ValueError, AttributeError, RecursionError):
+                vm = None
+            claim = snap.actual.get(vm) if isinstance(vm, str) else None
+            if claim is not None and claim.host == self.node:
+                continue
+            try:
+                rev = self.store.delete_if(key, entry.mod_revision)
+            except StoreUnavailable:
+                return
+            if rev is not None:
+                self.view.note(key, None, rev)
 
     def _finish_moves(self, snap: Snapshot) -> None:
         """Delete the move requests that are done: the VM is ours now and

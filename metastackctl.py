@@ -270,19 +270,24 @@ def vms_using(store: ms.Store, field: str, name: str) -> list[str]:
 
 
 def new_desired(name: str, flavour: str, host: Optional[str] = None, image: Optional[str] = None,
-                state: str = "running") -> ms.DesiredVM:
+                state: str = "running", group: Optional[str] = None, strict: bool = False) -> ms.DesiredVM:
     """A new VM's desired entry, with a fresh uuid: its identity, which only a
     real destroy ends."""
     return ms.DesiredVM(name, flavour, state, host, image, extra=(("created", ms.utc_now()),),
-                        uuid=str(uuid.uuid4()))
+                        uuid=str(uuid.uuid4()), group=group, strict=strict)
 
 
 def create_vm(store: ms.Store, name: Any, flavour: Any, host: Any = None, image: Any = None,
-              state: Any = "running") -> ms.DesiredVM:
+              state: Any = "running", group: Any = None, strict: Any = False) -> ms.DesiredVM:
     """Create the desired entry of a new VM. Refused: a bad name or state
     (invalid), a flavour or image that does not exist (invalid), the name
-    taken (conflict)."""
+    taken (conflict). ``group``: an anti-affinity group (spread over nodes;
+    ``strict``: never two on one node)."""
     check_name(name, "VM")
+    if group is not None:
+        check_name(group, "group")
+    if not isinstance(strict, bool) or (strict and group is None):
+        raise AdminError("invalid", "strict needs a group (and is true or false)")
     check_name(flavour, "flavour")
     if host is not None:
         check_name(host, "node")
@@ -296,7 +301,7 @@ def create_vm(store: ms.Store, name: Any, flavour: Any, host: Any = None, image:
     if image is not None and store.get(store.keys.image(image)) is None:
         known = ", ".join(_names(store, "images")) or "none"
         raise AdminError("invalid", f"no image named {image!r} (known: {known})")
-    spec = new_desired(name, flavour, host, image, state)
+    spec = new_desired(name, flavour, host, image, state, group, strict)
     rev, _ = store.create(store.keys.desired(name), json.dumps(spec.to_json()).encode())
     if rev is None:
         raise AdminError("conflict", f"a VM named {name!r} already exists")
@@ -774,13 +779,17 @@ pass_ctx = click.make_pass_decorator(Context)
 @click.option("--host", callback=name_arg("node"), help="Pin the VM to this node.")
 @click.option("--image", callback=name_arg("image"), help="Base image name.")
 @click.option("--stopped", is_flag=True, help="Create it stopped (defined, not started).")
+@click.option("--group", callback=name_arg("group"), help="Anti-affinity group: spread its VMs over nodes.")
+@click.option("--strict", is_flag=True, help="With --group: never two VMs of the group on one node.")
 @wait_options
 @pass_ctx
 def create(c: Context, name: str, flavour: str, host: Optional[str], image: Optional[str], stopped: bool,
-           wait: bool, timeout: float) -> None:
+           group: Optional[str], strict: bool, wait: bool, timeout: float) -> None:
     """Create VM NAME; an agent with room claims and starts it. --wait:
     until it runs (or is defined, with --stopped)."""
-    c.admin(create_vm, c.store, name, flavour, host, image, "stopped" if stopped else "running")
+    if strict and group is None:
+        raise click.UsageError("--strict needs --group")
+    c.admin(create_vm, c.store, name, flavour, host, image, "stopped" if stopped else "running", group, strict)
     click.echo(f"created {name} (flavour {flavour}{', pinned to ' + host if host else ''}"
                f"{', stopped' if stopped else ''})", err=True)
     if wait:

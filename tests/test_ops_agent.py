@@ -133,3 +133,64 @@ def test_resize_waits_for_the_next_start_or_restarts(ctl, cluster: Cluster) -> N
     assert ctl("start", "r1").exit_code == 0
     wait_for(lambda: cluster.actual()["r1"]["state"] == "running" and cluster.actual()["r1"]["vcpus"] == 1,
              what="r1 running with 1 vcpu")
+
+
+def test_overcommit_from_the_cluster_config_and_the_ini_override(ctl, cluster: Cluster, store) -> None:
+    cluster.flavour("small", 1, 512)
+    store.put(store.keys.config, json.dumps({"cpu_allocation_ratio": 2.0}).encode())
+    cluster.agent("node1", vcpus=2, ram_mb=8192)
+    cluster.agent("node2", vcpus=2, ram_mb=8192)
+    cluster.wait_hosts("node1", "node2")
+    wait_for(lambda: cluster.hosts()["node1"]["vcpus"] == 4, what="node1 offers 2 x 2 vcpus")
+    assert cluster.hosts()["node1"]["ram_mb"] == 8192
+    vms = [f"o{i}" for i in range(8)]
+    for vm in vms:
+        assert ctl("create", vm, "--flavour", "small").exit_code == 0
+    cluster.wait_running(vms)
+    assert sorted(h["vcpus_used"] for h in cluster.hosts().values()) == [4, 4]
+    # the ini overrides the cluster value on its node
+    a3 = cluster.agent("node3", vcpus=2, ram_mb=8192, start=False)
+    a3.config.write_text(a3.config.read_text().replace("[node]\n", "[node]\ncpu_allocation_ratio = 1.5\n"))
+    a3.start()
+    cluster.wait_hosts("node3")
+    wait_for(lambda: cluster.hosts()["node3"]["vcpus"] == 3, what="node3 offers 2 x 1.5 vcpus")
+
+
+def test_strict_anti_affinity_under_a_race(ctl, cluster: Cluster, store) -> None:
+    cluster.flavour("small", 1, 512)
+    vms = [f"s{i}" for i in range(10)]
+    for vm in vms:
+        assert ctl("create", vm, "--flavour", "small", "--group", "db", "--strict").exit_code == 0
+    cluster.agent("node1"), cluster.agent("node2")  # both start on the full list at once
+    cluster.wait_hosts("node1", "node2")
+    wait_for(lambda: sorted(s for s, _ in cluster.states().values()) == ["running", "running"],
+             what="one VM of the group per node")
+    hosts = [h for _, h in cluster.states().values()]
+    assert sorted(hosts) == ["node1", "node2"]
+    guards = {k.rsplit("/", 1)[1]: json.loads(e.value)["vm"]
+              for k, e in store.list_prefix(store.keys.dir("groups"))[1].items()}
+    assert set(guards) == {"node1", "node2"} and all(cluster.states()[vm][1] == n for n, vm in guards.items())
+    rows = {r["name"]: r for r in json.loads(ctl("list", "-o", "json").stdout)}
+    waiting = [r for r in rows.values() if r["state"] == "pending"]
+    assert len(waiting) == 8 and all("strict group db already there" in r["reason"] for r in waiting)
+    # destroying one frees its node for the next one (its guard key goes with it)
+    gone = next(vm for vm, (s, h) in cluster.states().items() if h == "node1")
+    assert ctl("destroy", gone, "--yes", "--wait", "--timeout", "30").exit_code == 0
+    wait_for(lambda: sorted(h for _, h in cluster.states().values()) == ["node1", "node2"],
+             what="another VM of the group on node1")
+
+
+def test_strict_group_guard_key_is_checked_in_the_claim_transaction(ctl, cluster: Cluster, store) -> None:
+    """The planner does not see guard keys; the claim's transaction does: a
+    guard naming another VM on node1 (here on a lease of the test's own)
+    keeps node1 from claiming, whatever its view says."""
+    cluster.flavour("small", 1, 512)
+    lease = store.grant_lease(60)
+    store.put(store.keys.group_guard("db", "node1"), json.dumps({"vm": "other"}).encode(), lease)
+    cluster.agent("node1")
+    cluster.wait_hosts("node1")
+    assert ctl("create", "s1", "--flavour", "small", "--group", "db", "--strict").exit_code == 0
+    wait_for(lambda: "strict group db already has a VM here" in cluster.agents[0].log(), what="claim refused")
+    assert "s1" not in cluster.actual()
+    store.revoke_lease(lease)
+    cluster.wait_running(["s1"])

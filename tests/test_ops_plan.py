@@ -155,3 +155,69 @@ def test_move_request_parse() -> None:
     with pytest.raises(SpecError):
         ms.MoveRequest.parse("a", b'{"from": "N 1"}')
     assert ms.Keys("/p").split("/p/moves/a") == ("moves", "a")
+
+
+# -- overcommit, anti-affinity groups, placement ------------------------------
+
+def test_cluster_config_parse_and_effective_capacity() -> None:
+    assert ms.ClusterConfig.parse(b"{}") == ms.ClusterConfig(1.0, 1.0, "spread")
+    c = ms.ClusterConfig.parse(b'{"cpu_allocation_ratio": 4, "ram_allocation_ratio": 1.5, "placement": "pack"}')
+    assert c == ms.ClusterConfig(4.0, 1.5, "pack")
+    for bad in (b'{"cpu_allocation_ratio": 0}', b'{"ram_allocation_ratio": "2"}', b'{"placement": "random"}',
+                b'{"cpu_allocation_ratio": true}'):
+        with pytest.raises(SpecError):
+            ms.ClusterConfig.parse(bad)
+    assert ms.effective_capacity(4, 1000, 2.5, 1.5) == (10, 1500)
+
+
+def test_ini_allocation_ratio_override(tmp_path) -> None:
+    p = tmp_path / "a.ini"
+    p.write_text("[node]\nname = n1\ncpu_allocation_ratio = 3\n")
+    cfg = ms.load_config(str(p))
+    assert cfg.cpu_allocation_ratio == 3.0 and cfg.ram_allocation_ratio is None
+    p.write_text("[node]\nname = n1\nram_allocation_ratio = 0\n")
+    with pytest.raises(ms.ConfigError, match=r"\[node\] ram_allocation_ratio"):
+        ms.load_config(str(p))
+
+
+def test_desired_group_fields() -> None:
+    d = DesiredVM.parse("a", b'{"flavour": "small", "group": "db", "strict": true}')
+    assert (d.group, d.strict) == ("db", True) and d.to_json() == {"flavour": "small", "state": "running",
+                                                                   "group": "db", "strict": True}
+    for bad, why in ((b'{"flavour": "small", "strict": true}', "needs a 'group'"),
+                     (b'{"flavour": "small", "group": "DB"}', "'group' must be"),
+                     (b'{"flavour": "small", "group": "db", "strict": 1}', "'strict' must be")):
+        with pytest.raises(SpecError, match=why):
+            DesiredVM.parse("a", bad)
+
+
+def grouped(strict: bool, n: int = 3) -> dict[str, DesiredVM]:
+    return {f"g{i}": DesiredVM(f"g{i}", "small", group="db", strict=strict) for i in range(n)}
+
+
+def test_strict_group_claims_one_per_node_even_when_room_is_plenty() -> None:
+    s = two_nodes(grouped(True))
+    assert list(kinds(ms.plan("n1", CAP, s, {})).values()) == ["claim"]
+    s.actual = {"g0": claim("n1")}
+    assert kinds(ms.plan("n1", CAP, s, {"g0": "running"})) == {"g0": "run"}
+    assert len([k for k in kinds(ms.plan("n2", CAP, s, {})).values() if k == "claim"]) == 1
+    # its own running domain is re-claimed all the same: the claim's guard key decides
+    s.actual = {}
+    assert kinds(ms.plan("n1", CAP, s, {"g0": "running", "g1": "running"})) == {"g0": "claim", "g1": "claim"}
+    why = ms.pending_reason("g2", two_nodes(grouped(True), {"g0": claim("n1"), "g1": claim("n2")}))
+    assert why == "0/2 live node(s) can take it: strict group db already there: n1 (g0), n2 (g1)"
+
+
+def test_non_strict_group_prefers_spreading_but_doubles_up_when_it_must() -> None:
+    s = two_nodes(grouped(False), {"g0": claim("n1")})
+    # n2 has none of the group and room: n1 leaves the others to it
+    assert kinds(ms.plan("n1", CAP, s, {"g0": "running"})) == {"g0": "run"}
+    # n2 takes both: after its first, no node holds fewer of the group than it does
+    assert kinds(ms.plan("n2", CAP, s, {})) == {"g1": "claim", "g2": "claim"}
+    s = two_nodes(grouped(False, 4), {"g0": claim("n1")})
+    s.hosts["n3"] = host()
+    # n2 after one claim holds as many as n1, but n3 holds none: n2 claims one, leaves the rest
+    assert list(kinds(ms.plan("n2", CAP, s, {})).values()) == ["claim"]
+    # n2 is full: n1 takes them
+    s = two_nodes(grouped(False), {"g0": claim("n1")}, other_free=(0, 0))
+    assert kinds(ms.plan("n1", CAP, s, {"g0": "running"})) == {"g0": "run", "g1": "claim", "g2": "claim"}
