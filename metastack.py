@@ -2858,7 +2858,7 @@ class Executor:
         self._backoff.pop(vm, None)
         self.gave_up[vm] = (spec.identity, why, time.monotonic() + self.GIVE_UP_FOR)
         self.events.record(vm, "gave up", f"after {self.MAX_TRIES} failures: {why}")
-        log.warning("%s: gave up after %d failures here, handing it over: %s", vm, self.MAX_TRIES, why)
+        log.warning("vm=%s gave up after %d failures here, handing it over: %s", vm, self.MAX_TRIES, why)
         return f"gave up {vm} after {self.MAX_TRIES} failures ({why})"
 
     def cannot(self, snap: Snapshot) -> dict[str, str]:
@@ -2914,12 +2914,12 @@ class Executor:
         if rev is None:
             return ""
         self.view.note(key, None, rev)
-        log.warning("%s: purged an untrusted claim (%s)", act.vm, act.reason)
+        log.warning("vm=%s purged an untrusted claim (%s)", act.vm, act.reason)
         return f"purged untrusted claim of {act.vm} ({act.reason})"
 
     def _do_claim_error(self, act: Action, snap: Snapshot, domains: Mapping[str, str]) -> str:
         if self._create_claim(act.vm, self._value("error", act.reason, 0, 0), snap):
-            log.warning("%s: desired entry rejected: %s", act.vm, act.reason)
+            log.warning("vm=%s desired entry rejected: %s", act.vm, act.reason)
             return f"{act.vm}: error ({act.reason})"
         return ""
 
@@ -2930,7 +2930,7 @@ class Executor:
 
     def _do_report(self, act: Action, snap: Snapshot, domains: Mapping[str, str]) -> str:
         if self.publish(act.vm, act.state, act.reason, act.vcpus, act.ram_mb):
-            log.warning("%s: desired entry rejected: %s", act.vm, act.reason)
+            log.warning("vm=%s desired entry rejected: %s", act.vm, act.reason)
             return f"{act.vm}: {act.state} ({act.reason})"
         return ""
 
@@ -3046,14 +3046,14 @@ class Executor:
                 raise StorageError(f"VM needs image {vm.image!r} but {self.node} has no [ceph] storage configured")
             name = disk_name(vm.name, vm.identity)
             if self.storage.ensure_disk(image.pool, name, image):
-                log.info("%s: cloned disk %s/%s from %s/%s@%s", vm.name, image.pool, name,
+                log.info("vm=%s cloned disk %s/%s from %s/%s@%s", vm.name, image.pool, name,
                          image.pool, image.image, image.snapshot)
             if fence:
                 for node in self._former_writers(vm.name, self.storage.watchers(image.pool, name), snap):
                     fenced.append(f"node {node} ({self._fence_node(node, snap, vm.name)})")
                 fenced += self.storage.fence_disk(image.pool, name)
                 if fenced:
-                    log.warning("%s: broke the lock of %s on %s/%s (blocklisted)", vm.name, fenced, image.pool, name)
+                    log.warning("vm=%s broke the lock of %s on %s/%s (blocklisted)", vm.name, fenced, image.pool, name)
             if self._mon_hosts is None:
                 self._mon_hosts = tuple(self.storage.mon_hosts())
             self.hv.ensure_ceph_secret(self.secret_uuid, self._secret_usage, self.storage.key)
@@ -3104,7 +3104,7 @@ class Executor:
             if rev is not None:
                 self.view.note(key, record.encode(), rev)
                 self.events.record(vm_of_fence, "fenced", f"node {node} ({record.mode})")
-                log.warning("fencing node %s: %s", node,
+                log.warning("vm=%s fencing fenced=%s: %s", vm_of_fence or "-", node,
                             f"blocklisting every client from {addr}" if own else
                             "its address is unknown or shared: blocklisting the disk clients it has open")
             elif existing is not None:
@@ -3140,7 +3140,7 @@ class Executor:
             self.stopping.pop(vm, None)
             return True
         if now >= deadline:
-            log.warning("%s: no shutdown after %.0fs, powering off", vm, self.cfg.shutdown_timeout)
+            log.warning("vm=%s no shutdown after %.0fs, powering off", vm, self.cfg.shutdown_timeout)
             self.hv.power_off(vm)
             self.stopping.pop(vm, None)
             return True
@@ -3169,7 +3169,7 @@ class Executor:
         if bogus is not None:
             rev = self.store.replace(key, value.encode(), bogus.mod_revision, self._lease())
             if rev is not None:
-                log.warning("%s: replaced an untrusted claim naming %s", vm, snap.untrusted[vm].host or "nobody")
+                log.warning("vm=%s replaced an untrusted claim naming %s", vm, snap.untrusted[vm].host or "nobody")
                 self.view.note(key, value.encode(), rev, self._lease())
             return rev is not None
         spec = snap.desired.get(vm) if snap is not None else None
@@ -3184,7 +3184,7 @@ class Executor:
                 self.view.note(gkey, gval, rev, self._lease())
             return True
         if existing is None and guards:
-            log.info("vm=%s node=%s not claimed: strict group %s already has a VM here", vm, self.node,
+            log.info("vm=%s not claimed: strict group %s already has a VM here", vm,
                      spec.group if isinstance(spec, DesiredVM) else "?")
         if existing is not None:
             self.view.note(key, existing.value, existing.mod_revision, existing.lease)
@@ -3217,7 +3217,7 @@ class Executor:
             return False
         rev = self.store.replace(key, new.encode(), entry.mod_revision, self._lease())
         if rev is None:
-            log.warning("%s: claim changed under us; not writing %s", vm, state)
+            log.warning("vm=%s claim changed under us; not writing %s", vm, state)
             return False
         self.view.note(key, new.encode(), rev, self._lease())
         return True
@@ -3586,6 +3586,7 @@ class Agent:
         self._cannot_lift: set[str] = set()  # fences we were refused the right to lift
         self._last_host: Optional[HostState] = None
         self._handed: dict[str, float] = {}  # VMs the drain released -> when (monotonic)
+        self._seen_dead: set[str] = set()  # nodes whose death we logged
         self.last_decision = ""
 
     # -- lifecycle -----------------------------------------------------------
@@ -3613,7 +3614,7 @@ class Agent:
     def _on_domain_event(self, vm: str, what: str) -> None:
         """libvirt lifecycle event of one of our domains (event thread)."""
         if what.startswith(("stopped", "crashed", "shut down")):
-            log.info("%s: domain %s", vm, what)
+            log.info("vm=%s domain %s", vm, what)
         self._waker.wake()
 
     def request_stop(self) -> None:
@@ -3908,6 +3909,7 @@ class Agent:
             note = self.executor.apply(act, snap, domains)
             if note:
                 done.append(note)
+                log.info("vm=%s decision=%s %s", act.vm, act.kind, note)  # one line per VM decision
         self.executor.prune(a.vm for a in actions)
         if fenced:
             note = self._while_fenced(fence, snap)
@@ -3943,7 +3945,7 @@ class Agent:
         ram_ratio = self.cfg.ram_allocation_ratio or conf.ram_allocation_ratio
         cap = Capacity(*effective_capacity(self.base_capacity.vcpus, self.base_capacity.ram_mb, cpu_ratio, ram_ratio))
         if cap != self.capacity:
-            log.info("node=%s capacity %d vcpus, %d MiB (allocation ratios %g/%g)", self.node, cap.vcpus,
+            log.info("capacity %d vcpus, %d MiB (allocation ratios %g/%g)", cap.vcpus,
                      cap.ram_mb, cpu_ratio, ram_ratio)
         self.capacity = self.executor.capacity = cap
         self.executor.placement = conf.placement
@@ -4004,7 +4006,7 @@ class Agent:
                 return
             if rev is not None:
                 self.view.note(key, None, rev)
-                log.info("vm=%s node=%s move from %s done", vm, self.node, move.from_node)
+                log.info("vm=%s move from %s done: the request is deleted", vm, move.from_node)
 
     def _record_lost(self, snap: Snapshot) -> None:
         """Record ``lost_at`` in the node record of each node whose host
@@ -4013,7 +4015,11 @@ class Agent:
         and clear our own when it is set (we are live). Best effort: only
         for ``metastackctl hosts``; never needed for correctness."""
         _, lapsed = self.view.departures(time.monotonic() - max(3600.0, 2 * self.cfg.grace))
-        todo = {n for n in lapsed if n not in snap.hosts and n in snap.nodes and not snap.nodes[n].lost_at}
+        dead = {n for n in lapsed if n not in snap.hosts and n != self.node}
+        for n in sorted(dead - self._seen_dead):
+            log.warning("lost=%s: node seen dead (its host record vanished: its lease lapsed)", n)
+        self._seen_dead = dead
+        todo = {n for n in dead if n in snap.nodes and not snap.nodes[n].lost_at}
         mine = snap.nodes.get(self.node)
         if mine is not None and mine.lost_at:
             todo.add(self.node)
@@ -4034,7 +4040,7 @@ class Agent:
             if rev is not None:
                 self.view.note(key, new.encode(), rev)
                 if node != self.node:
-                    log.warning("node=%s lost: its host record vanished (lease lapsed); lost_at recorded", node)
+                    log.info("lost=%s: lost_at recorded in its node record", node)
 
     def _held(self, snap: Snapshot) -> set[str]:
         """VMs whose owner lost its lease in a correlated loss (etcd

@@ -64,7 +64,7 @@ def test_hosts_show_a_lost_node_with_when_it_was_seen_to_die_and_free_capacity(c
              timeout=15, what="lost_at recorded by node1")
     hosts = {r["node"]: r for r in json.loads(ctl("hosts", "-o", "json").stdout)}
     assert hosts["node2"]["state"] == "lost" and hosts["node2"]["lost_at"].endswith("Z")
-    assert "node=node2 lost" in a1.log()
+    assert "lost=node2: node seen dead" in a1.log()
     table = ctl("hosts").stdout
     assert table.splitlines()[0].split()[-4:] == ["FREE_VCPUS", "FREE_RAM_MB", "SCHEDULING", "LOST_AT"]
     # it comes back: the record is live again and lost_at is cleared

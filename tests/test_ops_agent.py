@@ -97,17 +97,16 @@ def test_move_to_a_node_and_to_any_other(ctl, cluster: Cluster, store) -> None:
     cluster.agent("node2")
     cluster.wait_hosts("node2")
     assert ctl("move", "m1").exit_code == 1  # pinned: use --to
-    r = ctl("move", "m1", "--to", "node2")
-    assert r.exit_code == 0, r.output
-    wait_for(lambda: cluster.states().get("m1") == ("running", "node2"), what="m1 moved to node2")
+    r = ctl("move", "m1", "--to", "node2", "--wait", "--timeout", "30")
+    assert r.exit_code == 0 and "m1 is running on node2" in r.output, r.output
+    assert cluster.states().get("m1") == ("running", "node2")
     assert json.loads(store.get(store.keys.desired("m1")).value)["host"] == "node2"
     assert ctl("move", "m1", "--to", "node9").exit_code == 1  # not a live node
     # unpin, then a cold move to any other node
     store.put(store.keys.desired("m1"), json.dumps(
         {k: v for k, v in json.loads(store.get(store.keys.desired("m1")).value).items() if k != "host"}).encode())
-    r = ctl("move", "m1")
-    assert r.exit_code == 0 and "moving off node2" in r.output
-    wait_for(lambda: cluster.states().get("m1") == ("running", "node1"), what="m1 moved off node2")
+    r = ctl("move", "m1", "--wait", "--timeout", "30")
+    assert r.exit_code == 0 and "moving off node2" in r.output and "m1 is running on node1" in r.output, r.output
     wait_for(lambda: store.get(store.keys.move("m1")) is None, what="the new owner deleted the request")
 
 
@@ -194,3 +193,43 @@ def test_strict_group_guard_key_is_checked_in_the_claim_transaction(ctl, cluster
     assert "s1" not in cluster.actual()
     store.revoke_lease(lease)
     cluster.wait_running(["s1"])
+
+
+def test_syslog_lines_name_the_vm_and_the_node_and_a_node_seen_dead(ctl, cluster: Cluster) -> None:
+    import signal
+    import socket
+    import threading
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(0.2)
+    lines: list[str] = []
+    stop = threading.Event()
+
+    def receive() -> None:
+        while not stop.is_set():
+            try:
+                lines.append(sock.recv(65536).decode(errors="replace"))
+            except socket.timeout:
+                continue
+    t = threading.Thread(target=receive, daemon=True)
+    t.start()
+    try:
+        cluster.flavour("small", 1, 512)
+        agents = []
+        for n in ("node1", "node2"):
+            a = cluster.agent(n, start=False)
+            a.config.write_text(a.config.read_text().replace(
+                "syslog = none", f"syslog = udp://127.0.0.1:{sock.getsockname()[1]}"))
+            agents.append(a.start())
+        cluster.wait_hosts("node1", "node2")
+        assert ctl("create", "sl1", "--flavour", "small", "--host", "node2", "--wait", "--timeout", "30").exit_code == 0
+        wait_for(lambda: any("vm=sl1 decision=claim" in line for line in lines), 10, what="the VM decision line")
+        line = next(line for line in lines if "vm=sl1 decision=claim" in line)
+        assert "node=node2" in line and "claimed sl1" in line
+        agents[1].signal(signal.SIGKILL)
+        wait_for(lambda: any("lost=node2: node seen dead" in line and "node=node1" in line for line in lines), 15,
+                 what="node1 logs node2's death")
+    finally:
+        stop.set()
+        t.join(2)
+        sock.close()
