@@ -994,6 +994,16 @@ def _pinned_to(snap: ms.Snapshot, vm: str, node: str) -> bool:
     return isinstance(spec, ms.DesiredVM) and spec.host == node
 
 
+def _stays(snap: ms.Snapshot, vm: str, node: str) -> Optional[str]:
+    """Why a drain leaves VM ``vm`` on ``node``, or None when it moves."""
+    if _pinned_to(snap, vm, node):
+        return "stays: pinned here"
+    spec = snap.desired.get(vm)
+    if spec is not None and isinstance(ms.resolve(spec, snap), str):
+        return "stays: its desired entry cannot run anywhere (see list)"
+    return None
+
+
 @host.command("drain")
 @click.argument("node", callback=name_arg("node"))
 @click.option("--deadline", type=click.FloatRange(min=0), default=600, show_default=True,
@@ -1023,7 +1033,7 @@ def host_drain(c: Context, node: str, deadline: float, reason: Optional[str]) ->
             if vm not in moved and claim is not None and claim.host != node:
                 moved[vm] = claim.host
                 click.echo(f"  moved {vm} -> {claim.host} ({claim.state})", err=True)
-        movable = sorted(vm for vm in left if not _pinned_to(snap, vm, node))
+        movable = sorted(vm for vm in left if _stays(snap, vm, node) is None)
         on_way = sorted(vm for vm in first if vm in snap.desired and vm not in snap.actual)
         status = f"{len(movable)} to hand over" + (f", on the way: {', '.join(on_way)}" if on_way else "")
         if status != last:
@@ -1043,7 +1053,7 @@ def host_drain(c: Context, node: str, deadline: float, reason: Optional[str]) ->
 def _drain_report(node: str, moved: Mapping[str, str], left: Mapping[str, ms.ActualVM], snap: ms.Snapshot) -> None:
     rows = [[vm, node, to, (snap.actual[vm].state if vm in snap.actual else "pending")] for vm, to in sorted(moved.items())]
     for vm in sorted(left):
-        rows.append([vm, node, None, "stays: pinned here" if _pinned_to(snap, vm, node) else "not handed over yet"])
+        rows.append([vm, node, None, _stays(snap, vm, node) or "not handed over yet"])
     print_output(("VM", "FROM", "TO", "STATE"), rows, "table")
 
 
