@@ -3909,15 +3909,18 @@ class Agent:
             note = self.executor.apply(act, snap, domains)
             if note:
                 done.append(note)
-                log.info("vm=%s decision=%s %s", act.vm, act.kind, note)  # one line per VM decision
+                # one line per VM decision, the VM named once, as a field
+                log.info("vm=%s decision=%s: %s", act.vm, act.kind, re.sub(rf" {re.escape(act.vm)}\b", "", note))
         self.executor.prune(a.vm for a in actions)
         if fenced:
             note = self._while_fenced(fence, snap)
             if note:
                 done.append(note)
-        self._record_lost(snap)
-        self._finish_moves(snap)
-        self._tidy_group_guards()
+        for chore in (lambda: self._record_lost(snap), lambda: self._finish_moves(snap), self._tidy_group_guards):
+            try:  # best effort, for operators: never in the way of publishing the host record
+                chore()
+            except Exception:
+                log.exception("bookkeeping (lost nodes, moves, group guards) failed; going on")
         host = self._publish_host(fenced)
         self._console_polling = self.executor.publish_consoles(self.hv.domains())
         summary = (f"{host.vms} VM(s) here, {host.vcpus_used}/{host.vcpus} vcpus, "
