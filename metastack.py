@@ -3634,9 +3634,11 @@ class Agent:
             self.watchdog.feed(self._beat_at + self.cfg.watchdog_delay, force=True)
             self.watchdog.ensure_running(self.cfg.config_path)
         if self._keeper is None and not self._adopt_lease():
+            self._register_node()  # before the host record: readers of a live node find its record
             self._acquire_lease(wait_for_stale=self.cfg.lease_ttl + 2.0)
+        else:
+            self._register_node()
         self.hv.domain_type = resolve_domain_type(self.cfg, self.beat)
-        self._register_node()
         self._resync()
 
     def _lock_node(self) -> None:

@@ -150,7 +150,7 @@ def test_crashed_guest_is_reported_and_restarted(real_cluster: Cluster, guest: P
     assert ctl(c, "create", "crashy", "--flavour", "tiny", "--image", "tiny").exit_code == 0
     wait_boot(c, "crashy", 1)
     virsh("destroy", "crashy.node1")  # behind the agent's back
-    wait_for(lambda: "crashy: domain stopped (destroyed)" in c.agents[0].log(), 10, what="lifecycle event")
+    wait_for(lambda: "vm=crashy domain stopped (destroyed)" in c.agents[0].log(), 10, what="lifecycle event")
     wait_boot(c, "crashy", 2)
     assert "restarted after stopped (destroyed)" in c.actual()["crashy"]["reason"]
 
