@@ -10,6 +10,7 @@ Exit codes:
   1  the request failed (unknown VM, name taken, flavour in use, ...)
   2  bad usage or bad arguments (nothing was written)
   3  etcd could not be reached
+  4  etcd refused this client (user/password, certificate, or permission)
 """
 from __future__ import annotations
 
@@ -40,6 +41,12 @@ class StoreDown(click.ClickException):
     """etcd is unreachable (exit code 3)."""
 
     exit_code = 3
+
+
+class StoreRefused(click.ClickException):
+    """etcd refused our credentials or the permission (exit code 4)."""
+
+    exit_code = 4
 
 
 class Context:
@@ -82,13 +89,18 @@ class Context:
     @property
     def store(self) -> ms.Store:
         if self._store is None:
-            self._store = ms.Store(self.etcd)
+            try:
+                self._store = ms.Store(self.etcd)
+            except ms.ConfigError as exc:  # a certificate file it may not read
+                raise click.UsageError(str(exc)) from None
         return self._store
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a store call, turning an etcd outage into exit code 3."""
         try:
             return fn(*args)
+        except ms.StoreDenied as exc:
+            raise StoreRefused(str(exc)) from None
         except ms.StoreUnavailable as exc:
             raise StoreDown(f"{exc} (endpoints: {self.endpoint_text})") from None
 
@@ -102,7 +114,7 @@ class Context:
 
     @property
     def endpoint_text(self) -> str:
-        return ",".join(f"{h}:{p}" for h, p in self.etcd.endpoints)
+        return self.etcd.endpoint_text
 
     def listing(self, kind: str) -> dict[str, ms.Entry]:
         """name -> entry for every key of one kind (desired, actual, ...)."""
