@@ -3909,6 +3909,22 @@ class Agent:
 # Main
 # ---------------------------------------------------------------------------
 
+def _fresh_watchdog_feed(cfg: AgentConfig) -> None:
+    """A watchdog started by a service manager (before the agent, at boot or
+    after a crash) may find the feed file of an earlier run: ``disarm``
+    (the agent drained) or a deadline written by an agent that is gone (or
+    on an earlier boot's clock). It then starts from a fresh deadline of one
+    ``watchdog_delay`` with no feeder, for the agent to take over; if no
+    agent feeds by then it fires (stops the node's domains) and exits. A
+    feed of a live agent is left alone, and so is one guarded already."""
+    feed = WatchdogFeed(cfg.state_dir, cfg.node_name)
+    with contextlib.suppress(OSError):
+        os.makedirs(cfg.state_dir, mode=0o755, exist_ok=True)
+        deadline, feeder = WatchdogFeed.read(feed.path)
+        if (deadline is None or not _pid_alive(feeder)) and not feed.running():
+            feed._write(f"{time.monotonic() + cfg.watchdog_delay:.3f} 0\n")
+
+
 EXIT_CODES = """exit codes:
   0  clean stop
   1  runtime failure (etcd or libvirt unreachable at start)
@@ -3943,6 +3959,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--check-config", action="store_true", help="validate the config file and exit")
     parser.add_argument("--watchdog", action="store_true",
                         help="run as the node's watchdog (the agent starts it; a service manager may too)")
+    parser.add_argument("--wait-watchdog", action="store_true",
+                        help="exit 0 once this node's watchdog holds its lock (waits up to 10 s), else 1; "
+                             "for the watchdog unit's ExecStartPost")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config)
@@ -3953,7 +3972,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.check_config:
         print(f"metastack: {args.config} is valid (node {cfg.node_name})")
         return 0
+    if args.wait_watchdog:
+        feed = WatchdogFeed(cfg.state_dir, cfg.node_name)
+        deadline = time.monotonic() + 10.0
+        while not (os.path.isdir(cfg.state_dir) and feed.running()):
+            if time.monotonic() > deadline:
+                print(f"metastack: no watchdog holds {feed.lockfile}", file=sys.stderr)
+                return 1
+            time.sleep(0.1)
+        return 0
     if args.watchdog:
+        _fresh_watchdog_feed(cfg)
         dog = Watchdog(cfg)
         signal.signal(signal.SIGTERM, lambda _s, _f: dog.request_stop())
         signal.signal(signal.SIGINT, lambda _s, _f: dog.request_stop())

@@ -463,6 +463,7 @@ def image_rows(images: Mapping[str, ms.Entry]) -> list[list[Any]]:
 
 
 @click.group(help=__doc__)
+@click.version_option(package_name="metastack", message="%(prog)s %(version)s")
 @click.option("-c", "--config", type=click.Path(dir_okay=False), envvar="METASTACK_CONFIG",
               help="ini file with an [etcd] section (the agent's file works). Env: METASTACK_CONFIG.")
 @click.option("--endpoints", envvar="METASTACK_ENDPOINTS",

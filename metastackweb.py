@@ -905,7 +905,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of ``metastack-web``. Exit codes: 0 clean stop, 2 bad
     configuration, 4 etcd refused the server's credentials or permissions."""
     ap = argparse.ArgumentParser(prog="metastack-web", description="MetaStack web console and JSON API.")
-    ap.add_argument("-c", "--config", help="ini file with [etcd] and [web] (and optionally [ceph]) sections")
+    ap.add_argument("-c", "--config", metavar="FILE",
+                    help="ini file with [etcd] and [web] (and optionally [ceph]) sections; every key: "
+                         "config.example.ini (installed under share/metastack/)")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {ms.version()}")
     ap.add_argument("--check-config", action="store_true", help="validate the configuration and exit")
     args = ap.parse_args(argv)
     try:
