@@ -3,11 +3,13 @@ certificates, etcd's own users and RBAC ([etcd] ca_cert, cert, key, user,
 password; https:// endpoints).
 
 A private etcd is started with TLS, ``--client-cert-auth`` and auth enabled;
-a CA and certificates are made here with Debian's ``openssl``. Roles as a
-production install has them: ``ms-agent`` (client certificate, common name =
-etcd user, no password) may read and write ``/metastack/`` only, so the web
+a CA and certificates are made here with Debian's ``openssl``; users and
+roles are made by the playbook's own script (deploy/ansible/roles/etcd/
+files/etcd-rbac.sh): ``ms-agent`` (client certificate, common name = etcd
+user, no password) may read and write ``/metastack/`` only, so the web
 console's users under ``/metastack-auth/`` stay out of its reach; ``ms-web``
-(password) both ranges; ``root`` administers.
+both ranges (here also ``ms-webpw``, with a password); ``root`` and ``ms-admin``
+administer.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import metastackctl as ctl
 
 PREFIX = "/metastack"
 WEB_PASSWORD = "web-secret-1"
+RBAC_SCRIPT = ROOT / "deploy" / "ansible" / "roles" / "etcd" / "files" / "etcd-rbac.sh"
 
 
 def openssl(*args: str, cwd: Path) -> None:
@@ -112,23 +115,25 @@ class SecureEtcd:
                                "--key", self.path(f"{user}.key"), *args],
                               capture_output=True, text=True, env=env, check=check, timeout=timeout)
 
-    def setup_rbac(self) -> None:
-        """Users and roles as the playbook makes them, then auth on."""
-        c = self.etcdctl
-        c("user", "add", "root", "--no-password")
-        c("user", "add", "ms-agent", "--no-password")
-        c("role", "add", "ms-agent")
-        c("role", "grant-permission", "ms-agent", "--prefix=true", "readwrite", f"{PREFIX}/")
-        c("user", "grant-role", "ms-agent", "ms-agent")
-        c("user", "add", "ms-web", f"--new-user-password={WEB_PASSWORD}", "--interactive=false")
-        c("role", "add", "ms-web")
-        c("role", "grant-permission", "ms-web", "--prefix=true", "readwrite", f"{PREFIX}/")
-        c("role", "grant-permission", "ms-web", "--prefix=true", "readwrite", f"{PREFIX}-auth/")
-        c("user", "grant-role", "ms-web", "ms-web")
-        c("user", "add", "ms-admin", "--no-password")
-        c("user", "grant-role", "ms-admin", "root")
-        c("user", "grant-role", "root", "root")
-        c("auth", "enable")
+    def wrapper(self) -> Path:
+        """An etcdctl wrapper as root (like the playbook's metastack-etcdctl)."""
+        w = self.dir / "metastack-etcdctl"
+        w.write_text(f"#!/bin/sh\nexport ETCDCTL_API=3\nexec etcdctl --endpoints {self.endpoint} "
+                     f"--cacert {self.path('ca.crt')} --cert {self.path('root.crt')} --key {self.path('root.key')} "
+                     f'"$@"\n')
+        w.chmod(0o755)
+        return w
+
+    def setup_rbac(self) -> str:
+        """Users and roles by the playbook's own script (auth on), plus a
+        password user ``ms-webpw`` with the web's role (the playbook gives
+        the web server a certificate instead)."""
+        r = subprocess.run(["sh", str(RBAC_SCRIPT), PREFIX], env=dict(os.environ, ETCDCTL=str(self.wrapper())),
+                           capture_output=True, text=True, timeout=120, check=True)
+        if "ms-webpw" not in self.etcdctl("user", "list").stdout.split():
+            self.etcdctl("user", "add", "ms-webpw", f"--new-user-password={WEB_PASSWORD}", "--interactive=false")
+            self.etcdctl("user", "grant-role", "ms-webpw", "ms-web")
+        return r.stdout.strip()
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +143,8 @@ def secure_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureEtcd
     server = SecureEtcd(tmp_path_factory.mktemp("secure-etcd"))
     server.start()
     try:
-        server.setup_rbac()
+        assert server.setup_rbac() == "changed"
+        assert server.setup_rbac() == "unchanged"  # idempotent: a second playbook run changes nothing
         yield server
     finally:
         server.stop()
@@ -269,13 +275,13 @@ def test_client_without_an_accepted_certificate_is_refused(secure_etcd: SecureEt
 def test_user_and_password_work_and_a_bad_password_is_a_clear_error(secure_etcd: SecureEtcd,
                                                                     tmp_path: Path) -> None:
     good = tmp_path / "web.ini"
-    good.write_text(etcd_section(secure_etcd, cert="anon", user="ms-web", password=WEB_PASSWORD))
+    good.write_text(etcd_section(secure_etcd, cert="anon", user="ms-webpw", password=WEB_PASSWORD))
     r = ctl_run(good, "user", "add", "bob", "--role", "viewer", "--password-stdin", input="pw-of-bob\n")
     assert r.exit_code == 0, r.output
     r = ctl_run(good, "user", "list", "-o", "json")
     assert r.exit_code == 0 and '"bob"' in r.output, r.output
     bad = tmp_path / "bad.ini"
-    bad.write_text(etcd_section(secure_etcd, cert="anon", user="ms-web", password="wrong"))
+    bad.write_text(etcd_section(secure_etcd, cert="anon", user="ms-webpw", password="wrong"))
     r = ctl_run(bad, "list")
     assert r.exit_code == 4, r.output
     assert "etcd refused" in r.output and "authentication failed" in r.output and "Traceback" not in r.output
@@ -291,7 +297,7 @@ def test_cli_with_agent_cert_is_refused_for_web_users(secure_etcd: SecureEtcd, t
 
 def test_password_store_authenticates_again_after_etcd_restarts(secure_etcd: SecureEtcd) -> None:
     """etcd forgets its simple tokens when it restarts: the store gets a new one."""
-    s = ms.Store(etcd_cfg(secure_etcd, cert="anon", user="ms-web", password=WEB_PASSWORD))
+    s = ms.Store(etcd_cfg(secure_etcd, cert="anon", user="ms-webpw", password=WEB_PASSWORD))
     try:
         s.put(f"{PREFIX}-auth/probe", b"1")
         secure_etcd.stop()
@@ -350,7 +356,7 @@ def test_agent_with_certificate_registers_and_runs_a_vm(secure_etcd: SecureEtcd,
 def test_agent_that_cannot_authenticate_exits_with_a_clear_message(secure_etcd: SecureEtcd, admin_store: ms.Store,
                                                                    tmp_path: Path, how: str) -> None:
     c = agent_cluster(secure_etcd, admin_store, tmp_path)
-    section = {"bad-password": etcd_section(secure_etcd, cert="anon", user="ms-web", password="nope"),
+    section = {"bad-password": etcd_section(secure_etcd, cert="anon", user="ms-webpw", password="nope"),
                "no-client-cert": etcd_section(secure_etcd, cert=None),
                "role-outside-prefix": etcd_section(secure_etcd, cert="ms-agent").replace(
                    f"prefix = {PREFIX}", "prefix = /elsewhere")}[how]
@@ -373,13 +379,13 @@ def test_web_server_with_password_serves_and_with_a_bad_one_exits_4(secure_etcd:
     port = free_port()
     web = f"[web]\nlisten = 127.0.0.1:{port}\n"
     bad = tmp_path / "bad-web.ini"
-    bad.write_text(etcd_section(secure_etcd, cert="anon", user="ms-web", password="nope") + web)
+    bad.write_text(etcd_section(secure_etcd, cert="anon", user="ms-webpw", password="nope") + web)
     r = subprocess.run([sys.executable, str(ROOT / "metastackweb.py"), "-c", str(bad)], capture_output=True,
                        text=True, timeout=30)
     assert r.returncode == 4, r.stderr
     assert "etcd refused" in r.stderr and "authentication failed" in r.stderr and "Traceback" not in r.stderr
     good = tmp_path / "web.ini"
-    good.write_text(etcd_section(secure_etcd, cert="anon", user="ms-web", password=WEB_PASSWORD) + web)
+    good.write_text(etcd_section(secure_etcd, cert="anon", user="ms-webpw", password=WEB_PASSWORD) + web)
     proc = subprocess.Popen([sys.executable, str(ROOT / "metastackweb.py"), "-c", str(good)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
