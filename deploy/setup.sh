@@ -67,7 +67,7 @@ dstamp=.venv-deploy/.metastack-installed
 if [ ! -f "$dstamp" ] || [ constraints.txt -nt "$dstamp" ] || ! .venv-deploy/bin/ansible-playbook --version >/dev/null 2>&1; then
   [ -x .venv-deploy/bin/python ] || /usr/bin/python3 -m venv .venv-deploy
   .venv-deploy/bin/pip install -q --upgrade "pip<25" >/dev/null 2>&1 || true
-  .venv-deploy/bin/pip install -q -c constraints.txt ansible-core ansible-lint 2>&1 | grep -v "^WARNING: Location" || true
+  .venv-deploy/bin/pip install -q -c constraints.txt ansible-core ansible-lint wheel 2>&1 | grep -v "^WARNING: Location" || true
   .venv-deploy/bin/ansible-playbook --version >/dev/null && .venv-deploy/bin/ansible-lint --version >/dev/null \
     || { echo "setup: installing ansible-core/ansible-lint failed" >&2; exit 1; }
   touch "$dstamp"
