@@ -1075,6 +1075,9 @@ class Store:
                 resp = self._client.authstub.Authenticate(req, self.timeout)
             except self._grpc.RpcError as exc:
                 self._fail_endpoint(exc)
+                with contextlib.suppress(Exception):
+                    if exc.code() in (self._grpc.StatusCode.UNAVAILABLE, self._grpc.StatusCode.DEADLINE_EXCEEDED):
+                        self._next_endpoint(self._etcd3.exceptions.ConnectionFailedError())
                 raise self._error("authentication", exc) from None
             except self._etcd3.exceptions.Etcd3Exception as exc:
                 raise self._error("authentication", exc) from None
@@ -1091,6 +1094,22 @@ class Store:
             if exc.code() in (self._grpc.StatusCode.UNAVAILABLE, self._grpc.StatusCode.DEADLINE_EXCEEDED):
                 self._client.endpoint_in_use.fail()
                 self._client._clear_old_stubs()
+
+    def _next_endpoint(self, exc: BaseException) -> None:
+        """After a transport failure, move to the next endpoint. python-etcd3
+        marks the endpoint failed for only ``time_retry`` (0.5 s) and keeps it
+        as the current one, so calls further apart than that would go back
+        to a dead member for ever (measured on a 3-member cluster with one
+        member down)."""
+        if len(self._client.endpoints) < 2:
+            return
+        if not isinstance(exc, (self._etcd3.exceptions.ConnectionFailedError,
+                                self._etcd3.exceptions.ConnectionTimeoutError)):
+            return
+        with contextlib.suppress(Exception):
+            labels = list(self._client.endpoints)
+            i = labels.index(self._client._current_endpoint_label)
+            self._client._current_endpoint_label = labels[(i + 1) % len(labels)]
 
     def _error(self, what: str, exc: BaseException) -> StoreUnavailable:
         """Translate an etcd3/grpc error into StoreDenied or StoreUnavailable."""
@@ -1122,6 +1141,7 @@ class Store:
             if "lease not found" in text:
                 raise LeaseNotFound(f"etcd {what} failed: the lease has expired") from None
             if self.cfg.user is None or "invalid auth token" not in text:
+                self._next_endpoint(exc)
                 raise self._error(what, exc) from None
         self._authenticate(stale_gen=gen)  # etcd forgot our token (it restarted): once more with a new one
         try:
@@ -1131,6 +1151,7 @@ class Store:
         except self._errors as exc:
             if "lease not found" in self.describe(exc):
                 raise LeaseNotFound(f"etcd {what} failed: the lease has expired") from None
+            self._next_endpoint(exc)
             raise self._error(what, exc) from None
 
     @staticmethod

@@ -17,6 +17,7 @@ PKGS=(
   qemu-system-x86 qemu-block-extra qemu-utils
   ceph-mon ceph-osd ceph-mgr ceph-common python3-rados python3-rbd
   rsyslog openssl systemd
+  debootstrap systemd-container
   busybox-static cpio linux-image-cloud-amd64 mtools dosfstools syslinux syslinux-common fdisk
   python3-venv python3-dev gcc pkg-config
   chromium chromium-driver
