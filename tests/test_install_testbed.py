@@ -122,6 +122,25 @@ def test_playbook_installs_a_secured_cluster(bed: object) -> None:
                                  check=False).stdout.strip() not in ("", "0"), 30, what=f"{host}'s lines centrally")
 
 
+def test_a_vm_runs_on_a_compute_host(bed: object) -> None:
+    """libvirt and QEMU (TCG) work under the hardened agent unit in a host:
+    a VM without a disk is claimed and its domain runs."""
+    ctl = "/opt/metastack/bin/metastackctl -c /etc/metastack/admin.ini"
+    bed.ssh("host1", f"{ctl} flavour create tiny --vcpus 1 --ram-mb 96 || true")  # type: ignore[attr-defined]
+    bed.ssh("host1", f"{ctl} create tbvm1 --flavour tiny")  # type: ignore[attr-defined]
+
+    def running() -> str:
+        out = bed.ssh("host1", f"{ctl} list", check=False).stdout  # type: ignore[attr-defined]
+        m = re.search(r"^tbvm1\s+tiny\s+running\s+running\s+(host[23])", out, re.M)
+        return m.group(1) if m else ""
+    host = wait_for(running, 90, what="tbvm1 running")
+    out = bed.ssh(host, "virsh -c qemu:///system list --name").stdout  # type: ignore[attr-defined]
+    assert f"tbvm1.{host}" in out, out
+    bed.ssh("host1", f"{ctl} destroy tbvm1 --yes")  # type: ignore[attr-defined]
+    wait_for(lambda: "tbvm1" not in bed.ssh("host1", f"{ctl} list", check=False).stdout, 60,  # type: ignore
+             what="tbvm1 removed")
+
+
 def test_second_run_changes_nothing(bed: object) -> None:
     t0 = time.monotonic()
     r = playbook(bed)
