@@ -2,7 +2,7 @@
 3 Debian 12 hosts as systemd-nspawn containers (systemd as PID 1, own
 network on 10.214.0.0/24, SSH), then the real playbook runs over SSH:
 etcd on all 3, compute on host2 and host3, management, syslog and the dev
-Ceph on host1. Opt-in (root, several minutes, a cached root file system
+Ceph on host1; host4 is added later with --limit. Opt-in (root, several minutes, a cached root file system
 of about 1 GB): METASTACK_TESTBED=1.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "deploy"))
 TOOLS = ROOT / ".venv-deploy" / "bin"
 
 
-def inventory(bed_dir: Path) -> str:
+def inventory(bed_dir: Path, host4: bool = False) -> str:
     return f"""\
 all:
   vars:
@@ -52,6 +52,7 @@ all:
       hosts:
         host2:
         host3:
+{"        host4: {ansible_host: 10.214.0.14}" if host4 else ""}
     management:
       hosts:
         host1:
@@ -68,7 +69,7 @@ all:
 def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     import hostbed
     d = tmp_path_factory.mktemp("hostbed")
-    b = hostbed.Hostbed(d, hosts=3)
+    b = hostbed.Hostbed(d, hosts=4)  # host4 joins later, with --limit
     t0 = time.monotonic()
     try:
         b.up()
@@ -139,6 +140,20 @@ def test_a_vm_runs_on_a_compute_host(bed: object) -> None:
     bed.ssh("host1", f"{ctl} destroy tbvm1 --yes")  # type: ignore[attr-defined]
     wait_for(lambda: "tbvm1" not in bed.ssh("host1", f"{ctl} list", check=False).stdout, 60,  # type: ignore
              what="tbvm1 removed")
+
+
+def test_limit_adds_a_compute_node(bed: object) -> None:
+    (bed.dir / "inventory.yml").write_text(inventory(bed.dir, host4=True))  # type: ignore[attr-defined]
+    t0 = time.monotonic()
+    r = playbook(bed, "--limit", "host4")
+    took = time.monotonic() - t0
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
+    print(f"\nadding host4 (--limit): {took:.0f}s", file=sys.stderr)
+    assert set(recap(r.stdout)) == {"host4"}
+    out = bed.ssh("host4", "systemctl is-active metastack metastack-watchdog", check=False).stdout  # type: ignore
+    assert out.split() == ["active", "active"], out
+    hosts = bed.ssh("host1", "/opt/metastack/bin/metastackctl -c /etc/metastack/admin.ini hosts").stdout  # type: ignore
+    assert re.search(r"^host4\s+ready", hosts, re.M), hosts
 
 
 def test_second_run_changes_nothing(bed: object) -> None:
