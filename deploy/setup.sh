@@ -19,7 +19,7 @@ PKGS=(
   rsyslog openssl systemd
   debootstrap systemd-container
   busybox-static cpio linux-image-cloud-amd64 mtools dosfstools syslinux syslinux-common fdisk
-  python3-venv python3-dev gcc pkg-config
+  python3-venv python3-dev python3-wheel gcc pkg-config
   chromium chromium-driver
 )
 
