@@ -72,6 +72,13 @@ class StoreUnavailable(MetaStackError):
     """etcd could not be reached or did not answer in time."""
 
 
+class StoreDenied(StoreUnavailable):
+    """etcd refused this client: a wrong user or password, a certificate
+    it does not accept, or a key outside what the client's role may touch.
+    A subclass of StoreUnavailable, so a running agent treats it like an
+    outage (keeps its guests, claims nothing); at start-up it is fatal."""
+
+
 class LeaseNotFound(MetaStackError):
     """etcd answered that the lease a write or keep-alive named is gone
     (expired or revoked): the node's claims have vanished with it."""
@@ -133,11 +140,27 @@ def parse_endpoints(text: str) -> tuple[tuple[str, int], ...]:
 
 @dataclasses.dataclass(frozen=True)
 class EtcdConfig:
-    """Where etcd is and how long one request may take."""
+    """Where etcd is, how long one request may take, and how this client
+    proves who it is: TLS (``tls``; ``ca_cert`` to verify the servers,
+    default the system's roots; ``cert``/``key``, a client certificate whose
+    common name etcd takes as the user name) and/or etcd's own ``user`` and
+    ``password``. Paths are checked to exist by ``etcd_config_from``."""
 
     endpoints: tuple[tuple[str, int], ...] = (("127.0.0.1", 2379),)
     prefix: str = "/metastack"
     timeout: float = 1.0
+    tls: bool = False
+    ca_cert: Optional[str] = None
+    cert: Optional[str] = None
+    key: Optional[str] = None
+    user: Optional[str] = None
+    password: Optional[str] = dataclasses.field(default=None, repr=False)
+
+    @property
+    def endpoint_text(self) -> str:
+        """The endpoints as one line, with the scheme (for messages)."""
+        scheme = "https" if self.tls else "http"
+        return ",".join(f"{scheme}://{h}:{p}" for h, p in self.endpoints)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,14 +288,39 @@ def _get_opt_ratio(cp: configparser.ConfigParser, sec: str, key: str) -> Optiona
 
 
 def etcd_config_from(cp: configparser.ConfigParser) -> EtcdConfig:
-    """Read and validate the [etcd] section (shared by agent and CLI)."""
+    """Read and validate the [etcd] section (shared by agent, CLI and web).
+
+    TLS is on when the endpoints say ``https://`` or ``ca_cert`` is set;
+    mixing http:// and https:// endpoints, a client certificate without
+    TLS, ``cert`` without ``key`` (or the reverse), ``user`` without
+    ``password`` (or the reverse) and files that do not exist are refused.
+    """
     prefix = cp.get("etcd", "prefix", fallback="/metastack").strip() or "/metastack"
     if not prefix.startswith("/") or prefix.rstrip("/") == "" or " " in prefix:
         raise ConfigError(f"[etcd] prefix: {prefix!r} must be an absolute key path like /metastack")
+    raw = cp.get("etcd", "endpoints", fallback="127.0.0.1:2379")
+    schemes = {m.lower() for m in re.findall(r"(?:^|,)\s*(https?)://", raw, flags=re.IGNORECASE)}
+    if len(schemes) > 1:
+        raise ConfigError("[etcd] endpoints: mixes http:// and https://; use one scheme for every endpoint")
+    opt = {k: (cp.get("etcd", k, fallback="").strip() or None) for k in ("ca_cert", "cert", "key", "user")}
+    password = cp.get("etcd", "password", fallback="") or None  # taken as written (spaces included)
+    tls = schemes == {"https"} or opt["ca_cert"] is not None
+    if schemes == {"http"} and tls:
+        raise ConfigError("[etcd] ca_cert: set, but the endpoints say http://; use https:// endpoints")
+    if (opt["cert"] is None) != (opt["key"] is None):
+        raise ConfigError("[etcd] cert and key: give both (a client certificate and its private key) or neither")
+    if opt["cert"] is not None and not tls:
+        raise ConfigError("[etcd] cert: a client certificate needs TLS (https:// endpoints or ca_cert)")
+    if (opt["user"] is None) != (password is None):
+        raise ConfigError("[etcd] user and password: give both or neither")
+    for k in ("ca_cert", "cert", "key"):
+        if opt[k] is not None and not os.path.isfile(opt[k]):
+            raise ConfigError(f"[etcd] {k}: {opt[k]} does not exist")
     return EtcdConfig(
-        endpoints=parse_endpoints(cp.get("etcd", "endpoints", fallback="127.0.0.1:2379")),
+        endpoints=parse_endpoints(raw),
         prefix=prefix.rstrip("/"),
         timeout=_get_float(cp, "etcd", "timeout", 1.0, 0.1),
+        tls=tls, ca_cert=opt["ca_cert"], cert=opt["cert"], key=opt["key"], user=opt["user"], password=password,
     )
 
 
@@ -1190,35 +1238,156 @@ class Store:
 
     Contract, for every method: a lost compare-and-swap returns False (or
     None where a revision is returned); failing to reach etcd raises
-    StoreUnavailable; no etcd3 or grpc exception escapes. Values are bytes
-    (JSON encoding is the callers' business, keys come from ``self.keys``).
+    StoreUnavailable; etcd refusing this client (authentication, a
+    certificate, a permission) raises StoreDenied; no etcd3 or grpc
+    exception escapes. Values are bytes (JSON encoding is the callers'
+    business, keys come from ``self.keys``).
+
+    Security comes from the EtcdConfig: TLS channels (server verified by
+    ``ca_cert``, client certificate ``cert``/``key``) and etcd's own
+    user/password. With a password, the store authenticates on its first
+    call (never in the constructor, which does no I/O), sends the token
+    as gRPC metadata, and authenticates again once when etcd says the
+    token is invalid (etcd forgets its simple tokens on restart).
     """
+
+    # etcd's refusals (etcd 3.4 api/v3rpc/rpctypes): wrong user or password,
+    # no credentials on a cluster with auth, a role that does not cover the key.
+    DENIED = ("authentication failed", "user name is empty", "permission denied", "user name not found",
+              "invalid auth management", "auth: revision in header is old")
 
     def __init__(self, cfg: EtcdConfig) -> None:
         import etcd3  # imported here: importing metastack has no side effects
         import grpc
         self._etcd3 = etcd3
+        self._grpc = grpc
         self._errors: tuple[type[BaseException], ...] = (etcd3.exceptions.Etcd3Exception, grpc.RpcError)
         self.keys = Keys(cfg.prefix)
         self.timeout = cfg.timeout
-        endpoints = [etcd3.Endpoint(h, p, secure=False, time_retry=0.5) for h, p in cfg.endpoints]
+        self.cfg = cfg
+        creds = None
+        if cfg.tls:
+            try:  # no ca_cert: the system's roots verify the servers
+                creds = grpc.ssl_channel_credentials(self._read(cfg.ca_cert), self._read(cfg.key), self._read(cfg.cert))
+            except OSError as exc:
+                raise ConfigError(f"[etcd] cannot read {exc.filename}: {exc.strerror}") from None
+        endpoints = [etcd3.Endpoint(h, p, secure=cfg.tls, creds=creds, time_retry=0.5) for h, p in cfg.endpoints]
         self._client = etcd3.MultiEndpointEtcd3Client(endpoints, timeout=cfg.timeout, failover=True)
         self._tx = self._client.transactions
+        self._auth_lock = threading.Lock()
+        self._token_gen = 0  # bumped on every successful authentication
 
-    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    @staticmethod
+    def _read(path: Optional[str]) -> Optional[bytes]:
+        if path is None:
+            return None
+        with open(path, "rb") as fh:
+            return fh.read()
+
+    def _authenticate(self, stale_gen: Optional[int] = None) -> None:
+        """Get a token for user/password (once; again when the token of
+        generation ``stale_gen`` was refused). Raises StoreDenied/StoreUnavailable."""
+        if self.cfg.user is None:
+            return
+        with self._auth_lock:
+            if self._token_gen and self._token_gen != stale_gen:
+                return  # another thread already did it
+            from etcd3 import etcdrpc
+            req = etcdrpc.AuthenticateRequest(name=self.cfg.user, password=self.cfg.password or "")
+            try:
+                resp = self._client.authstub.Authenticate(req, self.timeout)
+            except self._grpc.RpcError as exc:
+                self._fail_endpoint(exc)
+                with contextlib.suppress(Exception):
+                    if exc.code() in (self._grpc.StatusCode.UNAVAILABLE, self._grpc.StatusCode.DEADLINE_EXCEEDED):
+                        self._next_endpoint(self._etcd3.exceptions.ConnectionFailedError())
+                raise self._error("authentication", exc) from None
+            except self._etcd3.exceptions.Etcd3Exception as exc:
+                raise self._error("authentication", exc) from None
+            self._client.metadata = (("token", resp.token),)
+            self._client.call_credentials = None  # the token travels as metadata: works with and without TLS
+            watcher = self._client._stubs.get("watcher")
+            if watcher is not None:
+                watcher._metadata = self._client.metadata  # its next stream uses the new token
+            self._token_gen += 1
+
+    def _fail_endpoint(self, exc: BaseException) -> None:
+        """Let the client fail over to another endpoint after a transport error."""
+        with contextlib.suppress(Exception):
+            if exc.code() in (self._grpc.StatusCode.UNAVAILABLE, self._grpc.StatusCode.DEADLINE_EXCEEDED):
+                self._client.endpoint_in_use.fail()
+                self._client._clear_old_stubs()
+
+    def _next_endpoint(self, exc: BaseException) -> None:
+        """After a transport failure, move to the next endpoint. python-etcd3
+        marks the endpoint failed for only ``time_retry`` (0.5 s) and keeps it
+        as the current one, so calls further apart than that would go back
+        to a dead member for ever (measured on a 3-member cluster with one
+        member down)."""
+        if len(self._client.endpoints) < 2:
+            return
+        if not isinstance(exc, (self._etcd3.exceptions.ConnectionFailedError,
+                                self._etcd3.exceptions.ConnectionTimeoutError)):
+            return
+        with contextlib.suppress(Exception):
+            labels = list(self._client.endpoints)
+            i = labels.index(self._client._current_endpoint_label)
+            self._client._current_endpoint_label = labels[(i + 1) % len(labels)]
+
+    def _error(self, what: str, exc: BaseException) -> StoreUnavailable:
+        """Translate an etcd3/grpc error into StoreDenied or StoreUnavailable."""
+        text = self.describe(exc)
+        low = text.lower()
+        if any(d in low for d in self.DENIED) or low.startswith(("permission_denied", "unauthenticated")):
+            who = f"user {self.cfg.user!r}" if self.cfg.user else (
+                f"certificate {self.cfg.cert}" if self.cfg.cert else "no credentials")
+            return StoreDenied(f"etcd refused {what} ({who}): {text}")
+        # A refused client certificate shows only when reading (TLS 1.3): "Unwrap failed (TSI_DATA_CORRUPTED)".
+        if any(w in low for w in ("handshake", "ssl", "certificate", "unwrap failed", "tsi_")):
+            return StoreDenied(f"etcd {what} failed: TLS handshake with {self.cfg.endpoint_text} failed "
+                               f"(check [etcd] ca_cert, cert, key): {text}")
+        return StoreUnavailable(f"etcd {what} failed: {text}")
+
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, compacted: Any = (), **kwargs: Any) -> Any:
+        """Run one client call; errors translated as the class says, except
+        the ``compacted`` exception type, which is let through."""
+        gen = self._token_gen
+        if self.cfg.user is not None and not gen:
+            self._authenticate()
+            gen = self._token_gen
         try:
             return fn(*args, **kwargs)
+        except compacted:
+            raise
+        except self._errors as exc:
+            text = self.describe(exc)
+            if "lease not found" in text:
+                raise LeaseNotFound(f"etcd {what} failed: the lease has expired") from None
+            if self.cfg.user is None or "invalid auth token" not in text:
+                self._next_endpoint(exc)
+                raise self._error(what, exc) from None
+        self._authenticate(stale_gen=gen)  # etcd forgot our token (it restarted): once more with a new one
+        try:
+            return fn(*args, **kwargs)
+        except compacted:
+            raise
         except self._errors as exc:
             if "lease not found" in self.describe(exc):
                 raise LeaseNotFound(f"etcd {what} failed: the lease has expired") from None
-            raise StoreUnavailable(f"etcd {what} failed: {self.describe(exc)}") from None
+            self._next_endpoint(exc)
+            raise self._error(what, exc) from None
 
     @staticmethod
     def describe(exc: BaseException) -> str:
-        """One line for an etcd3/grpc error (grpc's own text spans lines)."""
+        """One line for an etcd3/grpc error (grpc's own text spans lines).
+        python-etcd3 replaces some grpc errors by its own, message-less
+        ones: then the grpc error it replaced says what happened."""
         code, details = getattr(exc, "code", None), getattr(exc, "details", None)
         if callable(code) and callable(details):
-            return f"{code().name}: {details()}"
+            return f"{code().name}: {' '.join(str(details() or '').split())}"
+        inner = exc.__context__
+        if inner is not None and callable(getattr(inner, "code", None)) and callable(getattr(inner, "details", None)):
+            return f"{str(exc) or type(exc).__name__} ({Store.describe(inner)})"
         return str(exc) or type(exc).__name__
 
     def close(self) -> None:
@@ -1326,12 +1495,11 @@ class Store:
             on_events(resp.header.revision, events)
 
         try:
-            watch_id = self._client.add_watch_prefix_callback(prefix, callback, start_revision=start_revision)
+            watch_id = self._call("watch", self._client.add_watch_prefix_callback, prefix, callback,
+                                  start_revision=start_revision, compacted=Compacted)
         except Compacted as exc:  # before the general case: it is an Etcd3Exception too
             raise RevisionCompacted(f"revision {start_revision} is compacted "
                                     f"(oldest kept: {exc.compacted_revision})") from None
-        except self._errors as exc:
-            raise StoreUnavailable(f"etcd watch failed: {self.describe(exc)}") from None
 
         def cancel() -> None:
             try:
@@ -3810,6 +3978,8 @@ class Agent:
             try:
                 self.start()
                 break
+            except StoreDenied:
+                raise  # a wrong password or certificate does not heal by waiting
             except (StoreUnavailable, LeaseNotFound) as exc:
                 if self._stop_requested:
                     return
@@ -4220,18 +4390,59 @@ class Agent:
 # Main
 # ---------------------------------------------------------------------------
 
+def _fresh_watchdog_feed(cfg: AgentConfig) -> None:
+    """A watchdog started by a service manager (before the agent, at boot or
+    after a crash) may find the feed file of an earlier run: ``disarm``
+    (the agent drained) or a deadline written by an agent that is gone (or
+    on an earlier boot's clock). It then starts from a fresh deadline of one
+    ``watchdog_delay`` with no feeder, for the agent to take over; if no
+    agent feeds by then it fires (stops the node's domains) and exits. A
+    feed of a live agent is left alone, and so is one guarded already."""
+    feed = WatchdogFeed(cfg.state_dir, cfg.node_name)
+    with contextlib.suppress(OSError):
+        os.makedirs(cfg.state_dir, mode=0o755, exist_ok=True)
+        deadline, feeder = WatchdogFeed.read(feed.path)
+        if (deadline is None or not _pid_alive(feeder)) and not feed.running():
+            feed._write(f"{time.monotonic() + cfg.watchdog_delay:.3f} 0\n")
+
+
+EXIT_CODES = """exit codes:
+  0  clean stop
+  1  runtime failure (etcd or libvirt unreachable at start)
+  2  bad configuration (the message names the section and key)
+  3  a live agent already holds this node name
+  4  etcd refused the agent (user/password, certificate, or permission)"""
+
+
+def version() -> str:
+    """The installed package's version (``metastack --version``)."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version as _version
+        return _version("metastack")
+    except PackageNotFoundError:
+        return __version__  # run from a checkout
+
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of ``python metastack.py`` and the ``metastack`` command.
 
     Exit codes: 0 clean stop, 1 runtime failure, 2 bad configuration,
-    3 the node name is held by a live agent.
+    3 the node name is held by a live agent, 4 etcd refused the agent's
+    credentials (user/password, certificate, or its role's permissions).
     """
-    parser = argparse.ArgumentParser(prog="metastack", description=__doc__.split("\n\n")[0])
-    parser.add_argument("-c", "--config", default=os.environ.get("METASTACK_CONFIG", "/etc/metastack/metastack.ini"))
+    parser = argparse.ArgumentParser(prog="metastack", description=__doc__.split("\n\n")[0],
+                                     epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-c", "--config", metavar="FILE",
+                        default=os.environ.get("METASTACK_CONFIG", "/etc/metastack/metastack.ini"),
+                        help="the agent's ini file (every key: config.example.ini, installed under "
+                             "share/metastack/); env METASTACK_CONFIG; default %(default)s")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     parser.add_argument("--check-config", action="store_true", help="validate the config file and exit")
     parser.add_argument("--watchdog", action="store_true",
                         help="run as the node's watchdog (the agent starts it; a service manager may too)")
+    parser.add_argument("--wait-watchdog", action="store_true",
+                        help="exit 0 once this node's watchdog holds its lock (waits up to 10 s), else 1; "
+                             "for the watchdog unit's ExecStartPost")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config)
@@ -4242,13 +4453,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.check_config:
         print(f"metastack: {args.config} is valid (node {cfg.node_name})")
         return 0
+    if args.wait_watchdog:
+        feed = WatchdogFeed(cfg.state_dir, cfg.node_name)
+        deadline = time.monotonic() + 10.0
+        while not (os.path.isdir(cfg.state_dir) and feed.running()):
+            if time.monotonic() > deadline:
+                print(f"metastack: no watchdog holds {feed.lockfile}", file=sys.stderr)
+                return 1
+            time.sleep(0.1)
+        return 0
     if args.watchdog:
+        _fresh_watchdog_feed(cfg)
         dog = Watchdog(cfg)
         signal.signal(signal.SIGTERM, lambda _s, _f: dog.request_stop())
         signal.signal(signal.SIGINT, lambda _s, _f: dog.request_stop())
         return dog.run()
     try:
         agent = Agent(cfg)
+    except ConfigError as exc:  # e.g. a certificate file it may not read
+        log.error("configuration error: %s", exc)
+        return 2
     except (HypervisorError, StoreUnavailable, StorageError, LeaseNotFound) as exc:
         log.error("cannot start: %s", exc)
         return 1
@@ -4263,6 +4487,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except NodeTakenError as exc:
         log.error("%s", exc)
         return 3
+    except StoreDenied as exc:
+        log.error("cannot start: %s", exc)
+        return 4
     except (StoreUnavailable, StorageError, HypervisorError, LeaseNotFound, MetaStackError) as exc:
         log.error("cannot start: %s", exc)
         return 1

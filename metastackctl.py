@@ -11,6 +11,7 @@ Exit codes:
   2  bad usage or bad arguments (nothing was written)
   3  etcd could not be reached
   4  a wait timed out (--wait, --restart, host drain's deadline)
+  5  etcd refused this client (user/password, certificate, or permission)
 """
 from __future__ import annotations
 
@@ -55,18 +56,6 @@ def follow_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--max-updates", type=int, default=0, hidden=True)(fn)
 
 
-def version_text() -> str:
-    """The installed package's version, or the module's when run from a checkout."""
-    try:
-        from importlib.metadata import PackageNotFoundError, version
-        try:
-            return version("metastack")
-        except PackageNotFoundError:
-            return ms.__version__
-    except ImportError:
-        return ms.__version__
-
-
 class StoreDown(click.ClickException):
     """etcd is unreachable (exit code 3)."""
 
@@ -77,6 +66,12 @@ class TimedOut(click.ClickException):
     """A --wait or a drain reached its timeout or deadline (exit code 4)."""
 
     exit_code = 4
+
+
+class StoreRefused(click.ClickException):
+    """etcd refused our credentials or the permission (exit code 5)."""
+
+    exit_code = 5
 
 
 class Context:
@@ -119,13 +114,18 @@ class Context:
     @property
     def store(self) -> ms.Store:
         if self._store is None:
-            self._store = ms.Store(self.etcd)
+            try:
+                self._store = ms.Store(self.etcd)
+            except ms.ConfigError as exc:  # a certificate file it may not read
+                raise click.UsageError(str(exc)) from None
         return self._store
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a store call, turning an etcd outage into exit code 3."""
         try:
             return fn(*args)
+        except ms.StoreDenied as exc:
+            raise StoreRefused(str(exc)) from None
         except ms.StoreUnavailable as exc:
             raise StoreDown(f"{exc} (endpoints: {self.endpoint_text})") from None
 
@@ -165,7 +165,7 @@ class Context:
 
     @property
     def endpoint_text(self) -> str:
-        return ",".join(f"{h}:{p}" for h, p in self.etcd.endpoints)
+        return self.etcd.endpoint_text
 
     def listing(self, kind: str) -> dict[str, ms.Entry]:
         """name -> entry for every key of one kind (desired, actual, ...)."""
@@ -749,7 +749,7 @@ def image_rows(images: Mapping[str, ms.Entry]) -> list[list[Any]]:
 
 
 @click.group(help=__doc__)
-@click.version_option(version_text(), "--version", prog_name="metastackctl", message="%(prog)s %(version)s")
+@click.version_option(ms.version(), "--version", prog_name="metastackctl", message="%(prog)s %(version)s")
 @click.option("-c", "--config", type=click.Path(dir_okay=False), envvar="METASTACK_CONFIG",
               help="ini file with an [etcd] section (the agent's file works). Env: METASTACK_CONFIG.")
 @click.option("--endpoints", envvar="METASTACK_ENDPOINTS",

@@ -904,9 +904,12 @@ class Server:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of ``metastack-web``. Exit codes: 0 clean stop, 2 bad
-    configuration."""
+    configuration, 4 etcd refused the server's credentials or permissions."""
     ap = argparse.ArgumentParser(prog="metastack-web", description="MetaStack web console and JSON API.")
-    ap.add_argument("-c", "--config", help="ini file with [etcd] and [web] (and optionally [ceph]) sections")
+    ap.add_argument("-c", "--config", metavar="FILE",
+                    help="ini file with [etcd] and [web] (and optionally [ceph]) sections; every key: "
+                         "config.example.ini (installed under share/metastack/)")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {ms.version()}")
     ap.add_argument("--check-config", action="store_true", help="validate the configuration and exit")
     args = ap.parse_args(argv)
     try:
@@ -924,9 +927,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     if cfg.tls:
         ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ssl_ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
-    server = Server(cfg, etcd, ceph)
-    log.info("serving %s (etcd %s, prefix %s)", cfg.url, ",".join(f"{h}:{p}" for h, p in etcd.endpoints),
-             etcd.prefix)
+    try:
+        server = Server(cfg, etcd, ceph)
+        # Fail fast on credentials etcd refuses (both key ranges the server uses);
+        # an unreachable etcd is waited out by the feed.
+        for key in (server.keys.all, ctl.AuthKeys(etcd.prefix).users):
+            server.store.get(key)
+    except ms.ConfigError as exc:
+        print(f"metastack-web: {exc}", file=sys.stderr)
+        return 2
+    except ms.StoreDenied as exc:
+        print(f"metastack-web: cannot start: {exc}", file=sys.stderr)
+        return 4
+    except ms.StoreUnavailable as exc:
+        log.warning("etcd not reachable yet (%s); serving from the view once it is", exc)
+    log.info("serving %s (etcd %s, prefix %s)", cfg.url, etcd.endpoint_text, etcd.prefix)
     web.run_app(server.app(), host=cfg.host, port=cfg.port, ssl_context=ssl_ctx, print=None,
                 access_log=None, shutdown_timeout=2)
     return 0

@@ -3,7 +3,9 @@
 # Debian packages (etcd, libvirt, QEMU, Ceph, rsyslog, and what
 # deploy/build-guest.sh builds the tiny test guest from; chromium and its
 # driver for the web console's browser tests) and a venv in .venv
-# that sees Debian's rados/rbd bindings next to the pinned pip packages.
+# that sees Debian's rados/rbd bindings next to the pip packages, at the
+# exact versions of constraints.txt; and .venv-deploy with the deploy tools
+# (ansible-core, ansible-lint; also pinned in constraints.txt).
 # Usage: bash deploy/setup.sh            (run as root, or with sudo available)
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -14,9 +16,10 @@ PKGS=(
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev
   qemu-system-x86 qemu-block-extra qemu-utils
   ceph-mon ceph-osd ceph-mgr ceph-common python3-rados python3-rbd
-  rsyslog
+  rsyslog openssl systemd
+  debootstrap systemd-container
   busybox-static cpio linux-image-cloud-amd64 mtools dosfstools syslinux syslinux-common fdisk
-  python3-venv python3-dev gcc pkg-config
+  python3-venv python3-dev python3-wheel gcc pkg-config
   chromium chromium-driver
 )
 
@@ -50,12 +53,24 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import rados, rbd' 2>/dev
   /usr/bin/python3 -m venv --system-site-packages .venv
 fi
 stamp=.venv/.metastack-installed
-if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
   .venv/bin/pip install -q --upgrade "pip<25" >/dev/null 2>&1 || true
-  .venv/bin/pip install -q -e '.[test]' 2>&1 | grep -v "^WARNING: Location\|DEPRECATION: Legacy editable" || true
+  .venv/bin/pip install -q -c constraints.txt -e '.[test]' 2>&1 | grep -v "^WARNING: Location\|DEPRECATION: Legacy editable" || true
   .venv/bin/python -c 'import etcd3, click, libvirt, pytest, hypothesis, aiohttp, selenium' || { echo "setup: pip install failed" >&2; exit 1; }
   touch "$stamp"
 fi
 .venv/bin/python -c 'import etcd3, libvirt, click, rados, rbd, aiohttp, selenium' \
   || { echo "setup: the venv cannot import its dependencies" >&2; exit 1; }
-echo "setup: ready (.venv)"
+
+# Deploy tools in their own venv (no system site packages: ansible-lint brings
+# many packages of its own), so the runtime venv stays what production runs.
+dstamp=.venv-deploy/.metastack-installed
+if [ ! -f "$dstamp" ] || [ constraints.txt -nt "$dstamp" ] || ! .venv-deploy/bin/ansible-playbook --version >/dev/null 2>&1; then
+  [ -x .venv-deploy/bin/python ] || /usr/bin/python3 -m venv .venv-deploy
+  .venv-deploy/bin/pip install -q --upgrade "pip<25" >/dev/null 2>&1 || true
+  .venv-deploy/bin/pip install -q -c constraints.txt ansible-core ansible-lint wheel 2>&1 | grep -v "^WARNING: Location" || true
+  .venv-deploy/bin/ansible-playbook --version >/dev/null && .venv-deploy/bin/ansible-lint --version >/dev/null \
+    || { echo "setup: installing ansible-core/ansible-lint failed" >&2; exit 1; }
+  touch "$dstamp"
+fi
+echo "setup: ready (.venv, .venv-deploy)"
