@@ -92,7 +92,7 @@ def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
     r = CliRunner().invoke(ctl.cli, ["--version"], prog_name="metastackctl")
     assert r.exit_code == 0 and r.output.startswith("metastackctl ")
     r = CliRunner().invoke(ctl.cli, ["--help"])
-    assert "-c, --config" in r.output and "4  etcd refused" in r.output
+    assert "-c, --config" in r.output and "5  etcd refused" in r.output and "4  a wait timed out" in r.output
     r = subprocess.run([PY, str(ROOT / "metastackweb.py"), "--help"], capture_output=True, text=True, timeout=30)
     assert "-c FILE, --config FILE" in r.stdout
 
