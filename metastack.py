@@ -2372,8 +2372,12 @@ class Hypervisor:
         what = self.EVENTS.get(event, f"event {event}")
         if event == 5:
             what = f"stopped ({self.STOP_DETAILS.get(detail, detail)})"
-        if event in (5, 6, 8):  # the last way the domain went down
+        if event == 2:  # up again: forget how it last went down
+            self.last_event.pop(owner[1], None)
+        elif event in (5, 8):  # how the domain went down (final)
             self.last_event[owner[1]] = what
+        elif event == 6:  # "shut down" may come before or after "stopped": keep the more exact one
+            self.last_event.setdefault(owner[1], what)
         if self._on_event is not None:
             self._on_event(owner[1], what)
 
