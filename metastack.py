@@ -2977,6 +2977,7 @@ class Executor:
         self.gave_up: dict[str, tuple[str, str, float]] = {}  # vm -> (identity, reason, monotonic until)
         self.ceph_refused = False  # Ceph refused our own client (blocklisted): we are fenced
         self.events = EventLog(store, self.node)
+        self.races_lost = 0  # claims that another node's claim beat (for benchmarks and logs)
 
     # -- dispatch ----------------------------------------------------------------
     def apply(self, act: Action, snap: Snapshot, domains: Mapping[str, str]) -> str:
@@ -3359,6 +3360,9 @@ class Executor:
             log.info("vm=%s not claimed: strict group %s already has a VM here", vm,
                      spec.group if isinstance(spec, DesiredVM) else "?")
         if existing is not None:
+            self.races_lost += 1
+            with contextlib.suppress(SpecError):
+                log.info("vm=%s lost the claim race to %s", vm, ActualVM.parse(existing.value).host or "?")
             self.view.note(key, existing.value, existing.mod_revision, existing.lease)
         return False
 
