@@ -36,9 +36,11 @@ import dataclasses
 import datetime as _dt
 import faulthandler
 import hashlib
+import heapq
 import json
 import logging
 import logging.handlers
+import math
 import os
 import random
 import re
@@ -49,7 +51,7 @@ import threading
 import time
 import uuid
 import xml.etree.ElementTree as ET
-from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, BinaryIO, Callable, Collection, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 # ---------------------------------------------------------------------------
 # Errors
@@ -205,7 +207,7 @@ class AgentConfig:
     shutdown_timeout: float
     lease_ttl: int
     resync_interval: float
-    claim_spread: float
+    claim_step: float
     syslog: str
     log_level: str
     ceph: Optional[CephConfig] = None
@@ -381,7 +383,7 @@ def load_config(path: Optional[str]) -> AgentConfig:
         shutdown_timeout=_get_float(cp, "libvirt", "shutdown_timeout", 10.0, 0.0),
         lease_ttl=int(ttl_raw),
         resync_interval=_get_float(cp, "agent", "resync_interval", 30.0, 1.0),
-        claim_spread=_get_float(cp, "agent", "claim_spread", 0.05, 0.0),
+        claim_step=_get_float(cp, "agent", "claim_step", 1.0, 0.0),
         syslog=cp.get("logging", "syslog", fallback="auto").strip(),
         log_level=level,
         ceph=ceph_config_from(cp),
@@ -963,6 +965,17 @@ class HostState:
         obj["cannot"] = dict(self.cannot)
         return json.dumps(obj, sort_keys=True).encode()
 
+    @classmethod
+    def same_offer(cls, a: bytes, b: bytes) -> bool:
+        """Two values of one host record that differ at most in use
+        (vcpus_used, ram_mb_used, vms); False if either is unusable."""
+        try:
+            x, y = cls.parse(a), cls.parse(b)
+        except SpecError:
+            return False
+        use = {"vcpus_used": 0, "ram_mb_used": 0, "vms": 0}
+        return dataclasses.replace(x, **use) == dataclasses.replace(y, **use)
+
     def same_content(self, other: Optional["HostState"]) -> bool:
         return other is not None and dataclasses.replace(self, lease=0) == dataclasses.replace(other, lease=0)
 
@@ -1542,6 +1555,15 @@ def split_trusted(snap: Snapshot) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
+class Change:
+    """One key as a watch event changed it: ``old`` None when created, ``new`` None when deleted."""
+
+    key: str
+    old: Optional[Entry]
+    new: Optional[Entry]
+
+
+@dataclasses.dataclass(frozen=True)
 class Vanished:
     """A claim that disappeared: who held it and at which revision."""
 
@@ -1638,12 +1660,19 @@ class ClusterView:
     def apply(self, header_revision: int, events: Iterable[KeyEvent]) -> bool:
         """Fold in watch events; True when a kept key changed (the caller
         wakes its reconcile only then)."""
-        changed = False
+        return bool(self.changes(header_revision, events))
+
+    def changes(self, header_revision: int, events: Iterable[KeyEvent]) -> list[Change]:
+        """Fold in watch events like ``apply``; returns what changed, one
+        Change per kept key event that was newer than what was held."""
+        out = []
         with self._lock:
             for ev in events:
-                changed = self._note(ev.key, ev.value, ev.mod_revision, ev.lease, ev.create_revision) or changed
+                old = self._entries.get(ev.key)
+                if self._note(ev.key, ev.value, ev.mod_revision, ev.lease, ev.create_revision):
+                    out.append(Change(ev.key, old, self._entries.get(ev.key)))
             self.revision = max(self.revision, header_revision)
-        return changed
+        return out
 
     def note(self, key: str, value: Optional[bytes], revision: int, lease: int = 0) -> None:
         with self._lock:
@@ -1727,14 +1756,14 @@ class ClusterView:
         split_trusted(snap)
         return snap
 
-    def usage(self, node: str) -> tuple[int, int, int]:
-        """``usage(node, self.snapshot().actual)`` without building a
-        snapshot: (vcpus, ram_mb, vms) reserved by the claims ``node`` holds."""
+    def usage(self, node: str, lease: int) -> tuple[int, int, int]:
+        """(vcpus, ram_mb, vms) reserved by the claims ``node`` holds on
+        ``lease`` (its trusted claims), without building a snapshot."""
         prefix = self.keys.dir("actual")
         with self._lock:
             claims = {}
             for key, entry in self._entries.items():
-                if key.startswith(prefix):
+                if entry.lease == lease and key.startswith(prefix):
                     split, value = self._cached(key, entry)
                     if split is not None and isinstance(value, ActualVM):
                         claims[split[1]] = value
@@ -2592,10 +2621,176 @@ def room_elsewhere(node: str, name: str, flav: Flavour, snap: Snapshot) -> list[
     return out
 
 
+def _node_rank(node: str) -> str:
+    """A fixed pseudo-random order of the nodes, the same on every agent:
+    it breaks ties between equally loaded nodes."""
+    return hashlib.blake2b(node.encode(), digest_size=8).hexdigest()
+
+
+@dataclasses.dataclass
+class _Bin:
+    """One live node as Placement sees it: what it offers and what is reserved."""
+
+    name: str
+    cap_cpu: int
+    cap_ram: int
+    cannot: frozenset[str]
+    cpu: int = 0
+    ram: int = 0
+    version: int = 0
+
+    def load(self) -> float:
+        return max(self.cpu / max(self.cap_cpu, 1), self.ram / max(self.cap_ram, 1))
+
+    def fits(self, flav: Flavour) -> bool:
+        return self.cap_cpu - self.cpu >= flav.vcpus and self.cap_ram - self.ram >= flav.ram_mb
+
+
+class Placement:
+    """Deterministic replicated placement: which node should claim each
+    unclaimed VM, computed the same way by every agent from the view it
+    already has, so that about one node tries each VM without a scheduler.
+
+    Contract (pure: no I/O, no clock). ``assign()`` runs a central
+    scheduler over the unclaimed VMs in creation order (the desired key's
+    create revision, then name): ``spread`` gives each VM to the least
+    loaded node that can take it, ``pack`` to the fullest one that can
+    (load: the larger of the reserved vcpu and RAM fractions; ties broken
+    by a fixed hash order of node names). It starts from the capacity that
+    live, ready, schedulable nodes publish in their host records and the
+    vcpus and RAM their trusted claims reserve, and honours pins, what a
+    node gave up on (``cannot``), a move's source node and anti-affinity
+    groups (strict: never next to a member; otherwise fewest members
+    first). It returns vm -> node for every VM that some node can take in
+    that simulation (the others wait, and ``pending_reason`` says why). A
+    malformed entry goes to the first ready node in the VM's own hash
+    order (it is claimed as an error so its reason shows).
+
+    Agents that read the same revision get the same answer; agents a few
+    revisions apart mostly do too, because each node claims the VMs it was
+    given in the simulation's order. ``backups(vm, chosen)`` lists the
+    other nodes that can take ``vm`` now, in rendezvous-hash order of
+    (node, vm): they step in one after another when the chosen node leaves
+    the VM unclaimed (dead but still leased, busy, or disagreeing).
+    """
+
+    POLICIES = ("spread", "pack")
+
+    def __init__(self, snap: "Snapshot", policy: str = "spread") -> None:
+        self.snap = snap
+        self.policy = policy if policy in self.POLICIES else "spread"
+        self.bins: dict[str, _Bin] = {}
+        for name, host in snap.hosts.items():
+            rec = snap.nodes.get(name)
+            if host.state == "ready" and not (rec is not None and rec.unschedulable):
+                self.bins[name] = _Bin(name, host.vcpus, host.ram_mb, frozenset(n for n, _ in host.cannot))
+        for claim in snap.actual.values():
+            b = self.bins.get(claim.host)
+            if b is not None:
+                b.cpu += claim.vcpus
+                b.ram += claim.ram_mb
+        self._order = {name: _node_rank(name) for name in self.bins}
+        self._members: Optional[dict[str, dict[str, int]]] = None
+
+    def members(self) -> dict[str, dict[str, int]]:
+        """group -> node -> how many of its VMs are claimed there (computed once)."""
+        if self._members is None:
+            self._members = {g: {n: len(v) for n, v in by.items()} for g, by in group_members(self.snap).items()}
+        return self._members
+
+    def _key(self, b: _Bin) -> tuple[float, str]:
+        load = b.load()
+        return (load if self.policy == "spread" else -load, self._order[b.name])
+
+    def _allowed(self, b: _Bin, name: str, vm: DesiredVM, flav: Flavour,
+                 members: Mapping[str, int]) -> bool:
+        move = self.snap.moves.get(name)
+        return (b.fits(flav) and name not in b.cannot and (move is None or move.from_node != b.name)
+                and (vm.host is None or vm.host == b.name) and not (vm.strict and members.get(b.name, 0)))
+
+    def pending(self, skip: Collection[str] = ()) -> list[str]:
+        """Unclaimed desired VMs not in ``skip``, in creation order."""
+        snap = self.snap
+        out = [n for n in snap.desired if n not in snap.actual and n not in skip]
+
+        def created(name: str) -> tuple[int, str]:
+            spec = snap.desired[name]
+            return (spec.generation if isinstance(spec, DesiredVM) else 0, name)
+        return sorted(out, key=created)
+
+    def assign(self, skip: Collection[str] = ()) -> dict[str, str]:
+        """vm -> the node that should claim it (see the class contract)."""
+        snap = self.snap
+        bins = {n: dataclasses.replace(b) for n, b in self.bins.items()}  # the simulation's own copy
+        members = {g: dict(by) for g, by in self.members().items()}
+        heap = [(self._key(b), b.version, n) for n, b in bins.items()]
+        heapq.heapify(heap)
+        full: set[tuple[int, int]] = set()  # sizes no node had room for (loads only grow in a pass)
+        out: dict[str, str] = {}
+        for name in self.pending(skip):
+            resolved = resolve(snap.desired[name], snap)
+            if isinstance(resolved, str):
+                ready = [n for n in snap.hosts if snap.hosts[n].state == "ready"]
+                if ready:
+                    out[name] = min(ready, key=lambda n: _order_key(n, name))
+                continue
+            vm, flav = resolved
+            size = (flav.vcpus, flav.ram_mb)
+            ours = members.get(vm.group, {}) if vm.group is not None else {}
+            chosen: Optional[_Bin] = None
+            if vm.host is not None or vm.group is not None:
+                fit = [b for b in bins.values() if self._allowed(b, name, vm, flav, ours)]
+                if fit:
+                    chosen = min(fit, key=lambda b: (ours.get(b.name, 0), self._key(b)))
+            elif size not in full:
+                aside: list[tuple[tuple[float, str], int, str]] = []
+                special = False  # a node was passed over for this VM alone (cannot, move)
+                while heap:
+                    item = heapq.heappop(heap)
+                    b = bins[item[2]]
+                    if item[1] != b.version:
+                        continue  # stale entry: the node's load changed since
+                    aside.append(item)
+                    if self._allowed(b, name, vm, flav, ours):
+                        chosen = b
+                        break
+                    special = special or (b.fits(flav))
+                for item in aside:
+                    if chosen is None or item[2] != chosen.name:
+                        heapq.heappush(heap, item)
+                if chosen is None and not special:
+                    full.add(size)
+            if chosen is None:
+                continue
+            chosen.cpu += flav.vcpus
+            chosen.ram += flav.ram_mb
+            chosen.version += 1
+            heapq.heappush(heap, (self._key(chosen), chosen.version, chosen.name))
+            if vm.group is not None:
+                members.setdefault(vm.group, {})[chosen.name] = ours.get(chosen.name, 0) + 1
+            out[name] = chosen.name
+        return out
+
+    def backups(self, name: str, chosen: Optional[str]) -> list[str]:
+        """The nodes other than ``chosen`` that can take VM ``name`` now (by
+        the published view, not the simulation), in rendezvous-hash order."""
+        spec = self.snap.desired.get(name)
+        if spec is None:
+            return []
+        resolved = resolve(spec, self.snap)
+        if isinstance(resolved, str):
+            able = [n for n in self.snap.hosts if self.snap.hosts[n].state == "ready"]
+        else:
+            vm, flav = resolved
+            counts = self.members().get(vm.group, {}) if vm.group is not None else {}
+            able = [n for n, b in self.bins.items() if self._allowed(b, name, vm, flav, counts)]
+        return sorted((n for n in able if n != chosen), key=lambda n: _order_key(n, name))
+
+
 def plan(node: str, capacity: Capacity, snap: Snapshot, domains: Mapping[str, str],
          hold: Iterable[str] = (), cannot: Iterable[str] = (), quiet: bool = False,
          fenced: bool = False, cordoned: bool = False, draining: bool = False,
-         handing: Iterable[str] = ()) -> list[Action]:
+         handing: Iterable[str] = (), claimable: Optional[Collection[str]] = None) -> list[Action]:
     """Decide what ``node`` should do, from one consistent view.
 
     ``snap.actual`` holds only trusted claims (see split_trusted). ``hold``:
@@ -2637,6 +2832,11 @@ def plan(node: str, capacity: Capacity, snap: Snapshot, domains: Mapping[str, st
     (the claim's transaction also creates a per-group-per-node guard key,
     see Executor); a non-strict one is not claimed where one is when a node
     holding fewer of the group has room (spread preferred).
+
+    ``claimable`` (None: every unclaimed VM): the unclaimed VMs whose turn
+    it is for this node to claim (see Placement and ClaimTurns); the
+    others are left to the node whose turn it is. Our own running domains
+    are re-claimed whatever it says, and every rule above still applies.
     """
     actions: list[Action] = []
     if fenced:
@@ -2663,16 +2863,21 @@ def plan(node: str, capacity: Capacity, snap: Snapshot, domains: Mapping[str, st
         return (rank, _order_key(node, name))
 
     claiming: set[str] = set()
-    for name in sorted(snap.desired, key=priority):
+    ours = [n for n in snap.desired
+            if n in domains or (n not in snap.actual if claimable is None else n in claimable)
+            or (n in snap.actual and snap.actual[n].host == node)]
+    for name in sorted(ours, key=priority):
         spec = snap.desired[name]
         claim = snap.actual.get(name)
-        resolved = resolve(spec, snap)
         if claim is not None and claim.host != node:
             if name in domains:
                 actions.append(Action("kill", name, reason=f"claimed by {claim.host or 'an unknown owner'}"))
             continue
+        resolved = resolve(spec, snap)
         if claim is None:
             running_here = domains.get(name) == "running"
+            if claimable is not None and name not in claimable and not running_here:
+                continue  # another node's turn
             if isinstance(resolved, str):
                 if not (quiet or cordoned) or running_here:
                     actions.append(Action("claim_error", name, reason=resolved))
@@ -2873,12 +3078,14 @@ class Waker:
         with contextlib.suppress(BlockingIOError, OSError):  # a full pipe is already awake
             os.write(self._w, b"!")
 
-    def wait(self, timeout: float) -> None:
+    def wait(self, timeout: float) -> bool:
+        """True when woken (rather than timed out)."""
         import select
-        select.select([self._r], [], [], max(0.0, timeout))
+        ready, _, _ = select.select([self._r], [], [], max(0.0, timeout))
         with contextlib.suppress(BlockingIOError, OSError):
             while os.read(self._r, 4096):
                 pass
+        return bool(ready)
 
 
 class NodeTakenError(MetaStackError):
@@ -3034,6 +3241,10 @@ class Executor:
         log.warning("vm=%s gave up after %d failures here, handing it over: %s", vm, self.MAX_TRIES, why)
         return f"gave up {vm} after {self.MAX_TRIES} failures ({why})"
 
+    def gave_up_reasons(self) -> dict[str, str]:
+        """``cannot()`` as last computed (no clean-up): vm -> reason."""
+        return {vm: why for vm, (_, why, _) in sorted(self.gave_up.items())[:100]}
+
     def cannot(self, snap: Snapshot) -> dict[str, str]:
         """VMs this node gave up on and still leaves alone: vm -> reason.
         An entry ends after GIVE_UP_FOR, or when the VM's identity changes."""
@@ -3057,14 +3268,6 @@ class Executor:
         return min((t for _, t in self._backoff.values()), default=None)
 
     def _do_claim(self, act: Action, snap: Snapshot, domains: Mapping[str, str]) -> str:
-        if self.cfg.claim_spread > 0 and domains.get(act.vm) != "running":
-            # willingness: a busier node waits a little longer (never for a re-claim)
-            cpu, ram, _ = self.view.usage(self.node)
-            cap = self.capacity
-            load = max(cpu / max(cap.vcpus, 1), ram / max(cap.ram_mb, 1))
-            if self.placement == "pack":  # fuller nodes first
-                load = 1.0 - min(load, 1.0)
-            time.sleep(self.cfg.claim_spread * min(load, 1.0) + random.uniform(0, self.cfg.claim_spread / 10))
         first = "starting" if act.state == "running" else "stopped"
         spec = snap.desired[act.vm]
         assert isinstance(spec, DesiredVM)
@@ -3712,6 +3915,52 @@ def resolve_domain_type(cfg: AgentConfig, beat: Callable[[], None]) -> str:
     return domain_type
 
 
+class ClaimTurns:
+    """Whose turn it is to claim each unclaimed VM, as this node sees it.
+
+    Contract: ``due(snap, policy, skip, now)`` returns (the unclaimed VMs
+    this node may claim now, the monotonic time of its next turn or None).
+    A VM is this node's at once when Placement chose this node for it; else,
+    when this node is the r-th backup for it (Placement.backups), once this
+    agent has seen the VM unclaimed for r x ``step`` seconds. ``step`` 0:
+    every node that can take a VM tries at once (the old race). VMs in
+    ``skip`` (held for their owners after a correlated loss) are nobody's.
+    """
+
+    def __init__(self, node: str, step: float) -> None:
+        self.node = node
+        self.step = step
+        self.first_seen: dict[str, float] = {}  # unclaimed vm -> when this agent first saw it so (monotonic)
+        self.last_chosen: dict[str, str] = {}  # vm -> node Placement chose in the last call (for tests, logs)
+
+    def due(self, snap: Snapshot, policy: str, skip: Collection[str], now: float) -> tuple[set[str], Optional[float]]:
+        placement = Placement(snap, policy)
+        pending = placement.pending(skip)
+        self.first_seen = {vm: self.first_seen.get(vm, now) for vm in pending}
+        if self.step <= 0:
+            return set(pending), None
+        chosen = placement.assign(skip)
+        self.last_chosen = chosen
+        mine = {vm for vm, n in chosen.items() if n == self.node}
+        next_turn: Optional[float] = None
+        for vm in pending:
+            if vm in mine:
+                continue
+            since = self.first_seen[vm]
+            if now < since + self.step:  # the chosen node's own turn: nobody else looks yet
+                next_turn = min(next_turn or math.inf, since + self.step)
+                continue
+            order = placement.backups(vm, chosen.get(vm))
+            if self.node not in order:
+                continue
+            turn = since + (order.index(self.node) + 1) * self.step
+            if now >= turn:
+                mine.add(vm)
+            else:
+                next_turn = min(next_turn or math.inf, turn)
+        return mine, next_turn
+
+
 class Agent:
     """One node's agent: claims, runs and reports VMs; see the module doc.
 
@@ -3764,6 +4013,9 @@ class Agent:
         self._handed: dict[str, float] = {}  # VMs the drain released -> when (monotonic)
         self._seen_dead: set[str] = set()  # nodes whose death we logged
         self.last_decision = ""
+        self.turns = ClaimTurns(self.node, cfg.claim_step)
+        self._next_turn: Optional[float] = None  # monotonic time this node's next claim turn comes
+        self._hold_ends: Optional[float] = None  # monotonic time the first failover hold ends
 
     # -- lifecycle -----------------------------------------------------------
     @property
@@ -3902,7 +4154,7 @@ class Agent:
     def _acquire_lease(self, wait_for_stale: float) -> None:
         confirmed = time.monotonic()  # before the grant: etcd's own expiry is never earlier
         lease = self.store.grant_lease(self.cfg.lease_ttl)
-        host = self._host_state()
+        host = self._host_state(lease=lease)
         deadline = time.monotonic() + wait_for_stale
         while True:
             self.beat()
@@ -3966,8 +4218,31 @@ class Agent:
         self._watch_cancel = self.store.watch_prefix(self.keys.all, revision, self._on_events, self._on_watch_error)
 
     def _on_events(self, revision: int, events: list[KeyEvent]) -> None:
-        if self.view.apply(revision, events):  # console tails alone wake nothing
+        if any(self._concerns_us(c) for c in self.view.changes(revision, events)):
             self._waker.wake()
+
+    def _concerns_us(self, change: Change) -> bool:
+        """Whether a change may call for a decision of this node (watch
+        thread). Not news: another node's claim changing its state (the
+        same lease before and after), another node's host record changing
+        only its use (the claims carry that), and a desired entry of a VM
+        another node owns (its owner acts; a hand-over deletes the claim,
+        which is news). Everything else is: new and deleted keys (new VMs,
+        claims that come and go, nodes that die), our own keys, nodes,
+        fences, moves and config."""
+        split = self.keys.split(change.key)
+        if split is None or change.old is None or change.new is None:
+            return True
+        kind, name = split
+        lease = self._keeper.lease_id if self._keeper is not None else 0
+        if kind == "actual":
+            return lease in (change.old.lease, change.new.lease) or change.old.lease != change.new.lease
+        if kind == "hosts":
+            return name == self.node or not HostState.same_offer(change.old.value, change.new.value)
+        if kind == "desired":
+            claim = self.view.entry(self.keys.actual(name))
+            return claim is None or claim.lease == lease
+        return True
 
     def _on_watch_error(self, exc: BaseException) -> None:
         if isinstance(exc, RevisionCompacted):
@@ -3995,8 +4270,12 @@ class Agent:
                 self.beat()
                 self._waker.wait(1.0)
         failures = 0
+        tick_due = True
         while not self._stop_requested:
             self.beat()
+            if not tick_due:  # a beat alone: nothing new, no timer due
+                tick_due = self._pause(failures)
+                continue
             try:
                 decision = self.tick()
                 failures = 0
@@ -4020,25 +4299,36 @@ class Agent:
                 log.info("%s", decision)
             self.last_decision = decision
             self.beat()
-            self._waker.wait(self._next_wait(failures))
+            tick_due = self._pause(failures)
         if self.cfg.on_stop == "drain":
             self.drain()
         else:
             self.leave_running()
 
-    def _next_wait(self, failures: int) -> float:
-        until_resync = self._last_resync + self.cfg.resync_interval - time.monotonic()
-        waits = [max(0.05, until_resync), self.cfg.stall_limit / 2]  # beat well within the stall limit
+    IDLE_TICK = 5.0  # seconds between reconciles when nothing wakes the agent (level-triggered repair)
+
+    def _pause(self, failures: int) -> bool:
+        """Wait for a wake-up or the next timer; True when a reconcile is
+        due (woken by news, or a timer fired), False for a beat alone. The
+        wait is at most half the stall limit, so the loop beats in time."""
+        now = time.monotonic()
+        at = self._next_tick(failures, now)
+        woken = self._waker.wait(min(at - now, self.cfg.stall_limit / 2))
+        return woken or time.monotonic() >= at
+
+    def _next_tick(self, failures: int, now: float) -> float:
+        """Monotonic time of the next reconcile that no wake-up asks for."""
+        waits = [max(0.05, self._last_resync + self.cfg.resync_interval - now), self.IDLE_TICK]
         if failures:
             waits.append(min(0.2 * failures, 1.0))
         if self.executor.stopping:
             waits.append(0.5)
         if self._console_polling:
             waits.append(Executor.CONSOLE_PERIOD)
-        retry = self.executor.next_retry()
-        if retry is not None:
-            waits.append(max(0.05, retry - time.monotonic()))
-        return min(waits)
+        for at in (self._next_turn, self.executor.next_retry(), self._hold_ends, self._quiet_until):
+            if at is not None and at > now:
+                waits.append(max(0.02, at - now))
+        return now + min(waits)
 
     # -- one reconcile -------------------------------------------------------
     def tick(self) -> str:
@@ -4075,10 +4365,12 @@ class Agent:
         self._apply_cluster_config()
         cannot = self.executor.cannot(snap)
         rec = snap.nodes.get(self.node)
-        actions = plan(self.node, self.capacity, snap, domains, hold=self._held(snap), cannot=cannot,
+        held = self._held(snap)
+        claimable, self._next_turn = self.turns.due(snap, self.executor.placement, held, time.monotonic())
+        actions = plan(self.node, self.capacity, snap, domains, hold=held, cannot=cannot,
                        quiet=time.monotonic() < self._quiet_until, fenced=fenced,
                        cordoned=rec is not None and rec.cordon, draining=rec is not None and rec.drain,
-                       handing=self._handing(snap))
+                       handing=self._handing(snap), claimable=claimable)
         done: list[str] = []
         for act in actions:
             self.beat()
@@ -4241,8 +4533,11 @@ class Agent:
         after = self.cfg.lease_ttl / 2 + 1.0  # the watch delivers the expiries shortly after etcd is back
         recent = {n: (rev, at) for n, (rev, at) in lapsed.items()
                   if now - at < grace and any(start - 1.0 <= at <= end + after for start, end in self._doubt)}
-        return {vm for vm, gone in vanished.items()
+        held = {vm for vm, gone in vanished.items()
                 if gone.host in recent and recent[gone.host][0] == gone.revision}
+        ends = [at + grace for n, (_, at) in recent.items()]
+        self._hold_ends = min(ends) if held and ends else None  # reconcile again when a hold ends
+        return held
 
     def _while_fenced(self, fence: Optional[FenceRecord], snap: Snapshot) -> str:
         """Our node is fenced: once no domain of ours runs, mark the fence
@@ -4301,10 +4596,11 @@ class Agent:
         log.warning("lifted the fence of node %s (it proved its stale domains gone)", record.node)
         return True
 
-    def _host_state(self, fenced: bool = False) -> HostState:
-        snap = self.view.snapshot()
-        cpu, ram, vms = usage(self.node, snap.actual)
-        cannot = tuple(sorted(self.executor.cannot(snap).items()))
+    def _host_state(self, fenced: bool = False, lease: Optional[int] = None) -> HostState:
+        """This node's host record now: what it offers and what the claims
+        on its lease (``lease``, default: the keeper's) reserve."""
+        cpu, ram, vms = self.view.usage(self.node, self.lease_id if lease is None else lease)
+        cannot = tuple(sorted(self.executor.gave_up_reasons().items()))
         return HostState(self.capacity.vcpus, self.capacity.ram_mb, cpu, ram, vms,
                          "fenced" if fenced else "ready", self.cfg.address, cannot)
 

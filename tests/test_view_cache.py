@@ -49,8 +49,9 @@ def test_view_parses_each_key_once_per_revision(monkeypatch: pytest.MonkeyPatch)
     assert ms.usage("n1", snap.actual) == (1, 512, 1)
     # our own write is parsed once, by whichever reader comes first
     view.note(keys.actual("vm1"), ActualVM("n1", "starting", vcpus=2, ram_mb=256).encode(), 2003, 7)
-    assert view.usage("n1") == (3, 768, 2)
-    assert view.usage("n1") == (3, 768, 2)
+    assert view.usage("n1", 7) == (3, 768, 2)
+    assert view.usage("n1", 7) == (3, 768, 2)
+    assert view.usage("n1", 8) == (0, 0, 0)  # claims on another lease are not that lease's holder's
     assert view.snapshot().actual["vm1"].state == "starting"
     assert counter.calls == 2
     # a full re-list of unchanged keys parses nothing again
