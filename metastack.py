@@ -1425,26 +1425,33 @@ class Store:
         return self._call(what, self._client.transaction, compare=compare, success=success, failure=failure or [])
 
     def create(self, key: str, value: bytes, lease: int = 0,
-               also: Sequence[tuple[str, bytes]] = ()) -> tuple[Optional[int], Optional[Entry]]:
+               also: Sequence[tuple[str, bytes]] = (),
+               plus: Sequence[tuple[str, bytes, int]] = ()) -> tuple[Optional[int], Optional[Entry]]:
         """Create ``key`` only if absent. Returns (revision, None) on success,
         or (None, the existing entry) when another writer holds the key.
         ``also``: more (key, value) pairs created in the same transaction,
         on the same lease, only if every one of them is absent too (guard
-        keys); (None, None) when only one of those exists."""
+        keys); (None, None) when only one of those exists. ``plus``: (key,
+        value, lease) written in the same transaction when it succeeds (one
+        revision for both: history that rides along)."""
         compare = [self._tx.create(key) == 0] + [self._tx.create(k) == 0 for k, _ in also]
-        puts = [self._tx.put(key, value, lease=lease or None)] + [self._tx.put(k, v, lease=lease or None)
-                                                                  for k, v in also]
+        puts = ([self._tx.put(key, value, lease=lease or None)]
+                + [self._tx.put(k, v, lease=lease or None) for k, v in also]
+                + [self._tx.put(k, v, lease=ls or None) for k, v, ls in plus])
         ok, resp = self._txn("create", compare, puts, [self._tx.get(key)])
         if ok:
             return resp[0].response_put.header.revision, None
         existing = resp[0][0] if resp and resp[0] else None
         return None, (None if existing is None else Entry(existing[0], existing[1].mod_revision, existing[1].lease_id))
 
-    def replace(self, key: str, value: bytes, mod_revision: int, lease: int = 0) -> Optional[int]:
+    def replace(self, key: str, value: bytes, mod_revision: int, lease: int = 0,
+                plus: Sequence[tuple[str, bytes, int]] = ()) -> Optional[int]:
         """Write ``key`` only if it is unchanged since ``mod_revision``;
-        returns the new revision, or None when it changed or vanished."""
+        returns the new revision, or None when it changed or vanished.
+        ``plus`` as for ``create``."""
         ok, resp = self._txn("replace", [self._tx.mod(key) == mod_revision],
-                             [self._tx.put(key, value, lease=lease or None)])
+                             [self._tx.put(key, value, lease=lease or None)]
+                             + [self._tx.put(k, v, lease=ls or None) for k, v, ls in plus])
         return resp[0].response_put.header.revision if ok else None
 
     def delete_if(self, key: str, mod_revision: int) -> Optional[int]:
@@ -3119,20 +3126,44 @@ class EventLog:
         self._lease_at = 0.0
         self._written: dict[str, int] = {}
 
-    def record(self, vm: str, event: str, detail: str = "") -> None:
+    def entry(self, vm: str, event: str, detail: str = "") -> list[tuple[str, bytes, int]]:
+        """The (key, value, lease) of one event, for a caller that writes it
+        in its own transaction (then calls ``written``); [] when no lease
+        can be had now. Never raises."""
         try:
             now = time.monotonic()
             if not self._lease or now - self._lease_at > self.ROLL:
                 self._lease, self._lease_at = self.store.grant_lease(self.LEASE_TTL), now
-            usec = time.time_ns() // 1000
-            value = {"at": utc_now(), "node": self.node, "vm": vm, "event": event, "detail": detail[:500]}
-            self.store.put(self.keys.event(vm, usec, self.node), json.dumps(value).encode(), self._lease)
-            self._written[vm] = self._written.get(vm, 0) + 1
-            if self._written[vm] % 10 == 0:
-                self._trim(vm)
         except (StoreUnavailable, LeaseNotFound) as exc:
             self._lease = 0
             log.debug("%s: event %s not recorded: %s", vm, event, exc)
+            return []
+        usec = time.time_ns() // 1000
+        value = {"at": utc_now(), "node": self.node, "vm": vm, "event": event, "detail": detail[:500]}
+        return [(self.keys.event(vm, usec, self.node), json.dumps(value).encode(), self._lease)]
+
+    def forget_lease(self) -> None:
+        """The history lease was refused (etcd lost it): take a new one next time."""
+        self._lease = 0
+
+    def written(self, vm: str) -> None:
+        """Count one event written for ``vm``; trims its oldest now and then."""
+        self._written[vm] = self._written.get(vm, 0) + 1
+        if self._written[vm] % 10 == 0:
+            try:
+                self._trim(vm)
+            except (StoreUnavailable, LeaseNotFound) as exc:
+                log.debug("%s: history not trimmed: %s", vm, exc)
+
+    def record(self, vm: str, event: str, detail: str = "") -> None:
+        """Write one event on its own."""
+        for key, value, lease in self.entry(vm, event, detail):
+            try:
+                self.store.put(key, value, lease)
+                self.written(vm)
+            except (StoreUnavailable, LeaseNotFound) as exc:
+                self._lease = 0
+                log.debug("%s: event %s not recorded: %s", vm, event, exc)
 
     def _trim(self, vm: str) -> None:
         _, entries = self.store.list_prefix(self.keys.events(vm))
@@ -3185,6 +3216,7 @@ class Executor:
         self.ceph_refused = False  # Ceph refused our own client (blocklisted): we are fenced
         self.events = EventLog(store, self.node)
         self.races_lost = 0  # claims that another node's claim beat (for benchmarks and logs)
+        self.deferred: list[Action] = []  # run/park actions of VMs claimed this tick
 
     # -- dispatch ----------------------------------------------------------------
     def apply(self, act: Action, snap: Snapshot, domains: Mapping[str, str]) -> str:
@@ -3273,12 +3305,21 @@ class Executor:
         assert isinstance(spec, DesiredVM)
         value = self._value(first, "", act.vcpus, act.ram_mb, generation=0 if spec.uuid else spec.generation,
                             vm_uuid=spec.uuid or "")
-        if not self._create_claim(act.vm, value, snap):
+        running_here = domains.get(act.vm) == "running"
+        history = ("claimed", "re-claimed its running domain" if running_here
+                   else f"{act.vcpus} vcpus, {act.ram_mb} MiB reserved")
+        if not self._create_claim(act.vm, value, snap, history):
             return ""
-        self.events.record(act.vm, "claimed", "re-claimed its running domain" if domains.get(act.vm) == "running"
-                           else f"{act.vcpus} vcpus, {act.ram_mb} MiB reserved")
+        if not running_here:  # claims first, starts after: the other nodes see this claim at once
+            self.deferred.append(dataclasses.replace(act, kind="run" if act.state == "running" else "park"))
+            return f"claimed {act.vm}"
         note = self._converge(act, snap, domains)
         return f"claimed {act.vm}" + (f", {note}" if note else "")
+
+    def take_deferred(self) -> list[Action]:
+        """The starts that claims of this tick left for after the claims."""
+        out, self.deferred = self.deferred, []
+        return out
 
     def _do_purge(self, act: Action, snap: Snapshot, domains: Mapping[str, str]) -> str:
         """Delete a claim on no live lease, unless it changed since seen."""
@@ -3377,9 +3418,8 @@ class Executor:
             started = self.hv.ensure_running(spec)
             if fenced:
                 reason = (reason + "; " if reason else "") + f"fenced the disk's former writer(s): {', '.join(fenced)}"
-            self.publish(act.vm, "running", reason, act.vcpus, act.ram_mb, disk)
-            if started:
-                self.events.record(act.vm, "started", reason)
+            self.publish(act.vm, "running", reason, act.vcpus, act.ram_mb, disk,
+                         history=("started", reason) if started else None)
             return f"started {act.vm}" + (f" ({reason})" if reason else "") if started else ""
         if current is None:
             spec, disk, _ = self._prepare(vm, act, snap, fence=False)
@@ -3536,14 +3576,34 @@ class Executor:
         claim = ActualVM.parse(entry.value)
         return claim if claim.host == self.node else None
 
-    def _create_claim(self, vm: str, value: ActualVM, snap: Optional[Snapshot] = None) -> bool:
+    def _create_claim(self, vm: str, value: ActualVM, snap: Optional[Snapshot] = None,
+                      history: Optional[tuple[str, str]] = None) -> bool:
         """Claim ``vm``: create its actual key on our lease if it is absent,
         or replace a claim on no live lease (``snap.untrusted``) if it is
-        unchanged since seen. True if we own it now."""
+        unchanged since seen. True if we own it now. ``history`` (event,
+        detail) is recorded in the same transaction."""
+        plus = self.events.entry(vm, *history) if history is not None else []
+        try:
+            won = self._claim_txn(vm, value, snap, plus)
+        except LeaseNotFound:
+            if not plus:
+                raise
+            self.events.forget_lease()  # the history lease, or ours: once more without history tells
+            plus = []
+            won = self._claim_txn(vm, value, snap, plus)
+        if won and history is not None:
+            if plus:
+                self.events.written(vm)
+            else:
+                self.events.record(vm, *history)
+        return won
+
+    def _claim_txn(self, vm: str, value: ActualVM, snap: Optional[Snapshot],
+                   plus: Sequence[tuple[str, bytes, int]]) -> bool:
         key = self.keys.actual(vm)
         bogus = self.view.entry(key) if snap is not None and vm in snap.untrusted else None
         if bogus is not None:
-            rev = self.store.replace(key, value.encode(), bogus.mod_revision, self._lease())
+            rev = self.store.replace(key, value.encode(), bogus.mod_revision, self._lease(), plus)
             if rev is not None:
                 log.warning("vm=%s replaced an untrusted claim naming %s", vm, snap.untrusted[vm].host or "nobody")
                 self.view.note(key, value.encode(), rev, self._lease())
@@ -3553,7 +3613,7 @@ class Executor:
         if isinstance(spec, DesiredVM) and spec.strict and spec.group is not None:
             # strict anti-affinity: one VM of the group per node, decided by etcd, not by our view
             guards.append((self.keys.group_guard(spec.group, self.node), json.dumps({"vm": vm}).encode()))
-        rev, existing = self.store.create(key, value.encode(), self._lease(), also=guards)
+        rev, existing = self.store.create(key, value.encode(), self._lease(), also=guards, plus=plus)
         if rev is not None:
             self.view.note(key, value.encode(), rev, self._lease())
             for gkey, gval in guards:
@@ -3579,11 +3639,14 @@ class Executor:
         if rev is not None:
             self.view.note(key, None, rev)
 
-    def publish(self, vm: str, state: str, reason: str, vcpus: int, ram_mb: int, disk: str = "") -> bool:
+    def publish(self, vm: str, state: str, reason: str, vcpus: int, ram_mb: int, disk: str = "",
+                history: Optional[tuple[str, str]] = None) -> bool:
         """Write our actual key if its content changes; True if written. The
         disk is kept from the current record unless given. The write is a CAS
         on the key's last revision: if another node has claimed the VM
-        meanwhile, nothing is written."""
+        meanwhile, nothing is written. ``history`` (event, detail) is
+        recorded in the same transaction, or on its own if nothing else is
+        written."""
         key = self.keys.actual(vm)
         entry = self.view.entry(key)
         if entry is None:
@@ -3593,11 +3656,25 @@ class Executor:
             return False
         new = self._value(state, reason, vcpus, ram_mb, disk or current.disk, current.generation, current.uuid)
         if new.same_content(current):
+            if history is not None:
+                self.events.record(vm, *history)
             return False
-        rev = self.store.replace(key, new.encode(), entry.mod_revision, self._lease())
+        plus = self.events.entry(vm, *history) if history is not None else []
+        try:
+            rev = self.store.replace(key, new.encode(), entry.mod_revision, self._lease(), plus)
+        except LeaseNotFound:
+            if not plus:
+                raise
+            self.events.forget_lease()
+            plus = []
+            rev = self.store.replace(key, new.encode(), entry.mod_revision, self._lease())
         if rev is None:
             log.warning("vm=%s claim changed under us; not writing %s", vm, state)
             return False
+        if plus:
+            self.events.written(vm)
+        elif history is not None:
+            self.events.record(vm, *history)
         self.view.note(key, new.encode(), rev, self._lease())
         return True
 
@@ -4383,7 +4460,16 @@ class Agent:
                 done.append(note)
                 # one line per VM decision, the VM named once, as a field
                 log.info("vm=%s decision=%s: %s", act.vm, act.kind, re.sub(rf" {re.escape(act.vm)}\b", "", note))
-        self.executor.prune(a.vm for a in actions)
+        deferred = self.executor.take_deferred()
+        for act in deferred:  # the starts of what this tick claimed, after every claim
+            self.beat()
+            if self._stop_requested or not self._keeper.valid():
+                break
+            note = self.executor.apply(act, snap, domains)
+            if note:
+                done.append(note)
+                log.info("vm=%s decision=%s: %s", act.vm, act.kind, re.sub(rf" {re.escape(act.vm)}\b", "", note))
+        self.executor.prune([a.vm for a in actions] + [a.vm for a in deferred])
         if fenced:
             note = self._while_fenced(fence, snap)
             if note:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import signal
+import re
 import subprocess
 import sys
 import time
@@ -72,7 +73,7 @@ def test_two_agents_race_for_50_vms_each_claimed_once(cluster: Cluster) -> None:
     claimed = Counter()
     for a in cluster.agents:
         for n in names:
-            claimed[n] += a.log().count(f"claimed {n},")
+            claimed[n] += len(re.findall(rf"^.*vm={n} decision=claim: claimed\b", a.log(), re.M))
     assert all(claimed[n] == 1 for n in names), claimed
 
 
@@ -335,7 +336,7 @@ $WorkDirectory {tmp_path}
         text = wait_for(lambda: out.exists() and "claimed logged" in (t := out.read_text()) and t, 10,
                         what="decision line in the central log")
         line = next(l for l in text.splitlines() if "claimed logged" in l)
-        assert "metastack[" in line and "node=node1" in line and "acted: claimed logged, started logged" in line
+        assert "metastack[" in line and "node=node1" in line and "acted: claimed logged; started logged" in line
     finally:
         proc.terminate()
         proc.wait(10)

@@ -237,9 +237,11 @@ def test_syslog_lines_name_the_vm_and_the_node_and_a_node_seen_dead(ctl, cluster
             agents.append(a.start())
         cluster.wait_hosts("node1", "node2")
         assert ctl("create", "sl1", "--flavour", "small", "--host", "node2", "--wait", "--timeout", "30").exit_code == 0
-        wait_for(lambda: any("vm=sl1 decision=claim" in line for line in lines), 10, what="the VM decision line")
+        wait_for(lambda: any("vm=sl1 decision=run" in line for line in lines), 10, what="the VM decision lines")
         line = next(line for line in lines if "vm=sl1 decision=claim" in line)
-        assert "node=node2" in line and "vm=sl1 decision=claim: claimed, started" in line
+        assert "node=node2" in line and "vm=sl1 decision=claim: claimed" in line
+        line = next(line for line in lines if "vm=sl1 decision=run" in line)  # the start: a decision of its own
+        assert "node=node2" in line and "vm=sl1 decision=run: started" in line
         agents[1].signal(signal.SIGKILL)
         wait_for(lambda: any("lost=node2: node seen dead" in line and "node=node1" in line for line in lines), 15,
                  what="node1 logs node2's death")

@@ -1,0 +1,153 @@
+"""Pure layer for issue #7 (placement at scale): Placement (the placement
+every agent computes the same way) and ClaimTurns (whose turn it is to
+claim). Tables and properties, no I/O, no clock."""
+from __future__ import annotations
+
+from collections import Counter
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import metastack as ms
+from metastack import ActualVM, DesiredVM, Flavour, HostState, MoveRequest, NodeRecord, Snapshot, SpecError
+
+FLAVOURS = {"small": Flavour(1, 1024), "big": Flavour(4, 4096)}
+
+
+def hosts(n: int, cpu: int = 16, ram: int = 32768, **over: HostState) -> dict[str, HostState]:
+    out = {f"n{i}": HostState(cpu, ram, lease=100 + i) for i in range(1, n + 1)}
+    out.update(over)
+    return out
+
+
+def cluster(n_hosts: int, vms: int, flavour: str = "small", actual=None, **kw) -> Snapshot:
+    desired = {f"vm{i:03d}": DesiredVM(f"vm{i:03d}", flavour, generation=10 + i) for i in range(vms)}
+    s = Snapshot(desired, dict(actual or {}), dict(FLAVOURS), kw.pop("hs", None) or hosts(n_hosts))
+    for k, v in kw.items():
+        setattr(s, k, v)
+    return s
+
+
+def claim(host: str, lease: int, flavour: Flavour = FLAVOURS["small"]) -> ActualVM:
+    return ActualVM(host, "running", vcpus=flavour.vcpus, ram_mb=flavour.ram_mb, lease=lease)
+
+
+def test_spread_gives_equal_nodes_equal_shares_and_every_agent_agrees() -> None:
+    s = cluster(6, 60)
+    chosen = ms.Placement(s, "spread").assign()
+    assert len(chosen) == 60
+    assert sorted(Counter(chosen.values()).values()) == [10] * 6
+    # another agent with the same view (a fresh object, another order of dict keys) gets the same answer
+    s2 = Snapshot(dict(reversed(list(s.desired.items()))), {}, dict(FLAVOURS), dict(reversed(list(s.hosts.items()))))
+    assert ms.Placement(s2, "spread").assign() == chosen
+
+
+def test_spread_starts_from_what_claims_reserve_and_fills_the_emptiest_first() -> None:
+    actual = {f"old{i}": claim("n1", 101) for i in range(8)}
+    s = cluster(2, 4, actual=actual)
+    for i in range(8):
+        s.desired[f"old{i}"] = DesiredVM(f"old{i}", "small", generation=1)
+    assert set(ms.Placement(s, "spread").assign().values()) == {"n2"}
+
+
+def test_pack_fills_the_fullest_node_that_fits_first() -> None:
+    s = cluster(3, 20, hs=hosts(3, cpu=8, ram=65536))
+    counts = Counter(ms.Placement(s, "pack").assign().values())
+    assert sorted(counts.values()) == [4, 8, 8]  # two full nodes, the rest on the third
+
+
+def test_nothing_is_assigned_beyond_capacity() -> None:
+    s = cluster(2, 10, flavour="big", hs=hosts(2, cpu=8, ram=65536))
+    chosen = ms.Placement(s, "spread").assign()
+    assert sorted(Counter(chosen.values()).values()) == [2, 2]
+    assert set(chosen) == {"vm000", "vm001", "vm002", "vm003"}  # the oldest first
+
+
+def test_pins_cannot_moves_cordon_fenced_and_strict_groups_are_honoured() -> None:
+    hs = hosts(4)
+    hs["n2"] = HostState(16, 32768, cannot=(("vm001", "no ceph"),), lease=102)
+    hs["n4"] = HostState(16, 32768, state="fenced", lease=104)
+    s = Snapshot({"vm000": DesiredVM("vm000", "small", host="n3", generation=1),
+                  "vm001": DesiredVM("vm001", "small", generation=2),
+                  "vm002": DesiredVM("vm002", "small", generation=3),
+                  "g1": DesiredVM("g1", "small", generation=4, group="db", strict=True),
+                  "g2": DesiredVM("g2", "small", generation=5, group="db", strict=True),
+                  "g3": DesiredVM("g3", "small", generation=6, group="db", strict=True),
+                  "g4": DesiredVM("g4", "small", generation=7, group="db", strict=True)},
+                 {}, dict(FLAVOURS), hs)
+    s.nodes = {"n1": NodeRecord(cordon=True)}
+    s.moves = {"vm002": MoveRequest("n2")}
+    chosen = ms.Placement(s, "spread").assign()
+    assert chosen["vm000"] == "n3"
+    assert chosen["vm001"] == "n3" and chosen["vm002"] == "n3"  # n1 cordoned, n2 cannot / is the move's source
+    groups = [chosen.get(g) for g in ("g1", "g2", "g3", "g4")]
+    assert sorted(g for g in groups if g) == ["n2", "n3"] and groups.count(None) == 2  # one per schedulable node
+
+
+def test_a_malformed_entry_goes_to_one_ready_node() -> None:
+    s = cluster(5, 0)
+    s.desired["bad"] = SpecError("'state' must be 'running' or 'stopped'")
+    a = ms.Placement(s, "spread").assign()["bad"]
+    assert a in s.hosts and ms.Placement(s, "pack").assign()["bad"] == a
+    assert ms.Placement(s).backups("bad", a) and a not in ms.Placement(s).backups("bad", a)
+
+
+def test_claims_made_as_assigned_leave_the_rest_of_the_assignment_unchanged() -> None:
+    s = cluster(5, 50)
+    chosen = ms.Placement(s, "spread").assign()
+    # each node claims its first two, in the simulation's order
+    done = Counter[str]()
+    for vm in sorted(chosen):
+        if done[chosen[vm]] < 2:
+            done[chosen[vm]] += 1
+            s.actual[vm] = claim(chosen[vm], int(chosen[vm][1:]) + 100)
+    again = ms.Placement(s, "spread").assign()
+    assert again == {vm: n for vm, n in chosen.items() if vm not in s.actual}
+
+
+def test_turns_the_chosen_node_at_once_backups_one_step_apart() -> None:
+    s = cluster(4, 1)
+    chosen = ms.Placement(s, "spread").assign()["vm000"]
+    backups = ms.Placement(s).backups("vm000", chosen)
+    assert len(backups) == 3 and chosen not in backups
+    turns = {n: ms.ClaimTurns(n, 1.0) for n in s.hosts}
+    at0 = {n: t.due(s, "spread", (), 100.0) for n, t in turns.items()}
+    assert {n for n, (mine, _) in at0.items() if mine} == {chosen}
+    assert at0[backups[0]][1] == 101.0 and at0[backups[2]][1] == 101.0  # wake at the first step to look again
+    assert turns[backups[0]].due(s, "spread", (), 100.9)[0] == set()
+    assert turns[backups[0]].due(s, "spread", (), 101.0)[0] == {"vm000"}
+    mine, nxt = turns[backups[2]].due(s, "spread", (), 101.5)
+    assert mine == set() and nxt == 103.0
+    assert turns[backups[2]].due(s, "spread", (), 103.0)[0] == {"vm000"}
+    # held VMs are nobody's turn; step 0: everyone tries at once (the old race)
+    assert ms.ClaimTurns(chosen, 1.0).due(s, "spread", {"vm000"}, 0.0)[0] == set()
+    assert ms.ClaimTurns(backups[1], 0.0).due(s, "spread", (), 0.0)[0] == {"vm000"}
+
+
+def test_plan_claims_only_what_is_its_turn_but_always_re_claims_its_running_domain() -> None:
+    s = cluster(2, 3)
+    acts = ms.plan("n1", ms.Capacity(16, 32768), s, {"vm002": "running"}, claimable={"vm000"})
+    assert sorted(a.vm for a in acts if a.kind == "claim") == ["vm000", "vm002"]
+    acts = ms.plan("n1", ms.Capacity(16, 32768), s, {}, claimable=set())
+    assert not acts
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 16), st.integers(1, 8)), min_size=1, max_size=12),
+       st.lists(st.sampled_from(["small", "big"]), max_size=60), st.sampled_from(["spread", "pack"]))
+def test_at_time_zero_each_vm_is_exactly_one_nodes_turn_and_fits_there(nodes, flavours, policy) -> None:
+    hs = {f"n{i}": HostState(cpu, gb * 1024, lease=100 + i) for i, (cpu, gb) in enumerate(nodes)}
+    desired = {f"vm{i:03d}": DesiredVM(f"vm{i:03d}", f, generation=i + 1) for i, f in enumerate(flavours)}
+    s = Snapshot(desired, {}, dict(FLAVOURS), hs)
+    mine = {n: ms.ClaimTurns(n, 1.0).due(s, policy, (), 0.0)[0] for n in hs}
+    owners = Counter(vm for vms in mine.values() for vm in vms)
+    assert all(c == 1 for c in owners.values())
+    for n, vms in mine.items():
+        assert sum(FLAVOURS[desired[v].flavour].vcpus for v in vms) <= hs[n].vcpus
+        assert sum(FLAVOURS[desired[v].flavour].ram_mb for v in vms) <= hs[n].ram_mb
+    # a VM nobody got found no room in the simulation, and rooms only shrink: no node has room for it now
+    for vm in set(desired) - set(owners):
+        f = FLAVOURS[desired[vm].flavour]
+        room = [n for n in hs if hs[n].vcpus - sum(FLAVOURS[desired[v].flavour].vcpus for v in mine[n]) >= f.vcpus
+                and hs[n].ram_mb - sum(FLAVOURS[desired[v].flavour].ram_mb for v in mine[n]) >= f.ram_mb]
+        assert not room, (vm, room)
