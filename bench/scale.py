@@ -185,6 +185,8 @@ class Fleet:
             group = self.inis[i:i + k]
             if k == 1:
                 argv = [sys.executable, str(ROOT / "metastack.py"), "-c", str(group[0])]
+                if os.environ.get("BENCH_PROFILE") == self.nodes[i].name:  # one agent under cProfile (diagnosis)
+                    argv[1:1] = ["-m", "cProfile", "-o", str(self.dir / f"{self.nodes[i].name}.prof")]
                 logpath = self.dir / f"{self.nodes[i].name}.log"
             else:
                 argv = [sys.executable, str(HERE / "agents_host.py"), *map(str, group)]
@@ -271,16 +273,21 @@ class Recorder:
                             self.all_running.set()
 
     def writes_between(self, t0: float, t1: float) -> dict[str, int]:
-        """Distinct revisions seen in [t0, t1], in total and per kind touched
-        (desired/: the benchmark's own arrivals)."""
+        """Distinct revisions seen in [t0, t1], in total, those not the
+        benchmark's own arrivals ("agents"), and per kind touched
+        (desired/: the arrivals; history: revisions that wrote history
+        alone, not history written in a claim's or a start's transaction)."""
         out: Counter = Counter()
         with self.lock:
             for at, kinds in self.revs.values():
                 if t0 <= at <= t1:
                     out["total"] += 1
                     for k in kinds:
-                        out[k] += 1
-        return {k: out.get(k, 0) for k in ("total", "desired", "claim+state", "hosts", "history", "other")}
+                        if k != "history" or kinds == {"history"}:  # history riding in a claim's txn costs nothing
+                            out[k] += 1
+                    if "desired" not in kinds:
+                        out["agents"] += 1
+        return {k: out.get(k, 0) for k in ("total", "agents", "desired", "claim+state", "hosts", "history", "other")}
 
     def values(self, kind: str) -> dict[str, dict]:
         d = self.keys.dir(kind)
@@ -429,6 +436,7 @@ def run_agents(etcd: EtcdServer, work: Path, tag: str, n_nodes: int, args: argpa
         rec.expect = len(vms)
         sampler = PendingSampler(rec, dict(vms))
         rpc0 = etcd_rpcs(etcd)
+        busy0 = (sum(fleet.cpu().values()), proc_cpu_seconds(etcd.proc.pid))  # type: ignore[union-attr]
         t0 = time.perf_counter()
         sampler.start()
         arrive(store, rec, vms, mode, args.rate)
@@ -438,6 +446,7 @@ def run_agents(etcd: EtcdServer, work: Path, tag: str, n_nodes: int, args: argpa
         time.sleep(SETTLE)
         t1 = time.perf_counter()
         rpc1 = etcd_rpcs(etcd)
+        busy1 = (sum(fleet.cpu().values()), proc_cpu_seconds(etcd.proc.pid))  # type: ignore[union-attr]
         placed = len(rec.claimed)
         writes = rec.writes_between(t0, t1)
         rpcs = {m: rpc1[m] - rpc0[m] for m in sorted(set(rpc1) | set(rpc0)) if rpc1[m] != rpc0[m]}
@@ -457,6 +466,8 @@ def run_agents(etcd: EtcdServer, work: Path, tag: str, n_nodes: int, args: argpa
             "rpcs_per_placement": {m: round(v / per, 3) for m, v in rpcs.items()},
             "vms_per_node": spread({n.name: per_node.get(n.name, 0) for n in nodes}),
             "pending_while_capacity": len(sampler.vms), "pending_while_capacity_worst_sample": sampler.worst,
+            "cpu_s": {"agents": round(busy1[0] - busy0[0], 2), "etcd": round(busy1[1] - busy0[1], 2),
+                      "window_s": round(t1 - t0, 2)},
         })
         # idle: nothing arrives; what does a settled cluster cost?
         cpu0, i0, rpc0 = fleet.cpu(), time.perf_counter(), etcd_rpcs(etcd)
@@ -569,7 +580,7 @@ def raw_txn_rate(etcd: EtcdServer, seconds: float = 3.0) -> dict[str, float]:
 # ---------------------------------------------------------------------------
 
 COLUMNS = ["nodes", "mode", "agents pl/s", "central pl/s", "ratio", "lost/pl",
-           "writes/pl (claim+state/hosts/history)", "create->claimed p50/p99 ms (agents | central)",
+           "writes/pl all (claim+state/hosts/history alone)", "create->claimed p50/p99 ms (agents | central)",
            "create->running p50/p99 ms",
            "VMs/node sd", "max/min", "pending w/ room", "idle CPU %/agent", "RSS MB/proc"]
 
@@ -585,7 +596,7 @@ def row(r: dict) -> list[str]:
         f"{c['placements_per_s']:.1f}" if c else "-",
         f"{r['placements_per_s'] / c['placements_per_s']:.2f}" if c else "-",
         f"{r['lost_races_per_placement']:.2f}",
-        f"{w['claim+state']:.2f}/{w['hosts']:.2f}/{w['history']:.2f}",
+        f"{w.get('agents', 0):.2f} ({w['claim+state']:.2f}/{w['hosts']:.2f}/{w['history']:.2f})",
         f"{r['claimed_ms']['p50']:.0f}/{r['claimed_ms']['p99']:.0f}"
         + (f" | {c['claimed_ms']['p50']:.0f}/{c['claimed_ms']['p99']:.0f}" if c else ""),
         f"{r['running_ms']['p50']:.0f}/{r['running_ms']['p99']:.0f}",

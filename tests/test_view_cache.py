@@ -33,8 +33,8 @@ def test_view_parses_each_key_once_per_revision(monkeypatch: pytest.MonkeyPatch)
     entries[keys.actual("vm0")] = Entry(ActualVM("n1", "running", vcpus=1, ram_mb=512).encode(), 2000, 7, 2000)
     entries[keys.host("n1")] = Entry(ms.HostState(4, 4096).encode(), 1999, 7, 1999)  # the claim's lease is n1's
     view = ms.ClusterView(keys)
-    view.load(2000, entries)
     counter = Counting(monkeypatch)
+    view.load(2000, entries)  # claims are parsed as they come (the index of use per node needs them)
     first = view.snapshot()
     assert counter.calls == 1003 and len(first.desired) == 1000
     counter.calls = 0
