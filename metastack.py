@@ -32,9 +32,11 @@ import argparse
 import base64
 import configparser
 import contextlib
+import copy
 import dataclasses
 import datetime as _dt
 import faulthandler
+import functools
 import hashlib
 import heapq
 import json
@@ -1594,6 +1596,7 @@ class ClusterView:
     """
 
     IGNORED_KINDS = ("console",)
+    LIGHT_KINDS = ("flavours", "hosts", "images", "fences", "nodes", "moves")  # what light() parses besides VMs
 
     def __init__(self, keys: Keys) -> None:
         self.keys = keys
@@ -1618,6 +1621,8 @@ class ClusterView:
         self._claims: dict[str, tuple[str, int, int, int]] = {}
         self._use: dict[tuple[str, int], list[int]] = {}
         self._unclaimed: set[str] = set()
+        self._light_gen = 0  # bumped by every change of a kind in LIGHT_KINDS
+        self._light_cache: Optional[tuple[int, dict[str, dict[str, Any]]]] = None
 
     def _gone(self, key: str, old: Entry, revision: int) -> None:
         split = self.keys.split(key)
@@ -1656,6 +1661,7 @@ class ClusterView:
             self.revision = revision
             self.synced = True
             self._kinds, self._claims, self._use, self._unclaimed = {}, {}, {}, set()
+            self._light_cache = None
             for key, entry in self._entries.items():
                 self._index(key, entry)
 
@@ -1668,6 +1674,8 @@ class ClusterView:
         if split is None:
             return
         kind, name = split
+        if kind in self.LIGHT_KINDS:
+            self._light_gen += 1
         if entry is None:
             self._kinds.get(kind, {}).pop(name, None)
         else:
@@ -1699,6 +1707,10 @@ class ClusterView:
             use = self._use.get((host, lease))
             return (use[0], use[1], use[2]) if use else (0, 0, 0)
 
+    def has_unclaimed(self) -> bool:
+        """Whether some desired VM has no claim. O(1)."""
+        return bool(self._unclaimed)
+
     def unclaimed(self) -> set[str]:
         """Desired VMs that have no claim at all (a copy). O(unclaimed)."""
         with self._lock:
@@ -1713,18 +1725,23 @@ class ClusterView:
         O(unclaimed + hosts + flavours + images)."""
         snap = Snapshot({}, {}, {}, {})
         with self._lock:
-            for kind in ("flavours", "hosts", "images", "fences", "nodes", "moves"):
-                field = getattr(snap, kind)
-                for name, key in self._kinds.get(kind, {}).items():
-                    _, value = self._cached(key, self._entries[key])
-                    if value is not None:
-                        field[name] = value
+            if self._light_cache is None or self._light_cache[0] != self._light_gen:
+                parts: dict[str, dict[str, Any]] = {}
+                for kind in self.LIGHT_KINDS:
+                    field = parts[kind] = {}
+                    for name, key in self._kinds.get(kind, {}).items():
+                        _, value = self._cached(key, self._entries[key])
+                        if value is not None:
+                            field[name] = value
+                parts["hosts"] = {n: h for n, h in parts["hosts"].items() if h.lease}
+                self._light_cache = (self._light_gen, parts)
+            for kind, field in self._light_cache[1].items():
+                setattr(snap, kind, dict(field))
             for name in self._unclaimed:
                 key = self._kinds["desired"][name]
                 _, value = self._cached(key, self._entries[key])
                 if value is not None:
                     snap.desired[name] = value
-            snap.hosts = {n: h for n, h in snap.hosts.items() if h.lease}
             use = {}
             for n, h in snap.hosts.items():
                 u = self._use.get((n, h.lease))
@@ -2704,6 +2721,7 @@ def room_elsewhere(node: str, name: str, flav: Flavour, snap: Snapshot) -> list[
     return out
 
 
+@functools.lru_cache(maxsize=4096)
 def _node_rank(node: str) -> str:
     """A fixed pseudo-random order of the nodes, the same on every agent:
     it breaks ties between equally loaded nodes."""
@@ -2810,7 +2828,7 @@ class Placement:
     def assign(self, skip: Collection[str] = ()) -> dict[str, str]:
         """vm -> the node that should claim it (see the class contract)."""
         snap = self.snap
-        bins = {n: dataclasses.replace(b) for n, b in self.bins.items()}  # the simulation's own copy
+        bins = {n: copy.copy(b) for n, b in self.bins.items()}  # the simulation's own copy
         members = {g: dict(by) for g, by in self.members().items()}
         heap = [(self._key(b), b.version, n) for n, b in bins.items()]
         heapq.heapify(heap)
@@ -3299,6 +3317,10 @@ class Executor:
         self.events = EventLog(store, self.node)
         self.races_lost = 0  # claims that another node's claim beat (for benchmarks and logs)
         self.deferred: list[Action] = []  # run/park actions of VMs claimed this tick
+        # Set by the agent: this node's host record as (key, value, lease) when it changed
+        # (written in the same transaction as a VM's state), and what to do if that write failed.
+        self.host_ride: Callable[[], list[tuple[str, bytes, int]]] = list
+        self.host_ride_failed: Callable[[], None] = lambda: None
 
     # -- dispatch ----------------------------------------------------------------
     def apply(self, act: Action, snap: Snapshot, domains: Mapping[str, str]) -> str:
@@ -3741,23 +3763,28 @@ class Executor:
             if history is not None:
                 self.events.record(vm, *history)
             return False
-        plus = self.events.entry(vm, *history) if history is not None else []
+        story = self.events.entry(vm, *history) if history is not None else []
+        host = self.host_ride()  # this node's host record, when it changed: one revision for both
         try:
-            rev = self.store.replace(key, new.encode(), entry.mod_revision, self._lease(), plus)
+            rev = self.store.replace(key, new.encode(), entry.mod_revision, self._lease(), story + host)
         except LeaseNotFound:
-            if not plus:
+            if not (story or host):
                 raise
             self.events.forget_lease()
-            plus = []
+            story = host = []
             rev = self.store.replace(key, new.encode(), entry.mod_revision, self._lease())
         if rev is None:
             log.warning("vm=%s claim changed under us; not writing %s", vm, state)
+            if host:
+                self.host_ride_failed()
             return False
-        if plus:
+        if story:
             self.events.written(vm)
         elif history is not None:
             self.events.record(vm, *history)
         self.view.note(key, new.encode(), rev, self._lease())
+        for hkey, hval, hlease in host:
+            self.view.note(hkey, hval, rev, hlease)
         return True
 
     def publish_consoles(self, domains: Mapping[str, str]) -> bool:
@@ -4155,6 +4182,7 @@ class Agent:
                         if cfg.ceph is not None else None)
         self.executor = Executor(cfg, self.store, self.view, self.hv, self.storage, self.capacity,
                                  lambda: self.lease_id, self._lease_headroom, self.beat)
+        self.executor.host_ride, self.executor.host_ride_failed = self._host_ride, self._host_ride_failed
         if self.storage is not None:
             self.executor.use_ceph_secret(self.storage.fsid())
         self._console_polling = False
@@ -4176,6 +4204,7 @@ class Agent:
         self.turns = ClaimTurns(self.node, cfg.claim_step)
         self.ticks, self.tick_cpu = 0, 0.0  # reconciles so far, and the CPU time they took (for benchmarks)
         self._full_due = True  # news (or a wake-up) asks for a full reconcile
+        self._ride_ok = False  # during a reconcile of a node not fenced: the host record may ride along
         self._next_turn: Optional[float] = None  # monotonic time this node's next claim turn comes
         self._hold_ends: Optional[float] = None  # monotonic time the first failover hold ends
 
@@ -4415,7 +4444,9 @@ class Agent:
                 return self.NEWS  # a claim gone (hand-over, death, destroy), or one of ours changed
             if lease == new.lease:
                 return self.NEWS
-            return self.NEW_WORK if old is None or old.lease != new.lease else self.NOT_NEWS
+            if old is None or old.lease != new.lease:  # another node's new claim: news only while work waits
+                return self.NEW_WORK if self.view.has_unclaimed() else self.NOT_NEWS
+            return self.NOT_NEWS
         if kind == "hosts":
             if name == self.node or old is None or new is None:
                 return self.NEWS
@@ -4482,7 +4513,10 @@ class Agent:
                 continue
             try:
                 started = time.thread_time()
-                decision = self.tick()
+                try:
+                    decision = self.tick()
+                finally:
+                    self._ride_ok = False
                 self.ticks, self.tick_cpu = self.ticks + 1, self.tick_cpu + time.thread_time() - started
                 failures = 0
             except LeaseNotFound:
@@ -4573,6 +4607,7 @@ class Agent:
         domains = self.hv.domains()
         fence = snap.fences.get(self.node)
         fenced = fence is not None or self.executor.ceph_refused
+        self._ride_ok = not fenced
         self._apply_cluster_config()
         cannot = self.executor.cannot(snap)
         rec = snap.nodes.get(self.node)
@@ -4613,6 +4648,7 @@ class Agent:
                 chore()
             except Exception:
                 log.exception("bookkeeping (lost nodes, moves, group guards) failed; going on")
+        self._ride_ok = False
         host = self._publish_host(fenced)
         self._console_polling = self.executor.publish_consoles(self.hv.domains())
         summary = (f"{host.vms} VM(s) here, {host.vcpus_used}/{host.vcpus} vcpus, "
@@ -4823,6 +4859,21 @@ class Agent:
         cannot = tuple(sorted(self.executor.gave_up_reasons().items()))
         return HostState(self.capacity.vcpus, self.capacity.ram_mb, cpu, ram, vms,
                          "fenced" if fenced else "ready", self.cfg.address, cannot)
+
+    def _host_ride(self) -> list[tuple[str, bytes, int]]:
+        """Our host record as (key, value, lease) if its content changed
+        (for the executor to write with a VM's state, one revision for
+        both); counted as written at once, see _host_ride_failed."""
+        if not self._ride_ok or self._keeper is None or self._last_host is None or self._last_host.state != "ready":
+            return []  # outside a reconcile, not registered yet, or fenced: the tick writes it
+        host = self._host_state()
+        if host.same_content(self._last_host):
+            return []
+        self._last_host = host
+        return [(self.keys.host(self.node), host.encode(), self.lease_id)]
+
+    def _host_ride_failed(self) -> None:
+        self._last_host = None  # the end of the tick writes it again
 
     def _publish_host(self, fenced: bool = False) -> HostState:
         """Write this node's host key if its content changed; returns it."""

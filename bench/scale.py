@@ -185,8 +185,8 @@ class Fleet:
             group = self.inis[i:i + k]
             if k == 1:
                 argv = [sys.executable, str(ROOT / "metastack.py"), "-c", str(group[0])]
-                if os.environ.get("BENCH_PROFILE") == self.nodes[i].name:  # one agent under cProfile (diagnosis)
-                    argv[1:1] = ["-m", "cProfile", "-o", str(self.dir / f"{self.nodes[i].name}.prof")]
+                if os.environ.get("BENCH_PROFILE") == self.nodes[i].name:  # one agent under a profiler (diagnosis)
+                    argv[1] = os.environ["BENCH_PROFILER"]
                 logpath = self.dir / f"{self.nodes[i].name}.log"
             else:
                 argv = [sys.executable, str(HERE / "agents_host.py"), *map(str, group)]
