@@ -32,7 +32,6 @@ import argparse
 import base64
 import configparser
 import contextlib
-import copy
 import dataclasses
 import datetime as _dt
 import faulthandler
@@ -1456,6 +1455,17 @@ class Store:
                              + [self._tx.put(k, v, lease=ls or None) for k, v, ls in plus])
         return resp[0].response_put.header.revision if ok else None
 
+    def replace_many(self, writes: Sequence[tuple[str, bytes, int, int]],
+                     plus: Sequence[tuple[str, bytes, int]] = ()) -> Optional[int]:
+        """Write each (key, value, mod_revision, lease) only if every key is
+        unchanged since its ``mod_revision``, all in one transaction (one
+        revision); ``plus`` as for ``create``. The revision, or None when
+        any key changed."""
+        ok, resp = self._txn("replace", [self._tx.mod(k) == rev for k, _, rev, _ in writes],
+                             [self._tx.put(k, v, lease=ls or None) for k, v, _, ls in writes]
+                             + [self._tx.put(k, v, lease=ls or None) for k, v, ls in plus])
+        return resp[0].response_put.header.revision if ok else None
+
     def delete_if(self, key: str, mod_revision: int) -> Optional[int]:
         """Delete ``key`` only if unchanged since ``mod_revision``; returns
         the delete's revision or None when the key changed or vanished."""
@@ -1621,8 +1631,8 @@ class ClusterView:
         self._claims: dict[str, tuple[str, int, int, int]] = {}
         self._use: dict[tuple[str, int], list[int]] = {}
         self._unclaimed: set[str] = set()
-        self._light_gen = 0  # bumped by every change of a kind in LIGHT_KINDS
-        self._light_cache: Optional[tuple[int, dict[str, dict[str, Any]]]] = None
+        self._light_gens: dict[str, int] = {}  # kind in LIGHT_KINDS -> bumped by every change of one
+        self._light_cache: dict[str, tuple[int, dict[str, Any]]] = {}  # kind -> (gen, name -> parsed)
 
     def _gone(self, key: str, old: Entry, revision: int) -> None:
         split = self.keys.split(key)
@@ -1661,7 +1671,7 @@ class ClusterView:
             self.revision = revision
             self.synced = True
             self._kinds, self._claims, self._use, self._unclaimed = {}, {}, {}, set()
-            self._light_cache = None
+            self._light_cache = {}
             for key, entry in self._entries.items():
                 self._index(key, entry)
 
@@ -1675,7 +1685,7 @@ class ClusterView:
             return
         kind, name = split
         if kind in self.LIGHT_KINDS:
-            self._light_gen += 1
+            self._light_gens[kind] = self._light_gens.get(kind, 0) + 1
         if entry is None:
             self._kinds.get(kind, {}).pop(name, None)
         else:
@@ -1725,18 +1735,17 @@ class ClusterView:
         O(unclaimed + hosts + flavours + images)."""
         snap = Snapshot({}, {}, {}, {})
         with self._lock:
-            if self._light_cache is None or self._light_cache[0] != self._light_gen:
-                parts: dict[str, dict[str, Any]] = {}
-                for kind in self.LIGHT_KINDS:
-                    field = parts[kind] = {}
+            for kind in self.LIGHT_KINDS:
+                gen = self._light_gens.get(kind, 0)
+                hit = self._light_cache.get(kind)
+                if hit is None or hit[0] != gen:
+                    field: dict[str, Any] = {}
                     for name, key in self._kinds.get(kind, {}).items():
                         _, value = self._cached(key, self._entries[key])
-                        if value is not None:
+                        if value is not None and (kind != "hosts" or value.lease):
                             field[name] = value
-                parts["hosts"] = {n: h for n, h in parts["hosts"].items() if h.lease}
-                self._light_cache = (self._light_gen, parts)
-            for kind, field in self._light_cache[1].items():
-                setattr(snap, kind, dict(field))
+                    hit = self._light_cache[kind] = (gen, field)
+                setattr(snap, kind, dict(hit[1]))
             for name in self._unclaimed:
                 key = self._kinds["desired"][name]
                 _, value = self._cached(key, self._entries[key])
@@ -2827,8 +2836,16 @@ class Placement:
 
     def assign(self, skip: Collection[str] = ()) -> dict[str, str]:
         """vm -> the node that should claim it (see the class contract)."""
-        snap = self.snap
-        bins = {n: copy.copy(b) for n, b in self.bins.items()}  # the simulation's own copy
+        bins = self.bins
+        saved = {n: (b.cpu, b.ram) for n, b in bins.items()}  # the simulation runs in place, then undoes itself
+        try:
+            return self._simulate(skip)
+        finally:
+            for n, (cpu, ram) in saved.items():
+                bins[n].cpu, bins[n].ram = cpu, ram
+
+    def _simulate(self, skip: Collection[str]) -> dict[str, str]:
+        snap, bins = self.snap, self.bins
         members = {g: dict(by) for g, by in self.members().items()}
         heap = [(self._key(b), b.version, n) for n, b in bins.items()]
         heapq.heapify(heap)
@@ -3321,6 +3338,7 @@ class Executor:
         # (written in the same transaction as a VM's state), and what to do if that write failed.
         self.host_ride: Callable[[], list[tuple[str, bytes, int]]] = list
         self.host_ride_failed: Callable[[], None] = lambda: None
+        self._held_writes: Optional[list[tuple[str, ActualVM, Entry, Optional[tuple[str, str]]]]] = None
 
     # -- dispatch ----------------------------------------------------------------
     def apply(self, act: Action, snap: Snapshot, domains: Mapping[str, str]) -> str:
@@ -3399,6 +3417,10 @@ class Executor:
             if vm not in keep:
                 del self._backoff[vm]
 
+    def ready(self, vm: str) -> bool:
+        """Whether ``vm`` is not waiting out a back-off."""
+        return time.monotonic() >= self._backoff.get(vm, (0, 0.0))[1]
+
     def next_retry(self) -> Optional[float]:
         """Monotonic time of the earliest pending retry, if any."""
         return min((t for _, t in self._backoff.values()), default=None)
@@ -3419,6 +3441,80 @@ class Executor:
             return f"claimed {act.vm}"
         note = self._converge(act, snap, domains)
         return f"claimed {act.vm}" + (f", {note}" if note else "")
+
+    CLAIM_BATCH = 24  # claims written in one transaction at most (etcd allows 128 operations in one)
+
+    def claim_batch(self, acts: Sequence[Action], snap: Snapshot) -> list[Action]:
+        """Claim the VMs of several plain claim actions (new VMs, not
+        re-claims of running domains, not replacements of untrusted claims)
+        in one transaction, with their history and strict-group guards: all
+        or none. Returns the actions claimed (their starts deferred, as
+        _do_claim does), [] when any key was taken: the caller then claims
+        them one by one. Never raises for one VM's trouble."""
+        creates: list[tuple[str, bytes]] = []
+        plus: list[tuple[str, bytes, int]] = []
+        for act in acts:
+            spec = snap.desired[act.vm]
+            assert isinstance(spec, DesiredVM)
+            value = self._value("starting" if act.state == "running" else "stopped", "", act.vcpus, act.ram_mb,
+                                generation=0 if spec.uuid else spec.generation, vm_uuid=spec.uuid or "")
+            creates.append((self.keys.actual(act.vm), value.encode()))
+            if spec.strict and spec.group is not None:
+                creates.append((self.keys.group_guard(spec.group, self.node), json.dumps({"vm": act.vm}).encode()))
+            plus += self.events.entry(act.vm, "claimed", f"{act.vcpus} vcpus, {act.ram_mb} MiB reserved")
+        try:
+            rev, _ = self.store.create(creates[0][0], creates[0][1], self._lease(), also=creates[1:], plus=plus)
+        except LeaseNotFound:
+            if not plus:
+                raise
+            self.events.forget_lease()
+            return []  # one by one, each with its own history
+        if rev is None:
+            return []
+        for key, value in creates:
+            self.view.note(key, value, rev, self._lease())
+        for act in acts:
+            self.events.written(act.vm)
+            self._backoff.pop(act.vm, None)
+            self.deferred.append(dataclasses.replace(act, kind="run" if act.state == "running" else "park"))
+        return list(acts)
+
+    def hold_publishes(self) -> None:
+        """From now on publish() collects its writes; flush_publishes()
+        writes them in one transaction (a burst of starts costs one
+        revision)."""
+        self._held_writes = []
+
+    def flush_publishes(self) -> None:
+        """Write what publish() collected since hold_publishes(): one
+        transaction if no key changed meanwhile, else each on its own."""
+        held, self._held_writes = self._held_writes, None
+        if not held:
+            return
+        writes, plus = [], []
+        for vm, new, entry, history in held:
+            writes.append((self.keys.actual(vm), new.encode(), entry.mod_revision, self._lease()))
+            if history is not None:
+                plus += self.events.entry(vm, *history)
+        host = self.host_ride()
+        try:
+            rev = self.store.replace_many(writes, plus + host)
+        except LeaseNotFound:
+            self.events.forget_lease()
+            rev = None
+        if rev is None:
+            if host:
+                self.host_ride_failed()
+            for vm, new, _, history in held:  # one by one: each as a plain publish
+                self.publish(vm, new.state, new.reason, new.vcpus, new.ram_mb, new.disk, history)
+            return
+        for key, value, _, lease in writes:
+            self.view.note(key, value, rev, lease)
+        for hkey, hval, hlease in host:
+            self.view.note(hkey, hval, rev, hlease)
+        for vm, _, _, history in held:
+            if history is not None:
+                self.events.written(vm)
 
     def take_deferred(self) -> list[Action]:
         """The starts that claims of this tick left for after the claims."""
@@ -3763,6 +3859,9 @@ class Executor:
             if history is not None:
                 self.events.record(vm, *history)
             return False
+        if self._held_writes is not None:
+            self._held_writes.append((vm, new, entry, history))
+            return True
         story = self.events.entry(vm, *history) if history is not None else []
         host = self.host_ride()  # this node's host record, when it changed: one revision for both
         try:
@@ -4618,6 +4717,14 @@ class Agent:
                        cordoned=rec is not None and rec.cordon, draining=rec is not None and rec.drain,
                        handing=self._handing(snap), claimable=claimable)
         done: list[str] = []
+        batch = [a for a in actions if a.kind == "claim" and domains.get(a.vm) != "running"
+                 and a.vm not in snap.untrusted and self.executor.ready(a.vm)][:Executor.CLAIM_BATCH]
+        if len(batch) > 1 and self._keeper.valid() and not self._stop_requested:
+            claimed = {a.vm for a in self.executor.claim_batch(batch, snap)}
+            for vm in sorted(claimed):
+                done.append(f"claimed {vm}")
+                log.info("vm=%s decision=claim: claimed", vm)
+            actions = [a for a in actions if not (a.kind == "claim" and a.vm in claimed)]
         for act in actions:
             self.beat()
             if self._stop_requested or not self._keeper.valid():
@@ -4630,14 +4737,19 @@ class Agent:
                 # one line per VM decision, the VM named once, as a field
                 log.info("vm=%s decision=%s: %s", act.vm, act.kind, re.sub(rf" {re.escape(act.vm)}\b", "", note))
         deferred = self.executor.take_deferred()
-        for act in deferred:  # the starts of what this tick claimed, after every claim
-            self.beat()
-            if self._stop_requested or not self._keeper.valid():
-                break
-            note = self.executor.apply(act, snap, domains)
-            if note:
-                done.append(note)
-                log.info("vm=%s decision=%s: %s", act.vm, act.kind, re.sub(rf" {re.escape(act.vm)}\b", "", note))
+        self.executor.hold_publishes()
+        try:
+            for act in deferred:  # the starts of what this tick claimed, after every claim
+                self.beat()
+                if self._stop_requested or not self._keeper.valid():
+                    break
+                note = self.executor.apply(act, snap, domains)
+                if note:
+                    done.append(note)
+                    log.info("vm=%s decision=%s: %s", act.vm, act.kind,
+                             re.sub(rf" {re.escape(act.vm)}\b", "", note))
+        finally:
+            self.executor.flush_publishes()
         self.executor.prune([a.vm for a in actions] + [a.vm for a in deferred])
         if fenced:
             note = self._while_fenced(fence, snap)
