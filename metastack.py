@@ -1684,7 +1684,7 @@ class ClusterView:
         if split is None:
             return
         kind, name = split
-        if kind in self.LIGHT_KINDS:
+        if kind in self.LIGHT_KINDS and not (kind == "hosts" and self._same_offer(key, entry)):
             self._light_gens[kind] = self._light_gens.get(kind, 0) + 1
         if entry is None:
             self._kinds.get(kind, {}).pop(name, None)
@@ -1709,6 +1709,20 @@ class ClusterView:
                 self._unclaimed.discard(name)
             elif name not in self._claims:
                 self._unclaimed.add(name)
+
+    def _same_offer(self, key: str, entry: Optional[Entry]) -> bool:
+        """Whether a host record's new value (``entry``) offers what the
+        one last parsed for ``key`` offered (only its use changed): light()
+        ignores the use a host record states. Call with the lock held."""
+        hit = self._parsed.get(key)
+        if entry is None or hit is None or not isinstance(hit[2], HostState):
+            return False
+        _, new = self._cached(key, entry)
+        if not isinstance(new, HostState):
+            return False
+        old = hit[2]
+        return (old.vcpus, old.ram_mb, old.state, old.address, old.cannot, old.lease) == \
+            (new.vcpus, new.ram_mb, new.state, new.address, new.cannot, new.lease)
 
     def use_of(self, host: str, lease: int) -> tuple[int, int, int]:
         """(vcpus, ram_mb, vms) reserved by the claims naming ``host`` on

@@ -2,9 +2,12 @@
 tails (issue #6, finding 10). Pure: no etcd, no libvirt."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 import metastack as ms
 from metastack import ActualVM, DesiredVM, Entry, Flavour, HostState, Image, KeyEvent
@@ -75,3 +78,47 @@ def test_view_ignores_console_keys() -> None:
     assert view.apply(14, [KeyEvent(keys.desired("vm2"), b'{"flavour": "old"}', 12, 0, 12)]) is False  # stale
     assert view.snapshot().desired["vm2"].flavour == "small"
     assert set(view.snapshot().desired) == {"vm1", "vm2"}
+
+
+# -- the incremental index (issue #7: work per event proportional to the change) ---
+
+OPS = st.lists(st.tuples(st.sampled_from(["desired", "actual", "hosts", "relist"]), st.integers(0, 5),
+                         st.sampled_from(["n1", "n2", "n3"]), st.integers(1, 3), st.booleans()),
+               max_size=60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(OPS)
+@example([("desired", 0, "n1", 1, False), ("actual", 0, "n1", 1, False), ("actual", 0, "n1", 1, True)])
+@example([("hosts", 0, "n1", 1, False), ("actual", 1, "n1", 1, False), ("actual", 1, "n2", 1, False),
+          ("actual", 1, "n2", 1, True), ("hosts", 0, "n1", 2, False)])
+def test_the_index_agrees_with_a_full_snapshot_after_any_changes(ops) -> None:
+    """unclaimed VMs, use per live host and the light snapshot, kept per
+    change, equal what a full snapshot computes from scratch, whatever the
+    order of creates, updates, deletes and re-lists."""
+    keys = ms.Keys("/ms")
+    view = ms.ClusterView(keys)
+    view.load(1, {keys.flavour("small"): Entry(b'{"vcpus": 1, "ram_mb": 512}', 1, 0, 1)})
+    rev = 1
+    for kind, i, node, lease, delete in ops:
+        rev += 1
+        if kind == "relist":
+            view.load(rev, {k: e for k in [keys.flavour("small")] + [keys.desired(f"vm{j}") for j in range(6)]
+                            + [keys.actual(f"vm{j}") for j in range(6)] + [keys.host(n) for n in ("n1", "n2", "n3")]
+                            if (e := view.entry(k)) is not None})
+            continue
+        key = {"desired": keys.desired(f"vm{i}"), "actual": keys.actual(f"vm{i}"), "hosts": keys.host(node)}[kind]
+        value = {"desired": json.dumps({"flavour": "small"}).encode(),
+                 "actual": ActualVM(node, "running", vcpus=i + 1, ram_mb=100 * (i + 1)).encode(),
+                 "hosts": HostState(8, 4096, vms=i).encode()}[kind]
+        view.apply(rev, [KeyEvent(key, None if delete else value, rev, lease if kind != "desired" else 0, rev)])
+    snap = view.snapshot()
+    claimed = set(snap.actual) | set(snap.untrusted)
+    assert view.unclaimed() == set(snap.desired) - claimed
+    light, use = view.light()
+    assert set(light.desired) == set(snap.desired) - claimed and not light.actual
+    assert light.hosts == snap.hosts or {n: dataclasses.replace(h, vms=0) for n, h in light.hosts.items()} == \
+        {n: dataclasses.replace(h, vms=0) for n, h in snap.hosts.items()}  # a host's stated use may lag: unused
+    for n in snap.hosts:
+        cpu, ram, _ = ms.usage(n, snap.actual)
+        assert use[n] == (cpu, ram), n
