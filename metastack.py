@@ -4621,6 +4621,8 @@ class Agent:
                 except Exception:  # noqa: BLE001 - a failed look is not worth less than a reconcile
                     log.exception("looking for new work failed; reconciling")
                     due = "tick"
+                if due == "tick":
+                    self._gather()
             if due != "tick":  # a beat alone: nothing for us, no timer due
                 due = self._pause(failures)
                 continue
@@ -4660,6 +4662,17 @@ class Agent:
             self.leave_running()
 
     IDLE_TICK = 5.0  # seconds between reconciles when nothing wakes the agent (level-triggered repair)
+    GATHER_QUIET, GATHER_MAX = 0.01, 0.05  # coalescing of new work: wait for a quiet spell, at most this long
+
+    def _gather(self) -> None:
+        """New work is ours: wait until no more arrives for GATHER_QUIET
+        seconds (at most GATHER_MAX), so one reconcile claims and starts
+        what arrives together, in one transaction each (a burst of
+        arrivals costs a few revisions, not a few per VM)."""
+        until = time.monotonic() + self.GATHER_MAX
+        while not self._full_due and self._waker.wait(min(self.GATHER_QUIET, until - time.monotonic())):
+            if time.monotonic() >= until:
+                break
 
     def _pause(self, failures: int) -> str:
         """Wait for a wake-up or the next timer. Returns "tick" when a
