@@ -4662,17 +4662,24 @@ class Agent:
             self.leave_running()
 
     IDLE_TICK = 5.0  # seconds between reconciles when nothing wakes the agent (level-triggered repair)
-    GATHER_QUIET, GATHER_MAX = 0.01, 0.05  # coalescing of new work: wait for a quiet spell, at most this long
+    GATHER_QUIET = 0.01  # coalescing of new work: wait for a quiet spell this long ...
+    GATHER_MAX = (0.05, 0.25)  # ... at most this long (the second while more VMs wait than there are nodes)
 
     def _gather(self) -> None:
         """New work is ours: wait until no more arrives for GATHER_QUIET
         seconds (at most GATHER_MAX), so one reconcile claims and starts
         what arrives together, in one transaction each (a burst of
-        arrivals costs a few revisions, not a few per VM)."""
-        until = time.monotonic() + self.GATHER_MAX
-        while not self._full_due and self._waker.wait(min(self.GATHER_QUIET, until - time.monotonic())):
-            if time.monotonic() >= until:
-                break
+        arrivals costs a few revisions, not a few per VM). In a burst
+        (more VMs unclaimed than live nodes) it waits GATHER_MAX[1]
+        whatever arrives: latency is traded for fewer revisions that
+        every agent must read."""
+        snap, _ = self.view.light()
+        burst = len(snap.desired) > len(snap.hosts)
+        until = time.monotonic() + self.GATHER_MAX[1 if burst else 0]
+        while not self._full_due and time.monotonic() < until:
+            woken = self._waker.wait(min(self.GATHER_QUIET, until - time.monotonic()))
+            if not (woken or burst):
+                break  # quiet: nothing more is coming
 
     def _pause(self, failures: int) -> str:
         """Wait for a wake-up or the next timer. Returns "tick" when a

@@ -425,7 +425,9 @@ class Catalog:
         returns it now (op "delete" when gone); plus "console" and "history"
         messages, scoped to one VM. A host record that appears, vanishes or
         changes lease re-sends the VMs it claims (their trust changes), and
-        one whose ``cannot`` changes the VMs named there (``given_up_by``)."""
+        one whose ``cannot`` changes the VMs named there (``given_up_by``);
+        any change of a host, node or fence record re-sends the unclaimed
+        VMs (why they wait depends on every node's capacity and state)."""
         keys = self.view.keys
         before = before or {}
         touched: dict[tuple[str, str], None] = {}
@@ -459,6 +461,9 @@ class Catalog:
                 text = "" if ev.value is None else ev.value.decode("utf-8", errors="replace")
                 scoped.append({"kind": "console", "name": name, "op": "delete" if ev.value is None else "put",
                                "object": {"name": name, "text": text}, "revision": revision})
+        if any(kind == "host" for kind, _ in touched):  # capacity, cordon, state: why a VM waits may change
+            for vm in sorted(self.view.unclaimed()):
+                touched[("vm", vm)] = None
         if lease_changed:  # a host's lease decides whether its claims are trusted
             for vm, entry in self.view.entries_of("actual").items():
                 if ms.ActualVM.parse(entry.value).host in lease_changed:

@@ -379,3 +379,29 @@ def test_bad_web_config_exits_2_naming_the_key(tmp_path, capsys, web: str, messa
     ini.write_text("[etcd]\nendpoints = 127.0.0.1:2379\n")
     assert metastackweb.main(["-c", str(ini), "--check-config"]) == 0
     assert "http://127.0.0.1:8080/" in capsys.readouterr().out
+
+
+def test_a_pending_vms_reason_is_re_sent_when_a_node_changes(env: WebEnv, admin: Client) -> None:
+    """Why a VM waits depends on every node's capacity and state: a node
+    record change re-sends the unclaimed VMs with their new reason."""
+    store, keys = env.cluster.store, env.cluster.store.keys
+    before = store.get(keys.node("node1"))
+    stream = EventStream(admin)
+    try:
+        stream.wait(lambda ev, d: ev == "status")
+        env.etcd.etcdctl("put", f"{env.prefix}/flavours/huge", '{"vcpus": 64, "ram_mb": 1024}')
+        env.etcd.etcdctl("put", f"{env.prefix}/desired/bigvm", '{"flavour": "huge"}')
+        stream.wait(lambda ev, d: ev == "change" and d["kind"] == "vm" and d["name"] == "bigvm"
+                    and "too small: node1" in (d["object"]["reason"] or ""))
+        env.etcd.etcdctl("put", f"{env.prefix}/nodes/node1", '{"cordon": true, "reason": "maintenance"}')
+        _, _, msg = stream.wait(lambda ev, d: ev == "change" and d["kind"] == "vm" and d["name"] == "bigvm"
+                                and "cordoned: node1 (maintenance)" in (d["object"]["reason"] or ""))
+        assert msg["object"]["state"] == "pending"
+    finally:
+        stream.close()
+        env.etcd.etcdctl("del", f"{env.prefix}/desired/bigvm")
+        env.etcd.etcdctl("del", f"{env.prefix}/flavours/huge")
+        if before is not None:
+            env.etcd.etcdctl("put", f"{env.prefix}/nodes/node1", before.value.decode())
+        else:
+            env.etcd.etcdctl("del", f"{env.prefix}/nodes/node1")
