@@ -3,6 +3,7 @@ drain interrupted then resumed), move, resize, driven by metastackctl."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 from click.testing import CliRunner
@@ -167,6 +168,26 @@ def test_overcommit_from_the_cluster_config_and_the_ini_override(ctl, cluster: C
     a3.start()
     cluster.wait_hosts("node3")
     wait_for(lambda: cluster.hosts()["node3"]["vcpus"] == 3, what="node3 offers 2 x 1.5 vcpus")
+
+
+@pytest.mark.parametrize("placement,expected", [("spread", [3, 3, 3]), ("pack", [0, 4, 5])])
+def test_placement_spread_and_pack_with_three_agents(ctl, cluster: Cluster, store, placement: str,
+                                                     expected: list[int]) -> None:
+    """Every agent computes the same placement from its view: spread gives
+    equal nodes equal shares, pack fills the fullest node that fits first;
+    about one node tries each VM (no lost claim race here)."""
+    cluster.flavour("small", 1, 512)
+    store.put(store.keys.config, json.dumps({"placement": placement}).encode())
+    for n in ("node1", "node2", "node3"):
+        cluster.agent(n, vcpus=5, ram_mb=8192)
+    cluster.wait_hosts("node1", "node2", "node3")
+    vms = [f"p{i}" for i in range(9)]
+    for vm in vms:
+        assert ctl("create", vm, "--flavour", "small").exit_code == 0
+    states = cluster.wait_running(vms)
+    per_node = Counter(h for _, h in states.values())
+    assert sorted(per_node.get(n, 0) for n in ("node1", "node2", "node3")) == expected, per_node
+    assert sum(a.log().count("lost the claim race") for a in cluster.agents) == 0
 
 
 def test_strict_anti_affinity_under_a_race(ctl, cluster: Cluster, store) -> None:
