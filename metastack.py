@@ -4,21 +4,27 @@
 Usage:  python metastack.py -c /etc/metastack/metastack.ini [--check-config]
 
 The agent watches etcd's desired-VM prefix and, on its own, claims the VMs
-it is able to run (free vcpus and RAM, matching host pin). A claim is one
-etcd transaction that creates ``<prefix>/actual/<vm>`` only if it does not
-exist, attached to this agent's lease, so exactly one node wins. The winner
-defines and starts the libvirt domain and publishes the VM's actual state
-and its own host state under that single lease. Deleting the desired entry
-makes the owner destroy the VM. When an agent dies its lease expires, its
-claims vanish, and the surviving agents claim and start its VMs.
+it is able to run (free vcpus and RAM, matching host pin). Every agent
+computes the same placement of the unclaimed VMs from what it reads
+(Placement): the node chosen for a VM claims it at once, the others step
+in one after another only if it stays unclaimed (ClaimTurns). A claim is
+one etcd transaction that creates ``<prefix>/actual/<vm>`` only if it does
+not exist, attached to this agent's lease, so exactly one node wins. The
+winner defines and starts the libvirt domain and publishes the VM's actual
+state and its own host state under that single lease. Deleting the desired
+entry makes the owner destroy the VM. When an agent dies its lease expires,
+its claims vanish, and the surviving agents fence it and claim and start
+its VMs from the same disk.
 
 Safety rules the code keeps:
-  * an agent runs a VM only while it holds the VM's claim under a lease it
-    has confirmed recently; when it cannot confirm its lease in time (etcd
-    unreachable) it stops its VMs *before* the lease can expire on the
-    server ("self-fencing"), so no second copy is started while one runs;
-  * on SIGTERM/SIGINT the agent drains: it stops its VMs, then revokes its
-    lease, so other nodes start them only once they are down here;
+  * a VM another node ran is started only after its former writers are
+    fenced at the storage layer (node record, Ceph blocklist, lock break);
+  * an agent whose lease is in doubt (etcd unreachable) keeps its VMs
+    running and claims and starts nothing; one whose main loop stalls
+    stops renewing its lease, and its watchdog process powers its guests
+    off before the lease can lapse;
+  * on SIGTERM the agent keeps its guests for the next agent to adopt
+    (``on_stop = keep``) or drains them (``on_stop = drain``);
   * it only ever touches libvirt domains tagged with the MetaStack metadata
     namespace and its own node name.
 
@@ -1108,8 +1114,9 @@ class ClusterConfig:
     optional. ``cpu_allocation_ratio``/``ram_allocation_ratio`` (numbers,
     0 < r <= 100, default 1.0): a node offers its vcpus and RAM times the
     ratio (overcommit above 1); ``[node]`` in a node's ini overrides them.
-    ``placement``: "spread" (default: emptier nodes claim first) or "pack"
-    (fuller nodes claim first). Unknown keys are ignored."""
+    ``placement``: "spread" (default: the least loaded node that can take a
+    VM claims it) or "pack" (the fullest that can); see Placement. Unknown
+    keys are ignored."""
 
     cpu_allocation_ratio: float = 1.0
     ram_allocation_ratio: float = 1.0
