@@ -4323,6 +4323,7 @@ class Agent:
         self.last_decision = ""
         self.turns = ClaimTurns(self.node, cfg.claim_step)
         self.ticks, self.tick_cpu = 0, 0.0  # reconciles so far, and the CPU time they took (for benchmarks)
+        self.looks, self.look_cpu = 0, 0.0  # looks for new work (see _new_work_here), and their CPU time
         self._full_due = True  # news (or a wake-up) asks for a full reconcile
         self._ride_ok = False  # during a reconcile of a node not fenced: the host record may ride along
         self._next_turn: Optional[float] = None  # monotonic time this node's next claim turn comes
@@ -4623,11 +4624,13 @@ class Agent:
         while not self._stop_requested:
             self.beat()
             if due == "look":  # only new work arrived: a reconcile only if some of it is ours
+                started = time.thread_time()
                 try:
                     due = "tick" if self._new_work_here() else ""
                 except Exception:  # noqa: BLE001 - a failed look is not worth less than a reconcile
                     log.exception("looking for new work failed; reconciling")
                     due = "tick"
+                self.looks, self.look_cpu = self.looks + 1, self.look_cpu + time.thread_time() - started
                 if due == "tick":
                     self._gather()
             if due != "tick":  # a beat alone: nothing for us, no timer due
@@ -4662,7 +4665,8 @@ class Agent:
             self.last_decision = decision
             self.beat()
             due = self._pause(failures)
-        log.info("stopping after %d reconciles (%.2f s CPU in them)", self.ticks, self.tick_cpu)
+        log.info("stopping after %d reconciles (%.2f s CPU in them) and %d looks for new work (%.2f s CPU); "
+                 "%.2f s CPU in all", self.ticks, self.tick_cpu, self.looks, self.look_cpu, time.process_time())
         if self.cfg.on_stop == "drain":
             self.drain()
         else:
