@@ -499,6 +499,8 @@ class Keys:
 
     def __init__(self, prefix: str = "/metastack") -> None:
         self.prefix = prefix.rstrip("/")
+        self._all = f"{self.prefix}/"
+        self._kinds = frozenset(self.KINDS)
 
     def desired(self, vm: str) -> str:
         return f"{self.prefix}/desired/{vm}"
@@ -545,10 +547,10 @@ class Keys:
 
     def split(self, key: str) -> Optional[tuple[str, str]]:
         """``/metastack/desired/web1`` -> ("desired", "web1"); None if foreign."""
-        if not key.startswith(self.all):
+        if not key.startswith(self._all):
             return None
-        kind, sep, name = key[len(self.all):].partition("/")
-        if not sep or kind not in self.KINDS or not name or "/" in name:
+        kind, sep, name = key[len(self._all):].partition("/")
+        if not sep or kind not in self._kinds or not name or "/" in name:
             return None
         return kind, name
 
@@ -612,7 +614,7 @@ def _json_object(raw: bytes, what: str) -> dict[str, Any]:
         raise SpecError(f"{what} is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(obj, dict):
         raise SpecError(f"{what} must be a JSON object, got {type(obj).__name__}")
-    if _json_depth(obj) > MAX_JSON_DEPTH:
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _json_depth(obj) > MAX_JSON_DEPTH:
         raise SpecError(f"{what} is nested too deeply (more than {MAX_JSON_DEPTH} levels)")
     return obj
 
@@ -972,10 +974,15 @@ class HostState:
         obj["cannot"] = dict(self.cannot)
         return json.dumps(obj, sort_keys=True).encode()
 
+    _USE = re.compile(rb'"(?:vcpus_used|ram_mb_used|vms)": *\d+')
+
     @classmethod
     def same_offer(cls, a: bytes, b: bytes) -> bool:
         """Two values of one host record that differ at most in use
-        (vcpus_used, ram_mb_used, vms); False if either is unusable."""
+        (vcpus_used, ram_mb_used, vms); False if either is unusable. Fast
+        when only the numbers of use differ in the text (how agents write)."""
+        if cls._USE.sub(b"", a) == cls._USE.sub(b"", b):
+            return True
         try:
             x, y = cls.parse(a), cls.parse(b)
         except SpecError:
@@ -1580,6 +1587,15 @@ def split_trusted(snap: Snapshot) -> None:
             snap.untrusted[vm] = snap.actual.pop(vm)
 
 
+def _stamped(record: Any, **fields: Any) -> Any:
+    """Set fields that come from etcd rather than the value (a lease, a
+    create revision) on a record just parsed, that nobody else holds yet:
+    dataclasses.replace without its cost (it runs on every watch event)."""
+    for name, value in fields.items():
+        object.__setattr__(record, name, value)
+    return record
+
+
 @dataclasses.dataclass(frozen=True)
 class Change:
     """One key as a watch event changed it: ``old`` None when created, ``new`` None when deleted."""
@@ -1639,6 +1655,7 @@ class ClusterView:
         self._use: dict[tuple[str, int], list[int]] = {}
         self._unclaimed: set[str] = set()
         self._light_gens: dict[str, int] = {}  # kind in LIGHT_KINDS -> bumped by every change of one
+        self._raw_hosts: dict[str, bytes] = {}  # host key -> the value whose offer light() holds
         self._light_cache: dict[str, tuple[int, dict[str, Any]]] = {}  # kind -> (gen, name -> parsed)
 
     def _gone(self, key: str, old: Entry, revision: int) -> None:
@@ -1678,7 +1695,7 @@ class ClusterView:
             self.revision = revision
             self.synced = True
             self._kinds, self._claims, self._use, self._unclaimed = {}, {}, {}, set()
-            self._light_cache = {}
+            self._light_cache, self._raw_hosts = {}, {}
             for key, entry in self._entries.items():
                 self._index(key, entry)
 
@@ -1724,6 +1741,11 @@ class ClusterView:
         hit = self._parsed.get(key)
         if entry is None or hit is None or not isinstance(hit[2], HostState):
             return False
+        if hit[2].lease == entry.lease and key in self._raw_hosts \
+                and HostState.same_offer(self._raw_hosts[key], entry.value):
+            self._raw_hosts[key] = entry.value
+            return True
+        self._raw_hosts[key] = entry.value
         _, new = self._cached(key, entry)
         if not isinstance(new, HostState):
             return False
@@ -1842,13 +1864,13 @@ class ClusterView:
         hold). To add a kind: a Snapshot field of that name, a branch here."""
         try:
             if kind == "desired":
-                return dataclasses.replace(DesiredVM.parse(name, entry.value), generation=entry.create_revision)
+                return _stamped(DesiredVM.parse(name, entry.value), generation=entry.create_revision)
             if kind == "actual":
-                return dataclasses.replace(ActualVM.parse(entry.value), lease=entry.lease)
+                return _stamped(ActualVM.parse(entry.value), lease=entry.lease)
             if kind == "flavours":
                 return Flavour.parse(name, entry.value)
             if kind == "hosts":
-                return dataclasses.replace(HostState.parse(entry.value), lease=entry.lease)
+                return _stamped(HostState.parse(entry.value), lease=entry.lease)
             if kind == "fences":
                 return FenceRecord.parse(name, entry.value)
             if kind == "nodes":
