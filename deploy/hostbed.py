@@ -6,6 +6,7 @@ with systemd as PID 1, its own network and SSH: a testbed for the playbook
     python3 deploy/hostbed.py up DIR [--hosts 3] [--subnet 10.214.0] [--name mstb]
     python3 deploy/hostbed.py status DIR
     python3 deploy/hostbed.py down DIR
+    python3 deploy/hostbed.py power-off DIR HOST
 
 What `up` builds:
   * a base root file system, made once and cached (default
@@ -25,14 +26,19 @@ What `up` builds:
     DIR/wheels (the pip packages of constraints.txt, mounted read-only at
     /opt/wheels in every host: install with --no-index --find-links).
 
-`down` stops every container by the pid it recorded (SIGTERM: systemd in
-the container shuts down cleanly; SIGKILL after 60 s), unmounts the
+`power-off HOST` pulls one host's plug: SIGKILL to its container's init
+(every process in it dies at once, nothing shuts down cleanly).
+
+`down` stops every container by the pid it recorded (SIGTERM to all at
+once: systemd in each container shuts down cleanly; SIGKILL to those still
+running after 60 s), unmounts the
 overlays, deletes the bridge and DIR/hosts. Addresses exist only on the
 bridge it made; nothing is sent anywhere else.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -227,17 +233,20 @@ class Hostbed:
     # -- down ----------------------------------------------------------------
     def down(self) -> None:
         hosts_dir = self.dir / "hosts"
-        for d in sorted(hosts_dir.glob("host*")) if hosts_dir.exists() else []:
-            pid = _read_pid(d / "nspawn.pid")
+        dirs = sorted(hosts_dir.glob("host*")) if hosts_dir.exists() else []
+        pids = [pid for pid in (_read_pid(d / "nspawn.pid") for d in dirs)
+                if pid is not None and _alive(pid, b"systemd-nspawn")]
+        for pid in pids:  # all hosts shut down at once, within one 60 s deadline
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while any(_alive(pid, b"systemd-nspawn") for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for pid in pids:
             if _alive(pid, b"systemd-nspawn"):
-                assert pid is not None
-                os.kill(pid, signal.SIGTERM)
-                deadline = time.monotonic() + 60
-                while _alive(pid, b"systemd-nspawn") and time.monotonic() < deadline:
-                    time.sleep(0.2)
-                if _alive(pid, b"systemd-nspawn"):
-                    os.kill(pid, signal.SIGKILL)
-                    time.sleep(0.5)
+                _power_off(pid)
+        while any(_alive(pid, b"systemd-nspawn") for pid in pids) and time.monotonic() < deadline + 10:
+            time.sleep(0.2)
+        for d in dirs:
             if os.path.ismount(d / "root"):
                 sh("umount", str(d / "root"), check=False)
         if sh("ip", "link", "show", self.bridge, check=False).returncode == 0:
@@ -246,6 +255,15 @@ class Hostbed:
         with_json = self.dir / "hostbed.json"
         if with_json.exists():
             with_json.unlink()
+
+    def power_off(self, host: str) -> None:
+        """Pull the plug of HOST: SIGKILL to its container's init (the
+        kernel then kills every process in the container, QEMU included;
+        its veth goes with its network namespace). No shutdown runs."""
+        pid = _read_pid(self.hdir(host) / "nspawn.pid")
+        if pid is None or not _alive(pid, b"systemd-nspawn"):
+            raise HostbedError(f"{host} is not running")
+        _power_off(pid)
 
     def status(self) -> dict:
         out = {}
@@ -261,6 +279,27 @@ def _read_pid(path: Path) -> Optional[int]:
         return int(path.read_text().strip())
     except (OSError, ValueError):
         return None
+
+
+def _power_off(nspawn_pid: int) -> None:
+    """SIGKILL to the init of the container run by ``nspawn_pid``: the
+    descendant whose pid in its own namespace is 1. Killing a PID
+    namespace's init kills the whole namespace; nspawn then exits."""
+    todo = [nspawn_pid]
+    while todo:
+        pid = todo.pop(0)
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            nspid = next((line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:")), [])
+            if pid != nspawn_pid and nspid and nspid[-1] == "1":
+                os.kill(pid, signal.SIGKILL)
+                return
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+    with contextlib.suppress(ProcessLookupError):  # no container init found: nspawn itself
+        os.kill(nspawn_pid, signal.SIGKILL)
 
 
 def _alive(pid: Optional[int], marker: bytes) -> bool:
@@ -280,8 +319,9 @@ def _alive(pid: Optional[int], marker: bytes) -> bool:
 
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="hostbed.py", description=__doc__.split("\n\n")[0])
-    ap.add_argument("command", choices=["up", "down", "status"])
+    ap.add_argument("command", choices=["up", "down", "status", "power-off"])
     ap.add_argument("dir", type=Path)
+    ap.add_argument("host", nargs="?", help="power-off: the host (e.g. host2)")
     ap.add_argument("--hosts", type=int, default=3)
     ap.add_argument("--subnet", default="10.214.0")
     ap.add_argument("--name", default="mstb")
@@ -294,6 +334,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(json.dumps(bed.status(), indent=2))
         elif args.command == "down":
             bed.down()
+        elif args.command == "power-off":
+            if not args.host:
+                ap.error("power-off needs a HOST")
+            bed.power_off(args.host)
         else:
             print(json.dumps(bed.status(), indent=2))
     except HostbedError as exc:

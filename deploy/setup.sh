@@ -2,7 +2,8 @@
 # Idempotent set-up of a Debian 12 machine for MetaStack development:
 # Debian packages (etcd, libvirt, QEMU, Ceph, rsyslog, and what
 # deploy/build-guest.sh builds the tiny test guest from; chromium and its
-# driver for the web console's browser tests) and a venv in .venv
+# driver for the web console's browser tests; debootstrap, systemd-nspawn,
+# iproute2 and the SSH client for the install testbed, deploy/hostbed.py) and a venv in .venv
 # that sees Debian's rados/rbd bindings next to the pip packages, at the
 # exact versions of constraints.txt; and .venv-deploy with the deploy tools
 # (ansible-core, ansible-lint; also pinned in constraints.txt).
@@ -17,7 +18,7 @@ PKGS=(
   qemu-system-x86 qemu-block-extra qemu-utils
   ceph-mon ceph-osd ceph-mgr ceph-common python3-rados python3-rbd
   rsyslog openssl systemd
-  debootstrap systemd-container
+  debootstrap systemd-container iproute2 openssh-client
   busybox-static cpio linux-image-cloud-amd64 mtools dosfstools syslinux syslinux-common fdisk
   python3-venv python3-dev python3-wheel gcc pkg-config
   chromium chromium-driver

@@ -148,11 +148,16 @@ def pytest_configure(config) -> None:
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
-    """The chaos suite's measurements (tests/chaoslib.py MEASURED), if it ran."""
+    """The chaos suite's measurements (tests/chaoslib.py MEASURED) and the
+    install testbed's (tests/test_install_testbed.py MEASURED), if they ran."""
     import sys
     lib = sys.modules.get("chaoslib")
-    if lib is None or not lib.MEASURED:
-        return
-    terminalreporter.section("chaos: measured")
-    for test, what, value, unit in lib.MEASURED:
-        terminalreporter.write_line(f"{test:58s} {what:28s} {value:6.2f} {unit}")
+    if lib is not None and lib.MEASURED:
+        terminalreporter.section("chaos: measured")
+        for test, what, value, unit in lib.MEASURED:
+            terminalreporter.write_line(f"{test:58s} {what:28s} {value:6.2f} {unit}")
+    bed = sys.modules.get("test_install_testbed")
+    if bed is not None and bed.MEASURED:
+        terminalreporter.section("install testbed: measured")
+        for what, seconds in bed.MEASURED:
+            terminalreporter.write_line(f"{what:64s} {seconds:7.1f} s")
