@@ -1753,6 +1753,28 @@ class ClusterView:
         return (old.vcpus, old.ram_mb, old.state, old.address, old.cannot, old.lease) == \
             (new.vcpus, new.ram_mb, new.state, new.address, new.cannot, new.lease)
 
+    def recent_claims(self, pending: Iterable[str],
+                      hosts: Mapping[str, HostState]) -> list[tuple[int, str, str, int, int]]:
+        """The trusted claims (on their host's lease, per ``hosts``) of VMs
+        created after the oldest of ``pending``, as (create revision, vm,
+        node, vcpus, ram_mb), for Placement. O(claims) without parsing."""
+        with self._lock:
+            desired = self._kinds.get("desired", {})
+            oldest = min(((self._entries[desired[n]].create_revision, n) for n in pending if n in desired),
+                         default=None)
+            if oldest is None:
+                return []
+            out = []
+            for vm, (host, lease, cpu, ram) in self._claims.items():
+                key = desired.get(vm)
+                h = hosts.get(host)
+                if key is None or h is None or h.lease != lease:
+                    continue
+                created = self._entries[key].create_revision
+                if (created, vm) > oldest:
+                    out.append((created, vm, host, cpu, ram))
+            return out
+
     def use_of(self, host: str, lease: int) -> tuple[int, int, int]:
         """(vcpus, ram_mb, vms) reserved by the claims naming ``host`` on
         ``lease`` (that node's trusted claims). O(1)."""
@@ -2788,12 +2810,14 @@ class _Bin:
     cap_cpu: int
     cap_ram: int
     cannot: frozenset[str]
-    cpu: int = 0
+    cpu: int = 0  # reserved now, by every claim (and the simulation's own choices): decides room
     ram: int = 0
     version: int = 0
+    rank_cpu: int = 0  # reserved as replayed in creation order: decides who is least loaded
+    rank_ram: int = 0
 
     def load(self) -> float:
-        return max(self.cpu / max(self.cap_cpu, 1), self.ram / max(self.cap_ram, 1))
+        return max(self.rank_cpu / max(self.cap_cpu, 1), self.rank_ram / max(self.cap_ram, 1))
 
     def fits(self, flav: Flavour) -> bool:
         return self.cap_cpu - self.cpu >= flav.vcpus and self.cap_ram - self.ram >= flav.ram_mb
@@ -2830,9 +2854,12 @@ class Placement:
     POLICIES = ("spread", "pack")
 
     def __init__(self, snap: "Snapshot", policy: str = "spread",
-                 use: Optional[Mapping[str, tuple[int, int]]] = None) -> None:
-        """``use``: node -> (vcpus, ram_mb) its trusted claims reserve, when
-        ``snap.actual`` does not hold them (ClusterView.light)."""
+                 use: Optional[Mapping[str, tuple[int, int]]] = None,
+                 recent: Optional[Sequence[tuple[int, str, str, int, int]]] = None) -> None:
+        """``use``: node -> (vcpus, ram_mb) its trusted claims reserve, and
+        ``recent``: the claims of VMs created after the oldest unclaimed one,
+        as (create revision, vm, node, vcpus, ram_mb), when ``snap.actual``
+        does not hold the claims (ClusterView.light)."""
         self.snap = snap
         self.policy = policy if policy in self.POLICIES else "spread"
         self.bins: dict[str, _Bin] = {}
@@ -2848,6 +2875,19 @@ class Placement:
             if b is not None:
                 b.cpu += claim.vcpus
                 b.ram += claim.ram_mb
+        if recent is None:
+            oldest = min((self._created(n) for n in self.pending()), default=None)
+            recent = [] if oldest is None else sorted(
+                (spec.generation, vm, c.host, c.vcpus, c.ram_mb) for vm, c in snap.actual.items()
+                if isinstance(spec := snap.desired.get(vm), DesiredVM) and (spec.generation, vm) > oldest)
+        self.recent = sorted(recent)
+        for b in self.bins.values():
+            b.rank_cpu, b.rank_ram = b.cpu, b.ram
+        for _, _, host, cpu, ram in self.recent:  # replayed in creation order by assign()
+            b = self.bins.get(host)
+            if b is not None:
+                b.rank_cpu -= cpu
+                b.rank_ram -= ram
         self._order = {name: _node_rank(name) for name in self.bins}
         self._members: Optional[dict[str, dict[str, int]]] = None
 
@@ -2867,25 +2907,25 @@ class Placement:
         return (b.fits(flav) and name not in b.cannot and (move is None or move.from_node != b.name)
                 and (vm.host is None or vm.host == b.name) and not (vm.strict and members.get(b.name, 0)))
 
+    def _created(self, name: str) -> tuple[int, str]:
+        spec = self.snap.desired[name]
+        return (spec.generation if isinstance(spec, DesiredVM) else 0, name)
+
     def pending(self, skip: Collection[str] = ()) -> list[str]:
         """Unclaimed desired VMs not in ``skip``, in creation order."""
         snap = self.snap
-        out = [n for n in snap.desired if n not in snap.actual and n not in skip]
-
-        def created(name: str) -> tuple[int, str]:
-            spec = snap.desired[name]
-            return (spec.generation if isinstance(spec, DesiredVM) else 0, name)
-        return sorted(out, key=created)
+        return sorted((n for n in snap.desired if n not in snap.actual and n not in skip), key=self._created)
 
     def assign(self, skip: Collection[str] = ()) -> dict[str, str]:
         """vm -> the node that should claim it (see the class contract)."""
         bins = self.bins
-        saved = {n: (b.cpu, b.ram) for n, b in bins.items()}  # the simulation runs in place, then undoes itself
+        saved = {n: (b.cpu, b.ram, b.rank_cpu, b.rank_ram) for n, b in bins.items()}  # run in place, then undo
         try:
             return self._simulate(skip)
         finally:
-            for n, (cpu, ram) in saved.items():
-                bins[n].cpu, bins[n].ram = cpu, ram
+            for n, (cpu, ram, rcpu, rram) in saved.items():
+                b = bins[n]
+                b.cpu, b.ram, b.rank_cpu, b.rank_ram = cpu, ram, rcpu, rram
 
     def _simulate(self, skip: Collection[str]) -> dict[str, str]:
         snap, bins = self.snap, self.bins
@@ -2894,7 +2934,19 @@ class Placement:
         heapq.heapify(heap)
         full: set[tuple[int, int]] = set()  # sizes no node had room for (loads only grow in a pass)
         out: dict[str, str] = {}
+        replay = iter(self.recent)
+        upcoming = next(replay, None)
         for name in self.pending(skip):
+            # Claims of VMs created before this one count for ranking now, not
+            # before: the answer does not depend on the order claims were made in.
+            while upcoming is not None and (upcoming[0], upcoming[1]) < self._created(name):
+                b = bins.get(upcoming[2])
+                if b is not None:
+                    b.rank_cpu += upcoming[3]
+                    b.rank_ram += upcoming[4]
+                    b.version += 1
+                    heapq.heappush(heap, (self._key(b), b.version, b.name))
+                upcoming = next(replay, None)
             resolved = resolve(snap.desired[name], snap)
             if isinstance(resolved, str):
                 ready = [n for n in snap.hosts if snap.hosts[n].state == "ready"]
@@ -2931,6 +2983,8 @@ class Placement:
                 continue
             chosen.cpu += flav.vcpus
             chosen.ram += flav.ram_mb
+            chosen.rank_cpu += flav.vcpus
+            chosen.rank_ram += flav.ram_mb
             chosen.version += 1
             heapq.heappush(heap, (self._key(chosen), chosen.version, chosen.name))
             if vm.group is not None:
@@ -4250,7 +4304,9 @@ class ClaimTurns:
     this node may claim now, the monotonic time of its next turn or None).
     A VM is this node's at once when Placement chose this node for it; else,
     when this node is the r-th backup for it (Placement.backups), once this
-    agent has seen the VM unclaimed for r x ``step`` seconds. ``step`` 0:
+    agent has seen the VM unclaimed for r x ``step`` seconds, the step
+    stretched by the backlog (unclaimed VMs per schedulable node, when
+    above 1: in a burst the chosen node works through a queue). ``step`` 0:
     every node that can take a VM tries at once (the old race). VMs in
     ``skip`` (held for their owners after a correlated loss) are nobody's.
     """
@@ -4262,8 +4318,10 @@ class ClaimTurns:
         self.last_chosen: dict[str, str] = {}  # vm -> node Placement chose in the last call (for tests, logs)
 
     def due(self, snap: Snapshot, policy: str, skip: Collection[str], now: float,
-            use: Optional[Mapping[str, tuple[int, int]]] = None) -> tuple[set[str], Optional[float]]:
-        placement = Placement(snap, policy, use)
+            use: Optional[Mapping[str, tuple[int, int]]] = None,
+            recent: Optional[Sequence[tuple[int, str, str, int, int]]] = None) -> tuple[set[str], Optional[float]]:
+        """See the class contract; ``use`` and ``recent`` as for Placement."""
+        placement = Placement(snap, policy, use, recent)
         pending = placement.pending(skip)
         self.first_seen = {vm: self.first_seen.get(vm, now) for vm in pending}
         if self.step <= 0:
@@ -4272,17 +4330,20 @@ class ClaimTurns:
         self.last_chosen = chosen
         mine = {vm for vm, n in chosen.items() if n == self.node}
         next_turn: Optional[float] = None
+        # In a burst every chosen node has a queue: the step grows with the
+        # backlog per node, so backups wait for a busy node instead of racing it.
+        step = self.step * max(1.0, len(pending) / max(1, len(placement.bins)))
         for vm in pending:
             if vm in mine:
                 continue
             since = self.first_seen[vm]
-            if now < since + self.step:  # the chosen node's own turn: nobody else looks yet
-                next_turn = min(next_turn or math.inf, since + self.step)
+            if now < since + step:  # the chosen node's own turn: nobody else looks yet
+                next_turn = min(next_turn or math.inf, since + step)
                 continue
             order = placement.backups(vm, chosen.get(vm))
             if self.node not in order:
                 continue
-            turn = since + (order.index(self.node) + 1) * self.step
+            turn = since + (order.index(self.node) + 1) * step
             if now >= turn:
                 mine.add(vm)
             else:
@@ -4612,8 +4673,9 @@ class Agent:
             return False
         if any(isinstance(v, DesiredVM) and v.group is not None for v in snap.desired.values()):
             return True
+        recent = self.view.recent_claims(snap.desired, snap.hosts)
         mine, self._next_turn = self.turns.due(snap, self.executor.placement, self._held(snap),
-                                               time.monotonic(), use)
+                                               time.monotonic(), use, recent)
         return bool(mine)
 
     def _on_watch_error(self, exc: BaseException) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -92,17 +93,30 @@ def test_a_malformed_entry_goes_to_one_ready_node() -> None:
     assert ms.Placement(s).backups("bad", a) and a not in ms.Placement(s).backups("bad", a)
 
 
-def test_claims_made_as_assigned_leave_the_rest_of_the_assignment_unchanged() -> None:
+@pytest.mark.parametrize("which", ["first", "last", "scattered"])
+def test_claims_made_as_assigned_in_any_order_leave_the_rest_of_the_assignment_unchanged(which: str) -> None:
+    """Agents see claims in different orders and at different moments: as
+    long as each VM went where the placement said, the placement of the
+    rest is the same (claims are replayed in creation order for ranking)."""
     s = cluster(5, 50)
     chosen = ms.Placement(s, "spread").assign()
-    # each node claims its first two, in the simulation's order
+    order = {"first": sorted(chosen), "last": sorted(chosen, reverse=True),
+             "scattered": sorted(chosen, key=lambda vm: hash(vm) % 7)}[which]
     done = Counter[str]()
-    for vm in sorted(chosen):
+    for vm in order:  # each node claims two of its VMs, in that order
         if done[chosen[vm]] < 2:
             done[chosen[vm]] += 1
             s.actual[vm] = claim(chosen[vm], int(chosen[vm][1:]) + 100)
     again = ms.Placement(s, "spread").assign()
     assert again == {vm: n for vm, n in chosen.items() if vm not in s.actual}
+    # the look from the view's index (use and recent claims instead of snap.actual) agrees
+    light = Snapshot({vm: d for vm, d in s.desired.items() if vm not in s.actual}, {}, dict(FLAVOURS), s.hosts)
+    use = {n: (sum(c.vcpus for c in s.actual.values() if c.host == n),
+               sum(c.ram_mb for c in s.actual.values() if c.host == n)) for n in s.hosts}
+    oldest = min(d.generation for d in light.desired.values())
+    recent = [(s.desired[vm].generation, vm, c.host, c.vcpus, c.ram_mb) for vm, c in s.actual.items()
+              if s.desired[vm].generation > oldest]
+    assert ms.Placement(light, "spread", use, recent).assign() == again
 
 
 def test_turns_the_chosen_node_at_once_backups_one_step_apart() -> None:
