@@ -390,7 +390,7 @@ def load_config(path: Optional[str]) -> AgentConfig:
         shutdown_timeout=_get_float(cp, "libvirt", "shutdown_timeout", 10.0, 0.0),
         lease_ttl=int(ttl_raw),
         resync_interval=_get_float(cp, "agent", "resync_interval", 30.0, 1.0),
-        claim_step=_get_float(cp, "agent", "claim_step", 5.0, 0.0),
+        claim_step=_get_float(cp, "agent", "claim_step", 2.0, 0.0),
         syslog=cp.get("logging", "syslog", fallback="auto").strip(),
         log_level=level,
         ceph=ceph_config_from(cp),
@@ -931,8 +931,10 @@ def orphan_disks(pool: str, disks: Iterable[str], snap: "Snapshot") -> list[str]
 class HostState:
     """``/metastack/hosts/<node>``: capacity and use, under the node's lease.
 
-    JSON: {"vcpus", "ram_mb", "vcpus_used", "ram_mb_used", "vms", "state",
-    "address" (its Ceph clients' IP, "" if not set), "cannot" ({vm: reason}
+    JSON: {"vcpus", "ram_mb", "vcpus_used", "ram_mb_used", "vms", "state"
+    ("ready"; "fenced"; "recovering": it lost its lease and re-claims only
+    its own running VMs for a grace period; "degraded": its libvirt does
+    not answer; only a ready node gets new work), "address" (its Ceph clients' IP, "" if not set), "cannot" ({vm: reason}
     for VMs this node gave up on after repeated failures)}. ``lease`` is
     the etcd lease the key hangs on (from etcd, not from the value): a
     record without one is not a live node.
@@ -1207,6 +1209,8 @@ def pending_reason(name: str, snap: "Snapshot") -> str:
         cannot = dict(host.cannot)
         if host.state == "fenced":
             why.setdefault("fenced", []).append(node)
+        elif host.state != "ready":  # "recovering": it lost its lease and takes back only its own VMs for now
+            why.setdefault(host.state, []).append(node)
         elif rec is not None and rec.drain:
             why.setdefault("draining", []).append(node + (f" ({rec.reason})" if rec.reason else ""))
         elif rec is not None and rec.cordon:
@@ -4409,6 +4413,7 @@ class Agent:
         self.looks, self.look_cpu = 0, 0.0  # looks for new work (see _new_work_here), and their CPU time
         self._full_due = True  # news (or a wake-up) asks for a full reconcile
         self._ride_ok = False  # during a reconcile of a node not fenced: the host record may ride along
+        self._libvirt_down = False  # the last reconcile failed to reach libvirt: host state "degraded"
         self._next_turn: Optional[float] = None  # monotonic time this node's next claim turn comes
         self._hold_ends: Optional[float] = None  # monotonic time the first failover hold ends
 
@@ -4740,6 +4745,9 @@ class Agent:
             except HypervisorError as exc:
                 failures += 1
                 decision = f"libvirt error: {exc}"
+                self._libvirt_down = True
+                with contextlib.suppress(MetaStackError):  # say so, so nobody places new work here meanwhile
+                    self._publish_host()
             except Exception:  # a bug must not kill the agent while VMs run
                 failures += 1
                 log.exception("unexpected error in reconcile")
@@ -4833,6 +4841,7 @@ class Agent:
             self._rewatch()  # after trouble with etcd the stream may be dead or stuck
         snap = self.view.snapshot()
         domains = self.hv.domains()
+        self._libvirt_down = False  # libvirt answers: the host record says ready again below
         fence = snap.fences.get(self.node)
         fenced = fence is not None or self.executor.ceph_refused
         self._ride_ok = not fenced
@@ -5098,8 +5107,9 @@ class Agent:
         on its lease (``lease``, default: the keeper's) reserve."""
         cpu, ram, vms = self.view.usage(self.node, self.lease_id if lease is None else lease)
         cannot = tuple(sorted(self.executor.gave_up_reasons().items()))
-        return HostState(self.capacity.vcpus, self.capacity.ram_mb, cpu, ram, vms,
-                         "fenced" if fenced else "ready", self.cfg.address, cannot)
+        state = ("fenced" if fenced else "recovering" if time.monotonic() < self._quiet_until
+                 else "degraded" if self._libvirt_down else "ready")
+        return HostState(self.capacity.vcpus, self.capacity.ram_mb, cpu, ram, vms, state, self.cfg.address, cannot)
 
     def _host_ride(self) -> list[tuple[str, bytes, int]]:
         """Our host record as (key, value, lease) if its content changed
