@@ -986,11 +986,14 @@ class HostState:
         if cls._USE.sub(b"", a) == cls._USE.sub(b"", b):
             return True
         try:
-            x, y = cls.parse(a), cls.parse(b)
+            return cls.parse(a).offer() == cls.parse(b).offer()
         except SpecError:
             return False
-        use = {"vcpus_used": 0, "ram_mb_used": 0, "vms": 0}
-        return dataclasses.replace(x, **use) == dataclasses.replace(y, **use)
+
+    def offer(self) -> tuple[Any, ...]:
+        """What the node offers, without what it uses: capacity, state,
+        address, what it gave up on, and the lease it is live on."""
+        return (self.vcpus, self.ram_mb, self.state, self.address, self.cannot, self.lease)
 
     def same_content(self, other: Optional["HostState"]) -> bool:
         return other is not None and dataclasses.replace(self, lease=0) == dataclasses.replace(other, lease=0)
@@ -1751,11 +1754,7 @@ class ClusterView:
             return True
         self._raw_hosts[key] = entry.value
         _, new = self._cached(key, entry)
-        if not isinstance(new, HostState):
-            return False
-        old = hit[2]
-        return (old.vcpus, old.ram_mb, old.state, old.address, old.cannot, old.lease) == \
-            (new.vcpus, new.ram_mb, new.state, new.address, new.cannot, new.lease)
+        return isinstance(new, HostState) and hit[2].offer() == new.offer()
 
     def recent_claims(self, pending: Iterable[str],
                       hosts: Mapping[str, HostState]) -> list[tuple[int, str, str, int, int]]:
@@ -3508,7 +3507,7 @@ class Executor:
             spec = snap.desired.get(vm)
             if now >= until or not isinstance(spec, DesiredVM) or spec.identity != ident:
                 del self.gave_up[vm]
-        return {vm: why for vm, (_, why, _) in sorted(self.gave_up.items())[:100]}
+        return self.gave_up_reasons()
 
     def prune(self, acted: Iterable[str]) -> None:
         """Forget back-off state of VMs that got no action this tick (their
