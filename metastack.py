@@ -3970,6 +3970,8 @@ class Executor:
             if not (story or host):
                 raise
             self.events.forget_lease()
+            if host:
+                self.host_ride_failed()  # not written after all: the end of the tick writes it
             story = host = []
             rev = self.store.replace(key, new.encode(), entry.mod_revision, self._lease())
         if rev is None:
