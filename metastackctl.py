@@ -321,24 +321,12 @@ def destroy_vm(store: ms.Store, name: Any) -> None:
 def set_vm_state(store: ms.Store, name: Any, state: str) -> bool:
     """Set VM ``name``'s desired state, keeping every other key of its entry;
     False when it already had that state."""
-    check_name(name, "VM")
-    for _ in range(5):
-        entry = store.get(store.keys.desired(name))
-        if entry is None:
-            raise AdminError("missing", f"no VM named {name!r}")
-        try:
-            obj = json.loads(entry.value)
-            if not isinstance(obj, dict):
-                raise ValueError("not an object")
-        except ValueError:
-            raise AdminError("conflict", f"the desired entry of {name!r} is not a JSON object; "
-                                         f"fix it with etcdctl or destroy the VM") from None
+    def change(obj: dict[str, Any]) -> bool:
         if obj.get("state", "running") == state:
             return False
         obj["state"] = state
-        if store.replace(store.keys.desired(name), json.dumps(obj).encode(), entry.mod_revision):
-            return True
-    raise AdminError("conflict", f"VM {name!r} keeps changing; try again")
+        return True
+    return edit_desired(store, name, change)
 
 
 def edit_desired(store: ms.Store, name: Any, change: Callable[[dict[str, Any]], bool]) -> bool:
