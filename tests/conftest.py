@@ -121,7 +121,7 @@ def real_cluster(etcd: EtcdServer, prefix: str, store: ms.Store, e2e_root: Path,
 
 # -- order: fast layers first, so a failure shows early ------------------------
 
-LAYERS = ("test_plan", "test_ops_plan", "test_placement", "test_robust", "test_view_cache", "test_chaoscheck", "test_packaging",
+LAYERS = ("test_plan", "test_ops_plan", "test_placement", "test_robust", "test_view_cache", "test_store_watch", "test_chaoscheck", "test_packaging",
           "test_ansible", "test_cli", "test_image_import", "test_etcd_security", "test_agent", "test_robust_agent",
           "test_ops_agent", "test_web", "test_ceph_caps", "test_e2e", "test_chaos", "test_install_testbed")
 

@@ -51,6 +51,7 @@ class EtcdServer:
         self.peer_port = free_port()
         self.proc: Optional[subprocess.Popen] = None
         self.log = open(workdir / "etcd.log", "ab")
+        self.user: Optional[str] = None  # "name:password" for etcdctl once auth is enabled
 
     @property
     def endpoint(self) -> str:
@@ -83,6 +84,8 @@ class EtcdServer:
 
     def etcdctl(self, *args: str, check: bool = True, timeout: float = 10) -> subprocess.CompletedProcess:
         env = dict(os.environ, ETCDCTL_API="3")
+        if self.user is not None:  # once etcd's auth is on (a test turned it on)
+            env["ETCDCTL_USER"] = self.user
         return subprocess.run(["etcdctl", "--endpoints", self.endpoint, "--dial-timeout=2s", *args],
                               capture_output=True, text=True, env=env, check=check, timeout=timeout)
 

@@ -227,6 +227,7 @@ def test_bad_security_settings_are_refused(tmp_path: Path, body: str, words: str
 
 def test_store_with_client_certificate_reads_writes_and_watches(secure_etcd: SecureEtcd) -> None:
     s = ms.Store(etcd_cfg(secure_etcd, cert="ms-agent"))
+    assert s.watch_transport == "grpc"  # the JSON gateway would not see the certificate's common name
     try:
         rev = s.put(f"{PREFIX}/config", b"{}")
         seen: list[str] = []
@@ -305,6 +306,32 @@ def test_password_store_authenticates_again_after_etcd_restarts(secure_etcd: Sec
         wait_for(lambda: _get_or_none(s, f"{PREFIX}-auth/probe"), 10, what="a read with a fresh token")
         s.put(f"{PREFIX}-auth/probe", b"2")
         assert s._token_gen == 2  # it did authenticate again
+    finally:
+        s.close()
+
+
+def test_a_client_with_a_certificate_watches_over_grpc(secure_etcd: SecureEtcd, tmp_path: Path) -> None:
+    """etcd's JSON gateway refuses any client that shows a certificate
+    (measured: HTTP 400 "CommonName of client sending a request against
+    gateway will be ignored"), so such a client watches over gRPC, even
+    with a password, and cannot be configured otherwise."""
+    cfg = etcd_cfg(secure_etcd, cert="anon", user="ms-webpw", password=WEB_PASSWORD)
+    assert cfg.watch_transport == "grpc"
+    ini = tmp_path / "json.ini"
+    ini.write_text(etcd_section(secure_etcd, cert="anon", user="ms-webpw", password=WEB_PASSWORD) + "watch = json\n")
+    cp = configparser.ConfigParser()
+    cp.read(ini)
+    with pytest.raises(ms.ConfigError, match="certificate"):
+        ms.etcd_config_from(cp)
+    s = ms.Store(cfg)
+    try:
+        rev = s.put(f"{PREFIX}-auth/probe", b"0")
+        seen: list[bytes] = []
+        cancel = s.watch_prefix(f"{PREFIX}-auth/", rev + 1, lambda _r, evs: seen.extend(e.value or b"" for e in evs),
+                                lambda _e: None)
+        s.put(f"{PREFIX}-auth/probe", b"grpc")
+        wait_for(lambda: seen == [b"grpc"], 5, what="the gRPC watch with a password")
+        cancel()
     finally:
         s.close()
 
