@@ -2140,7 +2140,9 @@ class ClusterView:
         return snap, use
 
     def _note(self, key: str, value: Optional[bytes], revision: int, lease: int, created: int = 0) -> bool:
-        if revision <= self._list_revision or revision < self._seen.get(key, 0) or not self._kept(key):
+        # A revision already seen is no change: the watch's echo of this
+        # agent's own write, which note() folded in when the write succeeded.
+        if revision <= self._list_revision or revision <= self._seen.get(key, 0) or not self._kept(key):
             return False
         self._seen[key] = revision
         if value is None:
@@ -2174,6 +2176,9 @@ class ClusterView:
         return out
 
     def note(self, key: str, value: Optional[bytes], revision: int, lease: int = 0) -> None:
+        """Fold in what this client wrote (``revision`` from the write's
+        answer), so that its readers see it at once; the watch's echo of
+        the same write then changes nothing (no Change, no wake-up)."""
         with self._lock:
             self._note(key, value, revision, lease)
 

@@ -44,7 +44,7 @@ Usage (from the repository root):
 Options: --nodes LIST, --vms-per-node N, --mode burst|stream|both, --rate
 ARRIVALS/S (stream), --mixed (node sizes 16/32/48 vcpus and flavours
 small/medium/large), --per-process K (K agents per process, via
-bench/agents_host.py), --central/--no-central, --idle SECONDS, --json FILE,
+bench/agents_host.py), --central/--no-central, --idle SECONDS, --watch auto|json|grpc (the agents' watch transport), --json FILE,
 --keep (leave the work directory for the logs).
 """
 from __future__ import annotations
@@ -146,8 +146,10 @@ class Fleet:
     INI`, as in production; K>1: bench/agents_host.py). Everything started
     is stopped by its Popen handle."""
 
-    def __init__(self, workdir: Path, etcd: EtcdServer, prefix: str, nodes: list[NodeSpec], per_process: int) -> None:
+    def __init__(self, workdir: Path, etcd: EtcdServer, prefix: str, nodes: list[NodeSpec], per_process: int,
+                 watch: str = "auto") -> None:
         self.dir = workdir
+        self.watch = watch
         self.nodes = nodes
         self.per_process = per_process
         self.procs: list[tuple[subprocess.Popen, int, Path]] = []  # (process, agents in it, log)
@@ -161,6 +163,7 @@ class Fleet:
             endpoints = {etcd.endpoint}
             prefix = {prefix}
             timeout = {ETCD_TIMEOUT}
+            watch = {self.watch}
             [node]
             name = {n.name}
             state_dir = {self.dir}/state-{n.name}
@@ -414,7 +417,7 @@ def run_agents(etcd: EtcdServer, work: Path, tag: str, n_nodes: int, args: argpa
     casedir = work / tag
     casedir.mkdir()
     store = ms.Store(ms.EtcdConfig(endpoints=ms.parse_endpoints(etcd.endpoint), prefix=prefix, timeout=5.0))
-    fleet = Fleet(casedir, etcd, prefix, nodes, args.per_process)
+    fleet = Fleet(casedir, etcd, prefix, nodes, args.per_process, args.watch)
     result: dict[str, Any] = {"nodes": n_nodes, "mode": mode, "vms": len(vms), "per_process": args.per_process,
                               "mixed": args.mixed, "fill_vcpus": round(fill(nodes, vms), 3)}
     try:
@@ -626,6 +629,8 @@ def main() -> int:
     ap.add_argument("--central", action=argparse.BooleanOptionalAction, default=True,
                     help="also run the central least-loaded baseline (default on)")
     ap.add_argument("--idle", type=float, default=20.0, help="idle window in seconds (default %(default)s)")
+    ap.add_argument("--watch", choices=("auto", "json", "grpc"), default="auto",
+                    help="the agents' [etcd] watch transport (default %(default)s: json here)")
     ap.add_argument("--json", metavar="FILE")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs) and print its path")
     args = ap.parse_args()
@@ -648,7 +653,7 @@ def main() -> int:
                     r["central"] = run_central(etcd, tag, n, args, mode)
                 results.append(r)
         kind = "mixed nodes/flavours" if args.mixed else f"equal nodes {EQUAL_NODE[0]} vcpus/{EQUAL_NODE[1]} MiB, small VMs"
-        print(f"\n{args.vms_per_node} VMs/node, {kind}, {args.per_process} agent(s)/process, stream rate "
+        print(f"\n{args.vms_per_node} VMs/node, {kind}, {args.per_process} agent(s)/process, watch {args.watch}, stream rate "
               f"{args.rate:g}/s, idle {args.idle:g}s; raw etcd txn/s: {raw['sequential']:.0f} seq, "
               f"{raw['threads_8']:.0f} with 8 threads")
         print_table(results)
