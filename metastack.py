@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import bisect
 import configparser
 import contextlib
 import dataclasses
@@ -1973,6 +1974,8 @@ class ClusterView:
         # vms] reserved; desired VMs without any claim.
         self._kinds: dict[str, dict[str, str]] = {}
         self._claims: dict[str, tuple[str, int, int, int]] = {}
+        self._by_creation: list[tuple[int, str]] = []  # (desired create revision, vm) of claimed VMs, sorted
+        self._creation_of: dict[str, int] = {}  # vm -> its place in _by_creation
         self._use: dict[tuple[str, int], list[int]] = {}
         self._unclaimed: set[str] = set()
         self._light_gens: dict[str, int] = {}  # kind in LIGHT_KINDS -> bumped by every change of one
@@ -2016,6 +2019,7 @@ class ClusterView:
             self.revision = revision
             self.synced = True
             self._kinds, self._claims, self._use, self._unclaimed = {}, {}, {}, set()
+            self._by_creation, self._creation_of = [], {}
             self._light_cache, self._raw_hosts = {}, {}
             for key, entry in self._entries.items():
                 self._index(key, entry)
@@ -2049,11 +2053,29 @@ class ClusterView:
                 self._unclaimed.discard(name)
             elif name in self._kinds.get("desired", {}):
                 self._unclaimed.add(name)
+            self._order_claim(name)
         elif kind == "desired":
             if entry is None:
                 self._unclaimed.discard(name)
             elif name not in self._claims:
                 self._unclaimed.add(name)
+            self._order_claim(name)
+
+    def _order_claim(self, vm: str) -> None:
+        """Keep ``vm``'s place in the claimed VMs' creation order (present
+        while it is both desired and claimed). Call with the lock held."""
+        key = self._kinds.get("desired", {}).get(vm)
+        created = self._entries[key].create_revision if key is not None and vm in self._claims else None
+        was = self._creation_of.get(vm)
+        if was == created:
+            return
+        if was is not None:
+            i = bisect.bisect_left(self._by_creation, (was, vm))
+            del self._by_creation[i]
+            del self._creation_of[vm]
+        if created is not None:
+            bisect.insort(self._by_creation, (created, vm))
+            self._creation_of[vm] = created
 
     def _same_offer(self, key: str, entry: Optional[Entry]) -> bool:
         """Whether a host record's new value (``entry``) offers what the
@@ -2074,7 +2096,8 @@ class ClusterView:
                       hosts: Mapping[str, HostState]) -> list[tuple[int, str, str, int, int]]:
         """The trusted claims (on their host's lease, per ``hosts``) of VMs
         created after the oldest of ``pending``, as (create revision, vm,
-        node, vcpus, ram_mb), for Placement. O(claims) without parsing."""
+        node, vcpus, ram_mb), for Placement, in creation order. O(pending +
+        those claims), without parsing."""
         with self._lock:
             desired = self._kinds.get("desired", {})
             oldest = min(((self._entries[desired[n]].create_revision, n) for n in pending if n in desired),
@@ -2082,13 +2105,10 @@ class ClusterView:
             if oldest is None:
                 return []
             out = []
-            for vm, (host, lease, cpu, ram) in self._claims.items():
-                key = desired.get(vm)
+            for created, vm in self._by_creation[bisect.bisect_right(self._by_creation, oldest):]:
+                host, lease, cpu, ram = self._claims[vm]
                 h = hosts.get(host)
-                if key is None or h is None or h.lease != lease:
-                    continue
-                created = self._entries[key].create_revision
-                if (created, vm) > oldest:
+                if h is not None and h.lease == lease:
                     out.append((created, vm, host, cpu, ram))
             return out
 

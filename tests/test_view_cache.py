@@ -122,3 +122,10 @@ def test_the_index_agrees_with_a_full_snapshot_after_any_changes(ops) -> None:
     for n in snap.hosts:
         cpu, ram, _ = ms.usage(n, snap.actual)
         assert use[n] == (cpu, ram), n
+    created = {n: e.create_revision for n in snap.desired if (e := view.entry(keys.desired(n))) is not None}
+    for pending in (set(light.desired), set(light.desired) | set(list(snap.desired)[:2])):
+        oldest = min(((created[n], n) for n in pending), default=None)
+        expect = [] if oldest is None else sorted(
+            (created[vm], vm, c.host, c.vcpus, c.ram_mb) for vm, c in snap.actual.items()
+            if vm in created and (created[vm], vm) > oldest)
+        assert view.recent_claims(pending, snap.hosts) == expect
