@@ -1810,7 +1810,8 @@ class JsonWatch:
     def start(self) -> None:
         """Connect to the first member that answers and wait for etcd to
         confirm the watch (see the class contract)."""
-        failures = []
+        import ssl
+        failures, tls_refused = [], False
         for host, port in self.endpoints:
             try:
                 self._open(host, port)
@@ -1818,8 +1819,12 @@ class JsonWatch:
             except StoreUnavailable:
                 raise
             except (OSError, ValueError) as exc:
+                tls_refused = tls_refused or isinstance(exc, ssl.SSLError)
                 failures.append(f"{host}:{port}: {exc}")
         else:
+            if tls_refused:  # like the gRPC path: a TLS refusal does not heal by waiting
+                raise StoreDenied(f"etcd watch failed: TLS handshake with {self.cfg.endpoint_text} failed "
+                                  f"(check [etcd] ca_cert, cert, key): {'; '.join(failures)}")
             raise StoreUnavailable(f"etcd watch failed: no member answered ({'; '.join(failures)})")
         try:
             pending: list[dict] = []

@@ -14,7 +14,7 @@ import configparser
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import pytest
 
@@ -229,3 +229,56 @@ def test_json_watch_with_etcd_users_authenticates_again_after_a_restart(tmp_path
             if s is not None:
                 s.close()
         server.stop()
+
+
+def test_json_watch_over_tls_verifies_the_server(tmp_path: Path) -> None:
+    """https:// endpoints without a client certificate (etcd without
+    --client-cert-auth): the JSON watch speaks TLS, verifies the server by
+    ``ca_cert``, and a server its CA did not sign is refused, not watched."""
+    import subprocess
+    from harness import free_port
+    from test_etcd_security import make_ca, make_cert
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    make_ca(pki, "ca")
+    make_ca(pki, "other-ca")
+    make_cert(pki, "ca", "server", "etcd", server=True)
+    port, peer_port = free_port(), free_port()
+    client, peer = f"https://127.0.0.1:{port}", f"http://127.0.0.1:{peer_port}"
+    with open(tmp_path / "etcd.log", "ab") as log:
+        proc = subprocess.Popen(["etcd", "--name", "tls", "--data-dir", str(tmp_path / "data"),
+                                 "--listen-client-urls", client, "--advertise-client-urls", client,
+                                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                                 "--initial-cluster", f"tls={peer}", "--cert-file", str(pki / "server.crt"),
+                                 "--key-file", str(pki / "server.key"), "--log-level", "warn"],
+                                stdout=log, stderr=subprocess.STDOUT)
+    stores: list[ms.Store] = []
+    try:
+        good = ms.Store(ms.EtcdConfig(endpoints=(("127.0.0.1", port),), tls=True, ca_cert=str(pki / "ca.crt"),
+                                      timeout=2.0))
+        stores.append(good)
+        assert good.watch_transport == "json"
+        rev = wait_for(lambda: _put_or_none(good, "/tls/a", b"1"), 15, what="etcd with TLS to answer")
+        seen = Seen()
+        cancel = good.watch_prefix("/tls/", rev + 1, seen.on_events, seen.on_error)
+        good.put("/tls/b", b"over TLS")
+        wait_for(lambda: seen.events(), 5, what="the JSON watch over TLS")
+        assert [(e.key, e.value) for e in seen.events()] == [("/tls/b", b"over TLS")] and seen.errors == []
+        cancel()
+        wrong = ms.Store(ms.EtcdConfig(endpoints=(("127.0.0.1", port),), tls=True,
+                                       ca_cert=str(pki / "other-ca.crt"), timeout=2.0))
+        stores.append(wrong)
+        with pytest.raises(ms.StoreDenied, match="certificate verify failed"):
+            wrong.watch_prefix("/tls/", rev + 1, seen.on_events, seen.on_error)
+    finally:
+        for s in stores:
+            s.close()
+        proc.terminate()
+        proc.wait(10)
+
+
+def _put_or_none(s: ms.Store, key: str, value: bytes) -> Optional[int]:
+    try:
+        return s.put(key, value)
+    except ms.StoreUnavailable:
+        return None
