@@ -408,7 +408,7 @@ def load_config(path: Optional[str]) -> AgentConfig:
         domain_type=domain_type,
         shutdown_timeout=_get_float(cp, "libvirt", "shutdown_timeout", 10.0, 0.0),
         lease_ttl=int(ttl_raw),
-        resync_interval=_get_float(cp, "agent", "resync_interval", 30.0, 1.0),
+        resync_interval=_get_float(cp, "agent", "resync_interval", 300.0, 1.0),
         claim_step=_get_float(cp, "agent", "claim_step", 2.0, 0.0),
         syslog=cp.get("logging", "syslog", fallback="auto").strip(),
         log_level=level,
@@ -1710,6 +1710,9 @@ class JsonWatch:
                     f"Content-Length: {len(self.body)}"]
             if self.token is not None:
                 head.append(f"Authorization: {self.token}")
+            # etcd's require-leader: a member that loses its leader (cut off
+            # from the others) ends the watch instead of going silent.
+            head.append("Grpc-Metadata-Hasleader: true")
             sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + self.body)
             self._sock = sock
             status, headers = self._response_head()
