@@ -5123,8 +5123,10 @@ class Agent:
         arrivals costs a few revisions, not a few per VM). In a burst
         (more VMs unclaimed than live nodes) it waits GATHER_MAX[1]
         whatever arrives: latency is traded for fewer revisions that
-        every agent must read."""
+        every agent must read. A single waiting VM is claimed at once."""
         snap, _ = self.view.light()
+        if len(snap.desired) <= 1:
+            return  # one VM waits (a steady stream): nothing to gather, claim it now
         burst = len(snap.desired) > len(snap.hosts)
         until = time.monotonic() + self.GATHER_MAX[1 if burst else 0]
         while not self._full_due and time.monotonic() < until:
