@@ -3345,17 +3345,21 @@ class Placement:
     def backups(self, name: str, chosen: Optional[str]) -> list[str]:
         """The nodes other than ``chosen`` that can take VM ``name`` now (by
         the published view, not the simulation), in rendezvous-hash order."""
+        able = self.able(name, self.snap.hosts if self.snap.desired.get(name) is not None else ())
+        return sorted((n for n in able if n != chosen), key=lambda n: _order_key(n, name))
+
+    def able(self, name: str, nodes: Iterable[str]) -> list[str]:
+        """Those of ``nodes`` that can take VM ``name`` now (by the
+        published view, not the simulation), in the order given."""
         spec = self.snap.desired.get(name)
         if spec is None:
             return []
         resolved = resolve(spec, self.snap)
         if isinstance(resolved, str):
-            able = [n for n in self.snap.hosts if self.snap.hosts[n].state == "ready"]
-        else:
-            vm, flav = resolved
-            counts = self.members().get(vm.group, {}) if vm.group is not None else {}
-            able = [n for n, b in self.bins.items() if self._allowed(b, name, vm, flav, counts)]
-        return sorted((n for n in able if n != chosen), key=lambda n: _order_key(n, name))
+            return [n for n in nodes if n in self.snap.hosts and self.snap.hosts[n].state == "ready"]
+        vm, flav = resolved
+        counts = self.members().get(vm.group, {}) if vm.group is not None else {}
+        return [n for n in nodes if (b := self.bins.get(n)) is not None and self._allowed(b, name, vm, flav, counts)]
 
 
 def plan(node: str, capacity: Capacity, snap: Snapshot, domains: Mapping[str, str],
@@ -4655,19 +4659,56 @@ class ClaimTurns:
     Contract: ``due(snap, policy, skip, now)`` returns (the unclaimed VMs
     this node may claim now, the monotonic time of its next turn or None).
     A VM is this node's at once when Placement chose this node for it; else,
-    when this node is the r-th backup for it (Placement.backups), once this
-    agent has seen the VM unclaimed for r x ``step`` seconds, the step
-    stretched by the backlog (unclaimed VMs per schedulable node, when
-    above 1: in a burst the chosen node works through a queue). ``step`` 0:
-    every node that can take a VM tries at once (the old race). VMs in
-    ``skip`` (held for their owners after a correlated loss) are nobody's.
+    when this node is the r-th backup for it (Placement.backups), at
+    ``base + (r - 1) x step``: ``base`` is one step after this agent first
+    saw the VM unclaimed, or one step after the chosen node last made
+    progress (its claims' reservation changed, as this agent saw it),
+    whichever is later, but at most PATIENCE steps after the first sight.
+    The step is stretched by the backlog (unclaimed VMs per schedulable
+    node, when above 1). So backups leave a busy chosen node its queue in a
+    burst, however slow the machine, and step in one step after a dead or
+    stuck one stops claiming. ``step`` 0: every node that can take a VM
+    tries at once (the old race). VMs in ``skip`` (held for their owners
+    after a correlated loss) are nobody's. Work per call: the placement,
+    plus, for each VM past its base only, a count over the nodes ahead of
+    this one in its rendezvous order (hashed once per VM).
     """
+
+    PATIENCE = 10  # steps: the latest base, for a chosen node that claims other VMs but never this one
 
     def __init__(self, node: str, step: float) -> None:
         self.node = node
         self.step = step
         self.first_seen: dict[str, float] = {}  # unclaimed vm -> when this agent first saw it so (monotonic)
         self.last_chosen: dict[str, str] = {}  # vm -> node Placement chose in the last call (for tests, logs)
+        self.progress: dict[str, float] = {}  # node -> when its claims' reservation last changed (monotonic)
+        self._reserved: dict[str, tuple[int, int]] = {}  # node -> (vcpus, ram_mb) its claims reserved then
+        self._ahead: dict[str, tuple[frozenset[str], list[str]]] = {}  # vm -> (nodes hashed, those before this one)
+
+    def _note_progress(self, snap: Snapshot, use: Optional[Mapping[str, tuple[int, int]]], now: float) -> None:
+        if use is None:
+            totals: dict[str, list[int]] = {n: [0, 0] for n in snap.hosts}
+            for claim in snap.actual.values():
+                if claim.host in totals:
+                    totals[claim.host][0] += claim.vcpus
+                    totals[claim.host][1] += claim.ram_mb
+            use = {n: (t[0], t[1]) for n, t in totals.items()}
+        for n, reserved in use.items():
+            if self._reserved.get(n) != reserved:
+                self._reserved[n] = reserved
+                self.progress[n] = now
+        for n in [n for n in self._reserved if n not in use]:
+            del self._reserved[n]
+            self.progress.pop(n, None)
+
+    def _nodes_ahead(self, vm: str, nodes: frozenset[str]) -> list[str]:
+        """Those of ``nodes`` before this one in ``vm``'s rendezvous order
+        (hashed once per VM while the set of nodes stays the same)."""
+        hit = self._ahead.get(vm)
+        if hit is None or hit[0] != nodes:
+            mine = _order_key(self.node, vm)
+            hit = self._ahead[vm] = (nodes, [n for n in nodes if n != self.node and _order_key(n, vm) < mine])
+        return hit[1]
 
     def due(self, snap: Snapshot, policy: str, skip: Collection[str], now: float,
             use: Optional[Mapping[str, tuple[int, int]]] = None,
@@ -4676,8 +4717,10 @@ class ClaimTurns:
         placement = Placement(snap, policy, use, recent)
         pending = placement.pending(skip)
         self.first_seen = {vm: self.first_seen.get(vm, now) for vm in pending}
+        self._ahead = {vm: hit for vm, hit in self._ahead.items() if vm in self.first_seen}
         if self.step <= 0:
             return set(pending), None
+        self._note_progress(snap, use, now)
         chosen = placement.assign(skip)
         self.last_chosen = chosen
         mine = {vm for vm, n in chosen.items() if n == self.node}
@@ -4685,17 +4728,23 @@ class ClaimTurns:
         # In a burst every chosen node has a queue: the step grows with the
         # backlog per node, so backups wait for a busy node instead of racing it.
         step = self.step * max(1.0, len(pending) / max(1, len(placement.bins)))
+        nodes: Optional[frozenset[str]] = None
         for vm in pending:
             if vm in mine:
                 continue
             since = self.first_seen[vm]
-            if now < since + step:  # the chosen node's own turn: nobody else looks yet
-                next_turn = min(next_turn or math.inf, since + step)
+            base = since + step
+            owner = chosen.get(vm)
+            if owner is not None and owner in self.progress:  # a chosen node still claiming: its queue
+                base = max(base, min(self.progress[owner] + step, since + self.PATIENCE * step))
+            if now < base:  # the chosen node's own turn: nobody else looks yet
+                next_turn = min(next_turn or math.inf, base)
                 continue
-            order = placement.backups(vm, chosen.get(vm))
-            if self.node not in order:
+            if not placement.able(vm, (self.node,)):
                 continue
-            turn = since + (order.index(self.node) + 1) * step
+            nodes = frozenset(placement.bins) if nodes is None else nodes
+            ahead = [n for n in self._nodes_ahead(vm, nodes) if n != owner]
+            turn = base + len(placement.able(vm, ahead)) * step
             if now >= turn:
                 mine.add(vm)
             else:

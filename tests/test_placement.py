@@ -138,6 +138,34 @@ def test_turns_the_chosen_node_at_once_backups_one_step_apart() -> None:
     assert ms.ClaimTurns(backups[1], 0.0).due(s, "spread", (), 0.0)[0] == {"vm000"}
 
 
+def test_backups_leave_a_chosen_node_that_still_claims_its_queue() -> None:
+    """The chosen node's progress (its claims' reservation changing) pushes
+    the backups' turn to one step after its last progress, at most
+    PATIENCE steps after the VM was first seen; a node that stops claiming
+    is stepped over one step later."""
+    s = cluster(3, 1)
+    chosen = ms.Placement(s, "pack").assign()["vm000"]
+    first = ms.Placement(s).backups("vm000", chosen)[0]
+    turns = ms.ClaimTurns(first, 1.0)
+    use = {n: (0, 0) for n in s.hosts}
+
+    def due(now: float) -> tuple[set[str], object]:
+        return turns.due(s, "pack", (), now, dict(use), [])
+
+    assert due(100.0) == (set(), 101.0)
+    use[chosen] = (2, 2048)  # the chosen node claimed two other VMs at 100.8: it works through its queue
+    assert due(100.8) == (set(), 101.8)
+    assert due(101.0)[0] == set()
+    assert due(101.8)[0] == {"vm000"}  # no progress for a step: the backup steps in
+    # a chosen node that keeps claiming other VMs but never this one is passed over after PATIENCE steps
+    turns = ms.ClaimTurns(first, 1.0)
+    due(200.0)
+    for i, now in enumerate((200.5, 201.5, 203.5, 205.5, 207.5, 209.5)):
+        use[chosen] = (3 + i, 1024 * (3 + i))
+        assert due(now)[0] == set(), now
+    assert due(210.0)[0] == {"vm000"}
+
+
 def test_plan_claims_only_what_is_its_turn_but_always_re_claims_its_running_domain() -> None:
     s = cluster(2, 3)
     acts = ms.plan("n1", ms.Capacity(16, 32768), s, {"vm002": "running"}, claimable={"vm000"})
