@@ -44,7 +44,8 @@ Usage (from the repository root):
 Options: --nodes LIST, --vms-per-node N, --mode burst|stream|both, --rate
 ARRIVALS/S (stream), --mixed (node sizes 16/32/48 vcpus and flavours
 small/medium/large), --per-process K (K agents per process, via
-bench/agents_host.py), --central/--no-central, --idle SECONDS, --watch auto|json|grpc (the agents' watch transport), --json FILE,
+bench/agents_host.py), --central/--no-central, --idle SECONDS, --watch auto|json|grpc (the agents' watch transport), --ttl
+SECONDS (the agents' lease_ttl, default 5), --json FILE,
 --keep (leave the work directory for the logs).
 """
 from __future__ import annotations
@@ -147,9 +148,10 @@ class Fleet:
     is stopped by its Popen handle."""
 
     def __init__(self, workdir: Path, etcd: EtcdServer, prefix: str, nodes: list[NodeSpec], per_process: int,
-                 watch: str = "auto") -> None:
+                 watch: str = "auto", ttl: int = TTL) -> None:
         self.dir = workdir
         self.watch = watch
+        self.ttl = ttl
         self.nodes = nodes
         self.per_process = per_process
         self.procs: list[tuple[subprocess.Popen, int, Path]] = []  # (process, agents in it, log)
@@ -174,7 +176,7 @@ class Fleet:
             domain_type = test
             shutdown_timeout = 2
             [agent]
-            lease_ttl = {TTL}
+            lease_ttl = {self.ttl}
             on_stop = keep
             [logging]
             syslog = none
@@ -417,7 +419,7 @@ def run_agents(etcd: EtcdServer, work: Path, tag: str, n_nodes: int, args: argpa
     casedir = work / tag
     casedir.mkdir()
     store = ms.Store(ms.EtcdConfig(endpoints=ms.parse_endpoints(etcd.endpoint), prefix=prefix, timeout=5.0))
-    fleet = Fleet(casedir, etcd, prefix, nodes, args.per_process, args.watch)
+    fleet = Fleet(casedir, etcd, prefix, nodes, args.per_process, args.watch, args.ttl)
     result: dict[str, Any] = {"nodes": n_nodes, "mode": mode, "vms": len(vms), "per_process": args.per_process,
                               "mixed": args.mixed, "fill_vcpus": round(fill(nodes, vms), 3)}
     try:
@@ -631,6 +633,8 @@ def main() -> int:
     ap.add_argument("--idle", type=float, default=20.0, help="idle window in seconds (default %(default)s)")
     ap.add_argument("--watch", choices=("auto", "json", "grpc"), default="auto",
                     help="the agents' [etcd] watch transport (default %(default)s: json here)")
+    ap.add_argument("--ttl", type=int, default=TTL,
+                    help="the agents' lease_ttl in seconds (default %(default)s; more for many agents per core)")
     ap.add_argument("--json", metavar="FILE")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs) and print its path")
     args = ap.parse_args()
@@ -653,7 +657,7 @@ def main() -> int:
                     r["central"] = run_central(etcd, tag, n, args, mode)
                 results.append(r)
         kind = "mixed nodes/flavours" if args.mixed else f"equal nodes {EQUAL_NODE[0]} vcpus/{EQUAL_NODE[1]} MiB, small VMs"
-        print(f"\n{args.vms_per_node} VMs/node, {kind}, {args.per_process} agent(s)/process, watch {args.watch}, stream rate "
+        print(f"\n{args.vms_per_node} VMs/node, {kind}, {args.per_process} agent(s)/process, watch {args.watch}, lease TTL {args.ttl}s, stream rate "
               f"{args.rate:g}/s, idle {args.idle:g}s; raw etcd txn/s: {raw['sequential']:.0f} seq, "
               f"{raw['threads_8']:.0f} with 8 threads")
         print_table(results)
