@@ -3784,6 +3784,7 @@ class Executor:
         self.ceph_refused = False  # Ceph refused our own client (blocklisted): we are fenced
         self.events = EventLog(store, self.node)
         self.races_lost = 0  # claims that another node's claim beat (for benchmarks and logs)
+        self.chosen: Mapping[str, str] = {}  # vm -> node this node's placement chose (the agent sets it; logs)
         self.deferred: list[Action] = []  # run/park actions of VMs claimed this tick
         # Set by the agent: this node's host record as (key, value, lease) when it changed
         # (written in the same transaction as a VM's state), and what to do if that write failed.
@@ -4276,7 +4277,8 @@ class Executor:
         if existing is not None:
             self.races_lost += 1
             with contextlib.suppress(SpecError):
-                log.info("vm=%s lost the claim race to %s", vm, ActualVM.parse(existing.value).host or "?")
+                log.info("vm=%s lost the claim race to %s (placement here chose %s)", vm,
+                         ActualVM.parse(existing.value).host or "?", self.chosen.get(vm) or "nobody")
             self.view.note(key, existing.value, existing.mod_revision, existing.lease)
         return False
 
@@ -5249,6 +5251,7 @@ class Agent:
         rec = snap.nodes.get(self.node)
         held = self._held(snap)
         claimable, self._next_turn = self.turns.due(snap, self.executor.placement, held, time.monotonic())
+        self.executor.chosen = self.turns.last_chosen
         actions = plan(self.node, self.capacity, snap, domains, hold=held, cannot=cannot,
                        quiet=time.monotonic() < self._quiet_until, fenced=fenced,
                        cordoned=rec is not None and rec.cordon, draining=rec is not None and rec.drain,
