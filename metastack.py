@@ -1353,21 +1353,23 @@ class Store:
                 self._client.endpoint_in_use.fail()
                 self._client._clear_old_stubs()
 
-    def _next_endpoint(self, exc: BaseException) -> None:
-        """After a transport failure, move to the next endpoint. python-etcd3
-        marks the endpoint failed for only ``time_retry`` (0.5 s) and keeps it
-        as the current one, so calls further apart than that would go back
-        to a dead member for ever (measured on a 3-member cluster with one
-        member down)."""
+    def _next_endpoint(self, exc: BaseException) -> bool:
+        """After a transport failure, move to the next endpoint; True when it
+        moved. python-etcd3 marks the endpoint failed for only ``time_retry``
+        (0.5 s) and keeps it as the current one, so calls further apart than
+        that would go back to a dead member for ever (measured on a 3-member
+        cluster with one member down)."""
         if len(self._client.endpoints) < 2:
-            return
+            return False
         if not isinstance(exc, (self._etcd3.exceptions.ConnectionFailedError,
                                 self._etcd3.exceptions.ConnectionTimeoutError)):
-            return
+            return False
         with contextlib.suppress(Exception):
             labels = list(self._client.endpoints)
             i = labels.index(self._client._current_endpoint_label)
             self._client._current_endpoint_label = labels[(i + 1) % len(labels)]
+            return True
+        return False
 
     def _error(self, what: str, exc: BaseException) -> StoreUnavailable:
         """Translate an etcd3/grpc error into StoreDenied or StoreUnavailable."""
@@ -1385,32 +1387,34 @@ class Store:
 
     def _call(self, what: str, fn: Callable[..., Any], *args: Any, compacted: Any = (), **kwargs: Any) -> Any:
         """Run one client call; errors translated as the class says, except
-        the ``compacted`` exception type, which is let through."""
+        the ``compacted`` exception type, which is let through. A read
+        (``get``, ``list``) that fails on the transport is tried again on
+        each other endpoint, so one member that died without a reset (a
+        host powered off) costs one timeout, not the caller's read; a write
+        is not tried again (it may have been applied)."""
         gen = self._token_gen
         if self.cfg.user is not None and not gen:
             self._authenticate()
             gen = self._token_gen
-        try:
-            return fn(*args, **kwargs)
-        except compacted:
-            raise
-        except self._errors as exc:
-            text = self.describe(exc)
-            if "lease not found" in text:
-                raise LeaseNotFound(f"etcd {what} failed: the lease has expired") from None
-            if self.cfg.user is None or "invalid auth token" not in text:
-                self._next_endpoint(exc)
+        other_endpoints = len(self._client.endpoints) - 1 if what in ("get", "list") else 0
+        reauthenticate = self.cfg.user is not None
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except compacted:
+                raise
+            except self._errors as exc:
+                text = self.describe(exc)
+                if "lease not found" in text:
+                    raise LeaseNotFound(f"etcd {what} failed: the lease has expired") from None
+                if reauthenticate and "invalid auth token" in text:
+                    reauthenticate = False
+                    self._authenticate(stale_gen=gen)  # etcd forgot our token (it restarted): once more with a new one
+                    continue
+                if self._next_endpoint(exc) and other_endpoints > 0:
+                    other_endpoints -= 1
+                    continue
                 raise self._error(what, exc) from None
-        self._authenticate(stale_gen=gen)  # etcd forgot our token (it restarted): once more with a new one
-        try:
-            return fn(*args, **kwargs)
-        except compacted:
-            raise
-        except self._errors as exc:
-            if "lease not found" in self.describe(exc):
-                raise LeaseNotFound(f"etcd {what} failed: the lease has expired") from None
-            self._next_endpoint(exc)
-            raise self._error(what, exc) from None
 
     @staticmethod
     def describe(exc: BaseException) -> str:
