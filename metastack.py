@@ -4395,8 +4395,6 @@ class Agent:
         self.executor = Executor(cfg, self.store, self.view, self.hv, self.storage, self.capacity,
                                  lambda: self.lease_id, self._lease_headroom, self.beat)
         self.executor.host_ride, self.executor.host_ride_failed = self._host_ride, self._host_ride_failed
-        if self.storage is not None:
-            self.executor.use_ceph_secret(self.storage.fsid())
         self._console_polling = False
         self._stop_requested = False  # set by request_stop (signal handlers), read by the loop
         self._watch_cancel: Optional[Callable[[], None]] = None
@@ -4462,7 +4460,8 @@ class Agent:
         name a live agent holds), list the prefix and start watching it. A
         lease left by this node's previous run that is still alive is taken
         over first, so its claims and running domains are adopted without a
-        restart; only then may slow start-up work (the KVM probe) run."""
+        restart; only then may slow start-up work (the Ceph connection and
+        its libvirt secret, the KVM probe) run."""
         self._lock_node()
         if self.watchdog is not None:
             self.beat()
@@ -4473,6 +4472,8 @@ class Agent:
             self._acquire_lease(wait_for_stale=self.cfg.lease_ttl + 2.0)
         else:
             self._register_node()
+        if self.storage is not None and not self.executor.secret_uuid:
+            self.executor.use_ceph_secret(self.storage.fsid())  # connects to Ceph: after the adoption
         self.hv.domain_type = resolve_domain_type(self.cfg, self.beat)
         self._resync()
 
@@ -5149,22 +5150,42 @@ class Agent:
     # -- shutdown ------------------------------------------------------------
     def leave_running(self) -> None:
         """SIGTERM with ``on_stop = keep``: the guests keep running and the
-        lease stays; an agent restarted in time adopts both. The watchdog is
-        fed one last time, up to the lease's own deadline: if no agent comes
-        back by then it stops the guests before the lease can lapse."""
+        lease stays, renewed one last time on the way out; an agent
+        restarted in time adopts both. The watchdog is fed one last time, up
+        to the lease's own deadline: if no agent comes back by then it stops
+        the guests before the lease can lapse."""
         if self._watch_cancel is not None:
             self._watch_cancel()
         running = sum(1 for s in self.hv.domains().values() if s == "running")
+        self.beat()  # the keeper may renew, and the watchdog waits, while libvirt and Ceph close
+        self.hv.close()
+        if self.storage is not None:
+            self.storage.close()
         if self._keeper is not None:
             self._keeper.stop()
+            self._last_keep_alive(self._keeper)
             if self.watchdog is not None:
                 self.watchdog.feed(self._keeper.deadline(), force=True)
             log.info("stopping (on_stop = keep): %d VM(s) keep running; lease %x stays until %.1fs from now",
                      running, self._keeper.lease_id, self._keeper.deadline() - time.monotonic())
-        self.hv.close()
         self.store.close()
-        if self.storage is not None:
-            self.storage.close()
+
+    def _last_keep_alive(self, keeper: LeaseKeeper) -> None:
+        """Renew the lease once more as the last thing before exiting (after
+        closing libvirt and Ceph), so the next agent has a whole TTL to
+        adopt it, not what was left since the keeper's last renewal (up to
+        a third of a TTL less). The main loop is alive (it is stopping), so
+        renewing is within the keeper's rule; the caller then feeds the
+        watchdog up to the new deadline. A failure keeps the old deadline;
+        a lease past its deadline is left to lapse."""
+        if not keeper.valid():
+            return
+        started = time.monotonic()
+        try:
+            if self.store.refresh_lease(keeper.lease_id) > 0:
+                keeper.confirmed = max(keeper.confirmed, started)
+        except (StoreUnavailable, LeaseNotFound) as exc:
+            log.warning("lease %x: last keep-alive before stopping failed: %s", keeper.lease_id, exc)
 
     def drain(self) -> None:
         """SIGTERM with ``on_stop = drain``: stop every VM here (graceful,
