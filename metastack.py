@@ -1385,18 +1385,28 @@ class Store:
                                f"(check [etcd] ca_cert, cert, key): {text}")
         return StoreUnavailable(f"etcd {what} failed: {text}")
 
+    # Seconds during which a read (get, list) that failed for a reason the
+    # next member, or the same one a moment later, may not have (a member
+    # that does not answer, a leader election) is tried again. 0: never,
+    # the caller retries (the agent's loop does, within its lease's
+    # margins, so its calls stay bounded by the timeout); metastackctl
+    # sets it, so that one command gives one answer.
+    read_retry_for = 0.0
+    TRANSIENT = ("leader changed", "no leader", "context deadline exceeded", "request timed out")
+
     def _call(self, what: str, fn: Callable[..., Any], *args: Any, compacted: Any = (), **kwargs: Any) -> Any:
         """Run one client call; errors translated as the class says, except
-        the ``compacted`` exception type, which is let through. A read
-        (``get``, ``list``) that fails on the transport is tried again on
-        each other endpoint, so one member that died without a reset (a
-        host powered off) costs one timeout, not the caller's read; a write
-        is not tried again (it may have been applied)."""
+        the ``compacted`` exception type, which is let through. With
+        ``read_retry_for``, a read (``get``, ``list``) that fails on the
+        transport goes on to the next endpoint, and one that meets an
+        election is tried again, for that long: a member that died without
+        a reset (a host powered off) costs one timeout, not the read. A
+        write is never tried again (it may have been applied)."""
         gen = self._token_gen
         if self.cfg.user is not None and not gen:
             self._authenticate()
             gen = self._token_gen
-        other_endpoints = len(self._client.endpoints) - 1 if what in ("get", "list") else 0
+        retry_until = time.monotonic() + self.read_retry_for if what in ("get", "list") else 0.0
         reauthenticate = self.cfg.user is not None
         while True:
             try:
@@ -1411,8 +1421,10 @@ class Store:
                     reauthenticate = False
                     self._authenticate(stale_gen=gen)  # etcd forgot our token (it restarted): once more with a new one
                     continue
-                if self._next_endpoint(exc) and other_endpoints > 0:
-                    other_endpoints -= 1
+                moved = self._next_endpoint(exc)
+                if time.monotonic() < retry_until and (moved or any(t in text for t in self.TRANSIENT)):
+                    if not moved:
+                        time.sleep(0.2)  # an election takes about a second
                     continue
                 raise self._error(what, exc) from None
 
