@@ -7,7 +7,7 @@ real guests booting from RBD with their host's own cephx user, a central
 rsyslog restart losing no line, an upgrade re-run restarting no guest, the
 README's etcd snapshot restore, a host cut off the network and a host
 powered off (their VMs fenced and running elsewhere; the times are printed
-in the terminal summary). Root; about 11-13 minutes, plus about 2 minutes the
+in the terminal summary). Root; about 9-11 minutes, plus about 2 minutes the
 first time for the cached root file system (.cache/hostbed-base).
 Runs by default, last in `bash deploy/test.sh` (so in CI), wherever it can:
 root with systemd-nspawn and debootstrap; skipped with the reason otherwise,
