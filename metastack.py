@@ -1373,21 +1373,23 @@ class Store:
                 self._client.endpoint_in_use.fail()
                 self._client._clear_old_stubs()
 
-    def _next_endpoint(self, exc: BaseException) -> None:
-        """After a transport failure, move to the next endpoint. python-etcd3
-        marks the endpoint failed for only ``time_retry`` (0.5 s) and keeps it
-        as the current one, so calls further apart than that would go back
-        to a dead member for ever (measured on a 3-member cluster with one
-        member down)."""
+    def _next_endpoint(self, exc: BaseException) -> bool:
+        """After a transport failure, move to the next endpoint; True when it
+        moved. python-etcd3 marks the endpoint failed for only ``time_retry``
+        (0.5 s) and keeps it as the current one, so calls further apart than
+        that would go back to a dead member for ever (measured on a 3-member
+        cluster with one member down)."""
         if len(self._client.endpoints) < 2:
-            return
+            return False
         if not isinstance(exc, (self._etcd3.exceptions.ConnectionFailedError,
                                 self._etcd3.exceptions.ConnectionTimeoutError)):
-            return
+            return False
         with contextlib.suppress(Exception):
             labels = list(self._client.endpoints)
             i = labels.index(self._client._current_endpoint_label)
             self._client._current_endpoint_label = labels[(i + 1) % len(labels)]
+            return True
+        return False
 
     def _error(self, what: str, exc: BaseException) -> StoreUnavailable:
         """Translate an etcd3/grpc error into StoreDenied or StoreUnavailable."""
@@ -1403,34 +1405,48 @@ class Store:
                                f"(check [etcd] ca_cert, cert, key): {text}")
         return StoreUnavailable(f"etcd {what} failed: {text}")
 
+    # Seconds during which a read (get, list) that failed for a reason the
+    # next member, or the same one a moment later, may not have (a member
+    # that does not answer, a leader election) is tried again. 0: never,
+    # the caller retries (the agent's loop does, within its lease's
+    # margins, so its calls stay bounded by the timeout); metastackctl
+    # sets it, so that one command gives one answer.
+    read_retry_for = 0.0
+    TRANSIENT = ("leader changed", "no leader", "context deadline exceeded", "request timed out")
+
     def _call(self, what: str, fn: Callable[..., Any], *args: Any, compacted: Any = (), **kwargs: Any) -> Any:
         """Run one client call; errors translated as the class says, except
-        the ``compacted`` exception type, which is let through."""
+        the ``compacted`` exception type, which is let through. With
+        ``read_retry_for``, a read (``get``, ``list``) that fails on the
+        transport goes on to the next endpoint, and one that meets an
+        election is tried again, for that long: a member that died without
+        a reset (a host powered off) costs one timeout, not the read. A
+        write is never tried again (it may have been applied)."""
         gen = self._token_gen
         if self.cfg.user is not None and not gen:
             self._authenticate()
             gen = self._token_gen
-        try:
-            return fn(*args, **kwargs)
-        except compacted:
-            raise
-        except self._errors as exc:
-            text = self.describe(exc)
-            if "lease not found" in text:
-                raise LeaseNotFound(f"etcd {what} failed: the lease has expired") from None
-            if self.cfg.user is None or "invalid auth token" not in text:
-                self._next_endpoint(exc)
+        retry_until = time.monotonic() + self.read_retry_for if what in ("get", "list") else 0.0
+        reauthenticate = self.cfg.user is not None
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except compacted:
+                raise
+            except self._errors as exc:
+                text = self.describe(exc)
+                if "lease not found" in text:
+                    raise LeaseNotFound(f"etcd {what} failed: the lease has expired") from None
+                if reauthenticate and "invalid auth token" in text:
+                    reauthenticate = False
+                    self._authenticate(stale_gen=gen)  # etcd forgot our token (it restarted): once more with a new one
+                    continue
+                moved = self._next_endpoint(exc)
+                if time.monotonic() < retry_until and (moved or any(t in text for t in self.TRANSIENT)):
+                    if not moved:
+                        time.sleep(0.2)  # an election takes about a second
+                    continue
                 raise self._error(what, exc) from None
-        self._authenticate(stale_gen=gen)  # etcd forgot our token (it restarted): once more with a new one
-        try:
-            return fn(*args, **kwargs)
-        except compacted:
-            raise
-        except self._errors as exc:
-            if "lease not found" in self.describe(exc):
-                raise LeaseNotFound(f"etcd {what} failed: the lease has expired") from None
-            self._next_endpoint(exc)
-            raise self._error(what, exc) from None
 
     @staticmethod
     def describe(exc: BaseException) -> str:
@@ -4789,8 +4805,6 @@ class Agent:
         self.executor = Executor(cfg, self.store, self.view, self.hv, self.storage, self.capacity,
                                  lambda: self.lease_id, self._lease_headroom, self.beat)
         self.executor.host_ride, self.executor.host_ride_failed = self._host_ride, self._host_ride_failed
-        if self.storage is not None:
-            self.executor.use_ceph_secret(self.storage.fsid())
         self._console_polling = False
         self._stop_requested = False  # set by request_stop (signal handlers), read by the loop
         self._watch_cancel: Optional[Callable[[], None]] = None
@@ -4856,7 +4870,8 @@ class Agent:
         name a live agent holds), list the prefix and start watching it. A
         lease left by this node's previous run that is still alive is taken
         over first, so its claims and running domains are adopted without a
-        restart; only then may slow start-up work (the KVM probe) run."""
+        restart; only then may slow start-up work (the Ceph connection and
+        its libvirt secret, the KVM probe) run."""
         self._lock_node()
         if self.watchdog is not None:
             self.beat()
@@ -4867,6 +4882,8 @@ class Agent:
             self._acquire_lease(wait_for_stale=self.cfg.lease_ttl + 2.0)
         else:
             self._register_node()
+        if self.storage is not None and not self.executor.secret_uuid:
+            self.executor.use_ceph_secret(self.storage.fsid())  # connects to Ceph: after the adoption
         self.hv.domain_type = resolve_domain_type(self.cfg, self.beat)
         self._resync()
 
@@ -5546,22 +5563,42 @@ class Agent:
     # -- shutdown ------------------------------------------------------------
     def leave_running(self) -> None:
         """SIGTERM with ``on_stop = keep``: the guests keep running and the
-        lease stays; an agent restarted in time adopts both. The watchdog is
-        fed one last time, up to the lease's own deadline: if no agent comes
-        back by then it stops the guests before the lease can lapse."""
+        lease stays, renewed one last time on the way out; an agent
+        restarted in time adopts both. The watchdog is fed one last time, up
+        to the lease's own deadline: if no agent comes back by then it stops
+        the guests before the lease can lapse."""
         if self._watch_cancel is not None:
             self._watch_cancel()
         running = sum(1 for s in self.hv.domains().values() if s == "running")
+        self.beat()  # the keeper may renew, and the watchdog waits, while libvirt and Ceph close
+        self.hv.close()
+        if self.storage is not None:
+            self.storage.close()
         if self._keeper is not None:
             self._keeper.stop()
+            self._last_keep_alive(self._keeper)
             if self.watchdog is not None:
                 self.watchdog.feed(self._keeper.deadline(), force=True)
             log.info("stopping (on_stop = keep): %d VM(s) keep running; lease %x stays until %.1fs from now",
                      running, self._keeper.lease_id, self._keeper.deadline() - time.monotonic())
-        self.hv.close()
         self.store.close()
-        if self.storage is not None:
-            self.storage.close()
+
+    def _last_keep_alive(self, keeper: LeaseKeeper) -> None:
+        """Renew the lease once more as the last thing before exiting (after
+        closing libvirt and Ceph), so the next agent has a whole TTL to
+        adopt it, not what was left since the keeper's last renewal (up to
+        a third of a TTL less). The main loop is alive (it is stopping), so
+        renewing is within the keeper's rule; the caller then feeds the
+        watchdog up to the new deadline. A failure keeps the old deadline;
+        a lease past its deadline is left to lapse."""
+        if not keeper.valid():
+            return
+        started = time.monotonic()
+        try:
+            if self.store.refresh_lease(keeper.lease_id) > 0:
+                keeper.confirmed = max(keeper.confirmed, started)
+        except (StoreUnavailable, LeaseNotFound) as exc:
+            log.warning("lease %x: last keep-alive before stopping failed: %s", keeper.lease_id, exc)
 
     def drain(self) -> None:
         """SIGTERM with ``on_stop = drain``: stop every VM here (graceful,

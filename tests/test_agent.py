@@ -299,6 +299,28 @@ def test_restart_after_the_lease_expired_registers_anew(cluster: Cluster) -> Non
     assert n1.alive()
 
 
+def test_sigterm_with_keep_renews_the_lease_on_the_way_out(cluster: Cluster) -> None:
+    """on_stop = keep: the stopping agent renews its lease one last time, so
+    the next agent has a whole TTL to adopt it, not what was left since the
+    keeper's last renewal (up to a third of a TTL less). TTL 30 s: the
+    keeper renews at start and then only after about 9 s; the SIGTERM
+    comes 4 s after the start."""
+    cluster.ttl, cluster.on_stop = 30, "keep"
+    n1 = cluster.agent("node1")
+    cluster.wait_hosts("node1")
+    time.sleep(4)
+    n1.signal(signal.SIGTERM)
+    assert n1.wait() == 0
+    m = re.search(r"lease ([0-9a-f]+) stays until ([0-9.]+)s from now", n1.log())
+    assert m, n1.log()[-2000:]
+    assert float(m.group(2)) > 30 - cluster.etcd_timeout - 1.5, m.group(0)  # 25.5 s without the last renewal
+    out = cluster.etcd.etcdctl("lease", "timetolive", m.group(1)).stdout
+    remaining = re.search(r"remaining\((\d+)s\)", out)
+    assert remaining and int(remaining.group(1)) >= 28, out  # etcd agrees
+    n1.start()
+    wait_for(lambda: "adopted lease" in n1.log(), 10, what="lease adopted")
+
+
 def test_bad_config_is_refused_with_a_clear_message(tmp_path: Path) -> None:
     ini = tmp_path / "bad.ini"
     ini.write_text("[node]\nname = n1\n[agent]\nlease_ttl = 3\n[etcd]\ntimeout = 1\n")
