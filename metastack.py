@@ -408,7 +408,7 @@ def load_config(path: Optional[str]) -> AgentConfig:
         domain_type=domain_type,
         shutdown_timeout=_get_float(cp, "libvirt", "shutdown_timeout", 10.0, 0.0),
         lease_ttl=int(ttl_raw),
-        resync_interval=_get_float(cp, "agent", "resync_interval", 300.0, 1.0),
+        resync_interval=_get_float(cp, "agent", "resync_interval", 30.0, 1.0),
         claim_step=_get_float(cp, "agent", "claim_step", 2.0, 0.0),
         syslog=cp.get("logging", "syslog", fallback="auto").strip(),
         log_level=level,
