@@ -118,7 +118,7 @@ class Context:
                 self._store = ms.Store(self.etcd)
             except ms.ConfigError as exc:  # a certificate file it may not read
                 raise click.UsageError(str(exc)) from None
-            self._store.read_retry_for = 3.0 * self.etcd.timeout  # a dead member or an election: the next one answers
+            self._store.read_retry_for = 5.0 * self.etcd.timeout  # a dead member or an election: the next one answers
         return self._store
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:

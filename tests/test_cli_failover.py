@@ -91,7 +91,7 @@ def test_a_read_answers_while_the_first_member_hangs(members: Members, monkeypat
     picks one at random: made deterministic here); `show` and `list` still
     answer. A hung follower costs one timeout (1 s); a hung leader also an
     election, during which the others answer "leader changed" or time out
-    (seen under load): the read is tried again for up to 3 timeouts."""
+    (seen under load): the read is tried again for up to 5 timeouts."""
     leader = members.leader()
     hung = leader if role == "leader" else next(n for n in members.names if n != leader)
     endpoints = ",".join(members.endpoint(n) for n in (hung, *(n for n in members.names if n != hung)))
