@@ -1717,8 +1717,7 @@ class JsonWatch:
         try:
             if self.cfg.tls:
                 sock = self._context().wrap_socket(sock, server_hostname=host)
-            for opt, val in (("SO_KEEPALIVE", 1),):
-                sock.setsockopt(socket.SOL_SOCKET, getattr(socket, opt), val)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             for opt, val in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 3)):
                 if hasattr(socket, opt):
                     sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), val)
