@@ -1310,6 +1310,17 @@ class Store:
     DENIED = ("authentication failed", "user name is empty", "permission denied", "user name not found",
               "invalid auth management", "auth: revision in header is old")
 
+    # HTTP/2 pings while a call is open (the watch stream always is): a member
+    # that stops answering (host powered off, network cut: no reset ever comes)
+    # fails the watch after about 10 + 5 s instead of leaving it silent. etcd
+    # refuses pings more often than every 5 s (--grpc-keepalive-min-time).
+    GRPC_KEEPALIVE = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
+                      ("grpc.http2.ping_timeout_ms", 5_000), ("grpc.http2.max_pings_without_data", 0)]
+    # etcd's require-leader metadata (rpctypes.MetadataRequireLeaderKey): a
+    # member that has had no leader for a few election timeouts ends the watch
+    # (it would otherwise stay open and silent while the others go on).
+    REQUIRE_LEADER = (("hasleader", "true"),)
+
     def __init__(self, cfg: EtcdConfig) -> None:
         import etcd3  # imported here: importing metastack has no side effects
         import grpc
@@ -1325,7 +1336,8 @@ class Store:
                 creds = grpc.ssl_channel_credentials(self._read(cfg.ca_cert), self._read(cfg.key), self._read(cfg.cert))
             except OSError as exc:
                 raise ConfigError(f"[etcd] cannot read {exc.filename}: {exc.strerror}") from None
-        endpoints = [etcd3.Endpoint(h, p, secure=cfg.tls, creds=creds, time_retry=0.5) for h, p in cfg.endpoints]
+        endpoints = [etcd3.Endpoint(h, p, secure=cfg.tls, creds=creds, time_retry=0.5, opts=self.GRPC_KEEPALIVE)
+                     for h, p in cfg.endpoints]
         self._client = etcd3.MultiEndpointEtcd3Client(endpoints, timeout=cfg.timeout, failover=True)
         self._tx = self._client.transactions
         self._auth_lock = threading.Lock()
@@ -1363,8 +1375,12 @@ class Store:
             self._client.call_credentials = None  # the token travels as metadata: works with and without TLS
             watcher = self._client._stubs.get("watcher")
             if watcher is not None:
-                watcher._metadata = self._client.metadata  # its next stream uses the new token
+                watcher._metadata = self._watch_metadata()  # its next stream uses the new token
             self._token_gen += 1
+
+    def _watch_metadata(self) -> tuple[tuple[str, str], ...]:
+        """gRPC metadata of a watch stream: the token, if any, and require-leader."""
+        return tuple(self._client.metadata or ()) + self.REQUIRE_LEADER
 
     def _fail_endpoint(self, exc: BaseException) -> None:
         """Let the client fail over to another endpoint after a transport error."""
@@ -1386,10 +1402,23 @@ class Store:
             return False
         with contextlib.suppress(Exception):
             labels = list(self._client.endpoints)
-            i = labels.index(self._client._current_endpoint_label)
-            self._client._current_endpoint_label = labels[(i + 1) % len(labels)]
+            failed = self._client._current_endpoint_label
+            i = labels.index(failed)
+            self._client._current_endpoint_label = labels[(i + 1) % len(labels)]  # ends its gRPC watch, too
+            self._abandon_json_watches(failed, f"{failed} did not answer another call ({self.describe(exc)})")
             return True
         return False
+
+    def _abandon_json_watches(self, member: str, why: str) -> None:
+        """End (``on_error``) the JSON watches reading from ``member``
+        ("host:port"), as python-etcd3 ends its gRPC watch when the client
+        moves off a member: a member that stopped answering calls (hung,
+        its host powered off: no reset comes, and its kernel may even
+        answer TCP keep-alive) must not keep a silent watch."""
+        with self._auth_lock:
+            doomed = [w for w in self._json_watches if w.member == member]
+        for w in doomed:
+            w.abandon(why)
 
     def _error(self, what: str, exc: BaseException) -> StoreUnavailable:
         """Translate an etcd3/grpc error into StoreDenied or StoreUnavailable."""
@@ -1644,9 +1673,13 @@ class Store:
                                ev.mod_revision, ev.lease, ev.create_revision) for ev in resp.events]
             on_events(resp.header.revision, events)
 
+        def add(*args: Any, **kwargs: Any) -> Any:
+            watcher = self._client.watcher  # made anew after a failover, with the client's metadata only
+            watcher._metadata = self._watch_metadata()  # read when its next stream opens
+            return self._client.add_watch_prefix_callback(*args, **kwargs)
+
         try:
-            watch_id = self._call("watch", self._client.add_watch_prefix_callback, prefix, callback,
-                                  start_revision=start_revision, compacted=Compacted)
+            watch_id = self._call("watch", add, prefix, callback, start_revision=start_revision, compacted=Compacted)
         except Compacted as exc:  # before the general case: it is an Etcd3Exception too
             raise RevisionCompacted(f"revision {start_revision} is compacted "
                                     f"(oldest kept: {exc.compacted_revision})") from None
@@ -1703,6 +1736,8 @@ class JsonWatch:
         self._chunked = False
         self._lines = b""  # de-chunked, not yet a whole line
         self._cancelled = threading.Event()
+        self._abandoned = ""  # why abandon() ended the watch
+        self.member = ""  # "host:port" of the member it reads from, once started
 
     # -- connection ------------------------------------------------------------
     def _context(self) -> Any:
@@ -1833,6 +1868,7 @@ class JsonWatch:
         for host, port in self.endpoints:
             try:
                 self._open(host, port)
+                self.member = f"{host}:{port}"
                 break
             except StoreUnavailable:
                 raise
@@ -1877,7 +1913,7 @@ class JsonWatch:
                 self.on_error(exc)
         except (OSError, ValueError) as exc:
             if not self._cancelled.is_set():
-                self.on_error(StoreUnavailable(f"etcd watch ended: {exc}"))
+                self.on_error(StoreUnavailable(f"etcd watch ended: {self._abandoned or exc}"))
         except Exception as exc:  # noqa: BLE001 - a failing handler must not end the watch unnoticed
             log.exception("watch handler failed")
             if not self._cancelled.is_set():
@@ -1888,6 +1924,15 @@ class JsonWatch:
     def cancel(self) -> None:
         """End the watch; ``on_error`` is not called."""
         self._cancelled.set()
+        sock = self._sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def abandon(self, why: str) -> None:
+        """End the watch as a failure: ``on_error`` gets StoreUnavailable
+        saying ``why``."""
+        self._abandoned = why
         sock = self._sock
         if sock is not None:
             with contextlib.suppress(OSError):

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 from typing import Iterator
@@ -17,61 +15,8 @@ from typing import Iterator
 import pytest
 from click.testing import CliRunner
 
-from harness import free_port, wait_for
+from harness import EtcdMembers as Members
 from metastackctl import cli
-
-
-class Members:
-    """Three etcd processes on loopback forming one cluster."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.names = ("m1", "m2", "m3")
-        self.client = {n: free_port() for n in self.names}
-        self.peer = {n: free_port() for n in self.names}
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.workdir = workdir
-
-    def endpoint(self, name: str) -> str:
-        return f"127.0.0.1:{self.client[name]}"
-
-    def start(self) -> None:
-        cluster = ",".join(f"{n}=http://127.0.0.1:{self.peer[n]}" for n in self.names)
-        for n in self.names:
-            client, peer = f"http://127.0.0.1:{self.client[n]}", f"http://127.0.0.1:{self.peer[n]}"
-            with open(self.workdir / f"{n}.log", "ab") as log:
-                self.procs[n] = subprocess.Popen(
-                    ["etcd", "--name", n, "--data-dir", str(self.workdir / n),
-                     "--listen-client-urls", client, "--advertise-client-urls", client,
-                     "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-                     "--initial-cluster", cluster, "--initial-cluster-state", "new", "--log-level", "warn"],
-                    stdout=log, stderr=subprocess.STDOUT)
-        wait_for(self.healthy, 30, interval=0.2, what="3 etcd members healthy")
-
-    def leader(self) -> str:
-        """The member that leads now (etcdctl endpoint status)."""
-        eps = ",".join(self.endpoint(n) for n in self.names)
-        r = subprocess.run(["etcdctl", "--endpoints", eps, "--dial-timeout=2s", "-w", "json", "endpoint", "status"],
-                           capture_output=True, text=True, env=dict(os.environ, ETCDCTL_API="3"), timeout=15,
-                           check=True)
-        status = json.loads(r.stdout)
-        by_id = {s["Status"]["header"]["member_id"]: s["Endpoint"] for s in status}
-        leader = by_id[status[0]["Status"]["leader"]]
-        return next(n for n in self.names if leader.endswith(f":{self.client[n]}"))
-
-    def healthy(self) -> bool:
-        eps = ",".join(self.endpoint(n) for n in self.names)
-        r = subprocess.run(["etcdctl", "--endpoints", eps, "--dial-timeout=2s", "endpoint", "health"],
-                           capture_output=True, text=True, env=dict(os.environ, ETCDCTL_API="3"), timeout=15)
-        return r.returncode == 0
-
-    def stop(self) -> None:
-        """SIGKILL (a throw-away cluster: a clean stop would wait for leader
-        transfers between members that are all stopping)."""
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.kill()
-        for p in self.procs.values():
-            p.wait()
 
 
 @pytest.fixture

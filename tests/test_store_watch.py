@@ -11,6 +11,7 @@ gateway are in tests/test_etcd_security.py.
 from __future__ import annotations
 
 import configparser
+import signal
 import threading
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Iterator, Optional
 import pytest
 
 import metastack as ms
-from harness import EtcdServer, wait_for
+from harness import EtcdMembers, EtcdServer, wait_for
 
 
 class Seen:
@@ -166,6 +167,92 @@ def test_json_watch_handler_failure_ends_the_watch_visibly(etcd: EtcdServer, pre
         assert isinstance(seen.errors[0], ms.StoreUnavailable) and "bug in the handler" in str(seen.errors[0])
     finally:
         cancel()
+        s.close()
+
+
+@pytest.fixture
+def members(tmp_path: Path) -> Iterator[EtcdMembers]:
+    m = EtcdMembers(tmp_path)
+    try:
+        m.start()
+        yield m
+    finally:
+        for p in m.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+        m.stop()
+
+
+def _watch_on(members: EtcdMembers, name: str, transport: str) -> tuple[ms.Store, Seen]:
+    """A store whose only endpoint is member ``name``, watching /w/ there."""
+    s = ms.Store(ms.EtcdConfig(endpoints=ms.parse_endpoints(members.endpoint(name)), prefix="/w", timeout=2.0,
+                               watch=transport))
+    seen = Seen()
+    rev = s.put("/w/a", b"1")
+    s.watch_prefix("/w/", rev + 1, seen.on_events, seen.on_error)
+    s.put("/w/b", b"2")
+    wait_for(lambda: seen.events(), 10, what="the watch to deliver")
+    return s, seen
+
+
+@pytest.mark.parametrize("transport", ["json", "grpc"])
+def test_a_watch_on_a_member_without_a_leader_ends(members: EtcdMembers, transport: str) -> None:
+    """The watch's member loses both peers (SIGSTOP): it stays up but has no
+    leader, so it would serve a watch that never hears of a change again.
+    etcd's require-leader metadata makes it end the watch instead (about
+    three election timeouts), and the agent re-lists elsewhere."""
+    follower = next(n for n in members.names if n != members.leader())
+    s, seen = _watch_on(members, follower, transport)
+    try:
+        for n in members.names:
+            if n != follower:
+                members.procs[n].send_signal(signal.SIGSTOP)
+        wait_for(lambda: seen.errors, 30, interval=0.2, what="the leaderless member to end the watch")
+        assert isinstance(seen.errors[0], (ms.StoreUnavailable, Exception)), seen.errors
+        assert len(seen.errors) == 1, seen.errors
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("transport", ["json", "grpc"])
+def test_a_watch_leaves_a_hung_member_with_the_client(members: EtcdMembers, transport: str) -> None:
+    """The watch's member hangs (SIGSTOP: no reset ever comes, and its
+    kernel still answers TCP keep-alive). The store's next call times out
+    there and moves to another member; the watch on the hung one ends with
+    it (python-etcd3 closes its gRPC watcher; the store abandons its JSON
+    watches on that member), so the agent watches again elsewhere."""
+    eps = ",".join(members.endpoint(n) for n in members.names)
+    s = ms.Store(ms.EtcdConfig(endpoints=ms.parse_endpoints(eps), prefix="/w", timeout=1.0, watch=transport))
+    seen = Seen()
+    rev = s.put("/w/a", b"1")
+    host, port = s._endpoint_order()[0]  # where the watch goes: the member the client uses
+    s.watch_prefix("/w/", rev + 1, seen.on_events, seen.on_error)
+    try:
+        s.put("/w/b", b"2")
+        wait_for(lambda: seen.events(), 10, what="the watch to deliver")
+        hung = next(n for n in members.names if members.endpoint(n) == f"{host}:{port}")
+        members.procs[hung].send_signal(signal.SIGSTOP)
+        assert not seen.errors
+        with pytest.raises(ms.StoreUnavailable):
+            s.get("/w/a")
+        wait_for(lambda: seen.errors, 5, interval=0.1, what="the watch on the hung member to end")
+        assert len(seen.errors) == 1 and isinstance(seen.errors[0], BaseException), seen.errors
+        assert s.get("/w/a") is not None  # the store goes on with another member
+    finally:
+        s.close()
+
+
+def test_a_grpc_watch_on_a_hung_member_ends_by_keepalive(members: EtcdMembers) -> None:
+    """With no other call to notice (the store's only member hangs), gRPC's
+    HTTP/2 pings end the watch: within about 10 + 5 s, not never."""
+    s, seen = _watch_on(members, members.names[0], "grpc")
+    try:
+        members.procs[members.names[0]].send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        wait_for(lambda: seen.errors, 40, interval=0.2, what="keep-alive to end the watch on a hung member")
+        assert time.monotonic() - t0 > 4, "ended before a ping could have timed out: not the keep-alive"
+        assert len(seen.errors) == 1 and "ping timeout" in str(seen.errors[0]), seen.errors
+    finally:
         s.close()
 
 
