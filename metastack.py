@@ -1404,7 +1404,7 @@ class Store:
             labels = list(self._client.endpoints)
             failed = self._client._current_endpoint_label
             i = labels.index(failed)
-            self._client._current_endpoint_label = labels[(i + 1) % len(labels)]  # ends its gRPC watch, too
+            self._client._current_endpoint_label = labels[(i + 1) % len(labels)]
             self._abandon_json_watches(failed, f"{failed} did not answer another call ({self.describe(exc)})")
             return True
         return False
@@ -1713,8 +1713,10 @@ class JsonWatch:
     thread calls ``on_events(header_revision, events)`` with events in
     revision order, and ``on_error(exc)`` once when the watch ends for any
     reason but ``cancel()``; after that the watch is dead. TCP keep-alive
-    (probes after 5 s idle, 3 x 2 s) ends a watch whose member vanished
-    without a reset."""
+    (probes after 5 s idle, 3 x 2 s) ends a watch whose member's host
+    vanished without a reset; ``abandon()`` one whose member stopped
+    answering the store's other calls (the store does it when it moves to
+    another member)."""
 
     DENIED = Store.DENIED + ("invalid auth token",)
 
