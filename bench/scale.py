@@ -148,10 +148,11 @@ class Fleet:
     is stopped by its Popen handle."""
 
     def __init__(self, workdir: Path, etcd: EtcdServer, prefix: str, nodes: list[NodeSpec], per_process: int,
-                 watch: str = "auto", ttl: int = TTL) -> None:
+                 watch: str = "auto", ttl: int = TTL, resync: float = 0.0) -> None:
         self.dir = workdir
         self.watch = watch
         self.ttl = ttl
+        self.resync = resync
         self.nodes = nodes
         self.per_process = per_process
         self.procs: list[tuple[subprocess.Popen, int, Path]] = []  # (process, agents in it, log)
@@ -178,6 +179,7 @@ class Fleet:
             [agent]
             lease_ttl = {self.ttl}
             on_stop = keep
+            {f"resync_interval = {self.resync:g}" if self.resync else ""}
             [logging]
             syslog = none
             level = info
@@ -419,7 +421,7 @@ def run_agents(etcd: EtcdServer, work: Path, tag: str, n_nodes: int, args: argpa
     casedir = work / tag
     casedir.mkdir()
     store = ms.Store(ms.EtcdConfig(endpoints=ms.parse_endpoints(etcd.endpoint), prefix=prefix, timeout=5.0))
-    fleet = Fleet(casedir, etcd, prefix, nodes, args.per_process, args.watch, args.ttl)
+    fleet = Fleet(casedir, etcd, prefix, nodes, args.per_process, args.watch, args.ttl, args.resync)
     result: dict[str, Any] = {"nodes": n_nodes, "mode": mode, "vms": len(vms), "per_process": args.per_process,
                               "mixed": args.mixed, "fill_vcpus": round(fill(nodes, vms), 3)}
     try:
@@ -635,6 +637,8 @@ def main() -> int:
                     help="the agents' [etcd] watch transport (default %(default)s: json here)")
     ap.add_argument("--ttl", type=int, default=TTL,
                     help="the agents' lease_ttl in seconds (default %(default)s; more for many agents per core)")
+    ap.add_argument("--resync", type=float, default=0.0, metavar="SECONDS",
+                    help="the agents' resync_interval (default: the agent's own default)")
     ap.add_argument("--json", metavar="FILE")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs) and print its path")
     args = ap.parse_args()
@@ -657,7 +661,7 @@ def main() -> int:
                     r["central"] = run_central(etcd, tag, n, args, mode)
                 results.append(r)
         kind = "mixed nodes/flavours" if args.mixed else f"equal nodes {EQUAL_NODE[0]} vcpus/{EQUAL_NODE[1]} MiB, small VMs"
-        print(f"\n{args.vms_per_node} VMs/node, {kind}, {args.per_process} agent(s)/process, watch {args.watch}, lease TTL {args.ttl}s, stream rate "
+        print(f"\n{args.vms_per_node} VMs/node, {kind}, {args.per_process} agent(s)/process, watch {args.watch}, lease TTL {args.ttl}s, resync {args.resync or 'default'}, stream rate "
               f"{args.rate:g}/s, idle {args.idle:g}s; raw etcd txn/s: {raw['sequential']:.0f} seq, "
               f"{raw['threads_8']:.0f} with 8 threads")
         print_table(results)
