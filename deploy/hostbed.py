@@ -58,7 +58,7 @@ BASE_INCLUDE = "systemd,systemd-sysv,dbus,iproute2,python3,openssh-server,ca-cer
 # What the playbook's roles install (apt), and what Ansible's modules need on a host.
 PACKAGES = [
     "python3-apt", "python3-venv", "python3-rados", "python3-rbd", "python3-libvirt",
-    "etcd-server", "etcd-client", "openssl", "rsyslog",
+    "etcd-server", "etcd-client", "openssl", "rsyslog", "rsyslog-relp",
     "libvirt-daemon-system", "qemu-system-x86", "qemu-block-extra", "qemu-utils",
     "ceph-common", "ceph-mon", "ceph-osd", "ceph-mgr",
 ]

@@ -17,7 +17,7 @@ PKGS=(
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev
   qemu-system-x86 qemu-block-extra qemu-utils
   ceph-mon ceph-osd ceph-mgr ceph-common python3-rados python3-rbd
-  rsyslog openssl systemd
+  rsyslog rsyslog-relp openssl systemd
   debootstrap systemd-container iproute2 openssh-client
   busybox-static cpio linux-image-cloud-amd64 mtools dosfstools syslinux syslinux-common fdisk
   python3-venv python3-dev python3-wheel gcc pkg-config

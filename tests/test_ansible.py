@@ -125,8 +125,11 @@ def test_rendered_rsyslog_configs_are_accepted_by_rsyslogd(rendered: Path) -> No
                            timeout=30)
         assert r.returncode == 0, name + "\n" + r.stdout + r.stderr
     forward = (rendered / "cmp1-forward.conf").read_text()
-    assert 'protocol="tcp"' in forward and 'queue.type="LinkedList"' in forward and "queue.filename" in forward
+    assert 'type="omrelp"' in forward and 'port="2514"' in forward and "omfwd" not in forward
+    assert 'queue.type="LinkedList"' in forward and "queue.filename" in forward
     assert 'target="10.0.0.11"' in forward and 'action.resumeRetryCount="-1"' in forward
+    central = (rendered / "ctl1-central.conf").read_text()
+    assert 'input(type="imrelp" port="2514" ruleset="metastack_remote")' in central
 
 
 def test_rendered_etcd_member_config_names_every_member(rendered: Path) -> None:
