@@ -231,14 +231,17 @@ class Hostbed:
         (self.dir / "inventory-hosts.yml").write_text("\n".join(lines) + "\n")
 
     # -- down ----------------------------------------------------------------
-    def down(self) -> None:
+    def down(self, grace: float = 60.0) -> None:
+        """Shut every host down (SIGTERM to nspawn: a clean shutdown), pull
+        the plug of those still up after ``grace`` seconds, then remove the
+        bridge, the overlays and the host folders."""
         hosts_dir = self.dir / "hosts"
         dirs = sorted(hosts_dir.glob("host*")) if hosts_dir.exists() else []
         pids = [pid for pid in (_read_pid(d / "nspawn.pid") for d in dirs)
                 if pid is not None and _alive(pid, b"systemd-nspawn")]
-        for pid in pids:  # all hosts shut down at once, within one 60 s deadline
+        for pid in pids:  # all hosts shut down at once, within one deadline
             os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + grace
         while any(_alive(pid, b"systemd-nspawn") for pid in pids) and time.monotonic() < deadline:
             time.sleep(0.2)
         for pid in pids:
