@@ -354,9 +354,16 @@ def arrive(store: ms.Store, rec: Recorder, vms: list[tuple[str, str]], mode: str
         spec = new_desired(name, flavour)
         with rec.lock:
             rec.created[name] = time.perf_counter()
-        rev, _ = store.create(store.keys.desired(name), json.dumps(spec.to_json()).encode())
-        if rev is None:
-            raise RuntimeError(f"{name} exists already")
+        for attempt in range(10):  # an overloaded etcd times out: try again, as an admin would
+            try:
+                rev, _ = store.create(store.keys.desired(name), json.dumps(spec.to_json()).encode())
+                break
+            except ms.StoreUnavailable:
+                if attempt == 9:
+                    raise
+                time.sleep(0.5)
+        if rev is None and attempt == 0:
+            raise RuntimeError(f"{name} exists already")  # after a retry: the timed-out attempt landed
 
     def write_all(part: list[tuple[str, str]]) -> None:
         for name, flavour in part:
