@@ -79,7 +79,7 @@ from harness import EtcdServer, node_xml  # noqa: E402
 from metastackctl import create_flavour, new_desired  # noqa: E402
 
 TTL = 5
-ETCD_TIMEOUT = 1.0  # check_timings: TTL/3 + 2*timeout <= TTL - timeout
+ETCD_TIMEOUT = 1.0  # at the default TTL (5 s); scaled with --ttl (TTL/5). check_timings: TTL/3 + 2*timeout <= TTL - timeout
 SETTLE = 2.0  # seconds after the last VM runs that still count as the run (trailing host/state writes)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -165,7 +165,7 @@ class Fleet:
             [etcd]
             endpoints = {etcd.endpoint}
             prefix = {prefix}
-            timeout = {ETCD_TIMEOUT}
+            timeout = {ETCD_TIMEOUT * self.ttl / TTL:g}
             watch = {self.watch}
             [node]
             name = {n.name}
