@@ -3288,7 +3288,7 @@ class Placement:
                 b.cpu += claim.vcpus
                 b.ram += claim.ram_mb
         if recent is None:
-            oldest = min((self._created(n) for n in self.pending()), default=None)
+            oldest = min((self.created(n) for n in self.pending()), default=None)
             recent = [] if oldest is None else sorted(
                 (spec.generation, vm, c.host, c.vcpus, c.ram_mb) for vm, c in snap.actual.items()
                 if isinstance(spec := snap.desired.get(vm), DesiredVM) and (spec.generation, vm) > oldest)
@@ -3319,14 +3319,14 @@ class Placement:
         return (b.fits(flav) and name not in b.cannot and (move is None or move.from_node != b.name)
                 and (vm.host is None or vm.host == b.name) and not (vm.strict and members.get(b.name, 0)))
 
-    def _created(self, name: str) -> tuple[int, str]:
+    def created(self, name: str) -> tuple[int, str]:
         spec = self.snap.desired[name]
         return (spec.generation if isinstance(spec, DesiredVM) else 0, name)
 
     def pending(self, skip: Collection[str] = ()) -> list[str]:
         """Unclaimed desired VMs not in ``skip``, in creation order."""
         snap = self.snap
-        return sorted((n for n in snap.desired if n not in snap.actual and n not in skip), key=self._created)
+        return sorted((n for n in snap.desired if n not in snap.actual and n not in skip), key=self.created)
 
     def assign(self, skip: Collection[str] = ()) -> dict[str, str]:
         """vm -> the node that should claim it (see the class contract)."""
@@ -3351,7 +3351,7 @@ class Placement:
         for name in self.pending(skip):
             # Claims of VMs created before this one count for ranking now, not
             # before: the answer does not depend on the order claims were made in.
-            while upcoming is not None and (upcoming[0], upcoming[1]) < self._created(name):
+            while upcoming is not None and (upcoming[0], upcoming[1]) < self.created(name):
                 b = bins.get(upcoming[2])
                 if b is not None:
                     b.rank_cpu += upcoming[3]
@@ -4727,7 +4727,10 @@ class ClaimTurns:
     ``base + (r - 1) x step``: ``base`` is one step after this agent first
     saw the VM unclaimed, or one step after the chosen node last made
     progress (its claims' reservation changed, as this agent saw it),
-    whichever is later, but at most PATIENCE steps after the first sight.
+    whichever is later. A chosen node claims in creation order; once it has
+    claimed a VM created after this one (it passed this one by), the base
+    is at most PATIENCE steps after the first sight. So backups never race
+    a chosen node that works through its queue, however slow.
     The step is stretched by the backlog (unclaimed VMs per schedulable
     node, when above 1). So backups leave a busy chosen node its queue in a
     burst, however slow the machine, and step in one step after a dead or
@@ -4793,6 +4796,9 @@ class ClaimTurns:
         # backlog per node, so backups wait for a busy node instead of racing it.
         step = self.step * max(1.0, len(pending) / max(1, len(placement.bins)))
         nodes: Optional[frozenset[str]] = None
+        newest: dict[str, tuple[int, str]] = {}  # node -> the newest VM it claimed (creation order)
+        for created, claimed, host, _, _ in placement.recent:  # sorted: the last one per node wins
+            newest[host] = (created, claimed)
         for vm in pending:
             if vm in mine:
                 continue
@@ -4800,7 +4806,12 @@ class ClaimTurns:
             base = since + step
             owner = chosen.get(vm)
             if owner is not None and owner in self.progress:  # a chosen node still claiming: its queue
-                base = max(base, min(self.progress[owner] + step, since + self.PATIENCE * step))
+                # Claims go in creation order: one newer than this VM means
+                # the owner passed it by (it cannot take it, as far as it
+                # knows); only then is its patience bounded.
+                passed = newest.get(owner, (0, "")) > placement.created(vm)
+                latest = since + self.PATIENCE * step if passed else math.inf
+                base = max(base, min(self.progress[owner] + step, latest))
             if now < base:  # the chosen node's own turn: nobody else looks yet
                 next_turn = min(next_turn or math.inf, base)
                 continue

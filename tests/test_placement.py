@@ -140,9 +140,9 @@ def test_turns_the_chosen_node_at_once_backups_one_step_apart() -> None:
 
 def test_backups_leave_a_chosen_node_that_still_claims_its_queue() -> None:
     """The chosen node's progress (its claims' reservation changing) pushes
-    the backups' turn to one step after its last progress, at most
-    PATIENCE steps after the VM was first seen; a node that stops claiming
-    is stepped over one step later."""
+    the backups' turn to one step after its last progress (at most PATIENCE
+    steps after the VM was first seen once it claimed a newer VM); a node
+    that stops claiming is stepped over one step later."""
     s = cluster(3, 1)
     chosen = ms.Placement(s, "pack").assign()["vm000"]
     first = ms.Placement(s).backups("vm000", chosen)[0]
@@ -157,13 +157,18 @@ def test_backups_leave_a_chosen_node_that_still_claims_its_queue() -> None:
     assert due(100.8) == (set(), 101.8)
     assert due(101.0)[0] == set()
     assert due(101.8)[0] == {"vm000"}  # no progress for a step: the backup steps in
-    # a chosen node that keeps claiming other VMs but never this one is passed over after PATIENCE steps
+    # a chosen node that keeps claiming VMs created before this one (its
+    # queue, however long) is left to it, past PATIENCE steps ...
     turns = ms.ClaimTurns(first, 1.0)
     due(200.0)
-    for i, now in enumerate((200.5, 201.5, 203.5, 205.5, 207.5, 209.5)):
+    for i, now in enumerate((200.5, 201.5, 203.5, 205.5, 207.5, 209.5, 211.5, 213.5)):
         use[chosen] = (3 + i, 1024 * (3 + i))
         assert due(now)[0] == set(), now
-    assert due(210.0)[0] == {"vm000"}
+    # ... but once it claimed one created after this VM (it passed this one
+    # by), the backups step in PATIENCE steps after they first saw it
+    newer = [(s.desired["vm000"].generation + 1, "later", chosen, 1, 1024)]
+    assert turns.due(s, "pack", (), 209.9, dict(use), newer)[0] == set()
+    assert turns.due(s, "pack", (), 210.0, dict(use), newer)[0] == {"vm000"}
 
 
 def test_plan_claims_only_what_is_its_turn_but_always_re_claims_its_running_domain() -> None:
