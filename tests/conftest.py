@@ -9,7 +9,7 @@ from typing import Iterator
 
 import pytest
 
-from harness import ROOT, Cluster, EtcdServer
+from harness import ROOT, Cluster, EtcdMembers, EtcdServer
 import metastack as ms
 
 
@@ -161,3 +161,15 @@ def pytest_terminal_summary(terminalreporter) -> None:
         terminalreporter.section("install testbed: measured")
         for what, seconds in bed.MEASURED:
             terminalreporter.write_line(f"{what:64s} {seconds:7.1f} s")
+
+
+@pytest.fixture
+def members(tmp_path: Path) -> Iterator[EtcdMembers]:
+    """A throw-away 3-member etcd cluster on loopback (SIGKILLed at the end,
+    SIGSTOPped members included)."""
+    m = EtcdMembers(tmp_path)
+    try:
+        m.start()
+        yield m
+    finally:
+        m.stop()

@@ -9,24 +9,12 @@ import importlib
 import json
 import signal
 import time
-from pathlib import Path
-from typing import Iterator
 
 import pytest
 from click.testing import CliRunner
 
 from harness import EtcdMembers as Members
 from metastackctl import cli
-
-
-@pytest.fixture
-def members(tmp_path: Path) -> Iterator[Members]:
-    m = Members(tmp_path)
-    try:
-        m.start()
-        yield m
-    finally:
-        m.stop()
 
 
 @pytest.mark.parametrize("role", ["follower", "leader"])

@@ -170,19 +170,6 @@ def test_json_watch_handler_failure_ends_the_watch_visibly(etcd: EtcdServer, pre
         s.close()
 
 
-@pytest.fixture
-def members(tmp_path: Path) -> Iterator[EtcdMembers]:
-    m = EtcdMembers(tmp_path)
-    try:
-        m.start()
-        yield m
-    finally:
-        for p in m.procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGCONT)
-        m.stop()
-
-
 def _watch_on(members: EtcdMembers, name: str, transport: str) -> tuple[ms.Store, Seen]:
     """A store whose only endpoint is member ``name``, watching /w/ there."""
     s = ms.Store(ms.EtcdConfig(endpoints=ms.parse_endpoints(members.endpoint(name)), prefix="/w", timeout=2.0,
