@@ -3958,6 +3958,29 @@ class Executor:
 
     CLAIM_BATCH = 24  # claims written in one transaction at most (etcd allows 128 operations in one)
 
+    def taken_meanwhile(self, vms: Sequence[str]) -> set[str]:
+        """Of ``vms`` (unclaimed in this node's view), those etcd says are
+        claimed now; their claims are folded into the view. One read per
+        VM, made before a backup's claim: a backup's turn comes after time
+        has passed, and a view that lags (an agent starved of CPU reads its
+        watch late) would otherwise turn every such claim into a failed
+        transaction. Stops at the first etcd error (the claim's own
+        compare-and-swap still decides)."""
+        taken: set[str] = set()
+        for vm in vms:
+            key = self.keys.actual(vm)
+            try:
+                entry = self.store.get(key)
+            except StoreUnavailable:
+                break
+            if entry is not None:
+                taken.add(vm)
+                self.view.note(key, entry.value, entry.mod_revision, entry.lease)
+                with contextlib.suppress(SpecError):
+                    log.info("vm=%s backup turn: claimed by %s meanwhile (this view was behind)", vm,
+                             ActualVM.parse(entry.value).host or "?")
+        return taken
+
     def claim_batch(self, acts: Sequence[Action], snap: Snapshot) -> list[Action]:
         """Claim the VMs of several plain claim actions (new VMs, not
         re-claims of running domains, not replacements of untrusted claims)
@@ -5331,6 +5354,11 @@ class Agent:
                        cordoned=rec is not None and rec.cordon, draining=rec is not None and rec.drain,
                        handing=self._handing(snap), claimable=claimable)
         done: list[str] = []
+        backups = [a.vm for a in actions if a.kind == "claim" and domains.get(a.vm) != "running"
+                   and a.vm not in snap.untrusted and self.turns.last_chosen.get(a.vm) != self.node]
+        if backups:  # another node's turn came first: has it claimed them meanwhile?
+            taken = self.executor.taken_meanwhile(backups)
+            actions = [a for a in actions if not (a.kind == "claim" and a.vm in taken)]
         batch = [a for a in actions if a.kind == "claim" and domains.get(a.vm) != "running"
                  and a.vm not in snap.untrusted and self.executor.ready(a.vm)][:Executor.CLAIM_BATCH]
         if len(batch) > 1 and self._keeper.valid() and not self._stop_requested:

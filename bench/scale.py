@@ -211,8 +211,12 @@ class Fleet:
     def rss_mb(self) -> list[float]:
         return [proc_rss_mb(p.pid) for p, _, _ in self.procs]
 
+    def count(self, text: str) -> int:
+        """Lines containing ``text`` in every agent log."""
+        return sum(path.read_text(errors="replace").count(text) for _, _, path in self.procs)
+
     def lost_races(self) -> int:
-        return sum(path.read_text(errors="replace").count("lost the claim race") for _, _, path in self.procs)
+        return self.count("lost the claim race")
 
     def stop(self) -> None:
         for p, _, _ in self.procs:
@@ -476,6 +480,8 @@ def run_agents(etcd: EtcdServer, work: Path, tag: str, n_nodes: int, args: argpa
             "claimed_ms": dict(zip(("p50", "p99"), latency_ms(rec, rec.claimed))),
             "running_ms": dict(zip(("p50", "p99"), latency_ms(rec, rec.running))),
             "lost_races": lost, "lost_races_per_placement": lost / per,
+            # backups that read the VM's claim before claiming and found it taken (a read, no write)
+            "backup_rechecks_taken": fleet.count("meanwhile (this view was behind)"),
             "writes": writes, "writes_per_placement": {k: v / per for k, v in writes.items()},
             "rpcs_per_placement": {m: round(v / per, 3) for m, v in rpcs.items()},
             "vms_per_node": spread({n.name: per_node.get(n.name, 0) for n in nodes}),
