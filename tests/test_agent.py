@@ -5,6 +5,7 @@ private test:///ABS/PATH/node.xml hypervisor, so kill -9 and SIGTERM are real.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import re
@@ -551,3 +552,47 @@ def test_a_re_created_desired_key_with_a_uuid_keeps_its_vm(cluster: Cluster) -> 
     after = cluster.store.get(cluster.keys.actual("keep1"))
     assert "removed keep1" not in n1.log()[mark:]
     assert after is not None and after.create_revision == before.create_revision  # the same claim, kept
+
+
+def test_a_backup_whose_view_lags_reads_the_claim_instead_of_racing(cluster: Cluster,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """An agent reads its watch late (starved of CPU; here its watch is
+    cancelled) and its backup turn comes for a VM that the chosen node has
+    claimed meanwhile: it reads the claim from etcd, folds it into its view
+    and writes nothing, instead of losing a claim race. The agent runs in
+    this process, its ticks driven by the test."""
+    cluster.flavour("small", 1, 1024)
+    proc = cluster.agent("n1", start=False)  # its ini only
+    proc.config.write_text(proc.config.read_text().replace(
+        "[agent]\n", "[agent]\nclaim_step = 0.3\n").replace("resync_interval = 10", "resync_interval = 300"))
+    agent = ms.Agent(ms.load_config(str(proc.config)))
+    agent.start()
+    lease = cluster.store.grant_lease(30)
+    try:
+        # a second node, registered by hand: its host record on its own lease
+        other = ms.HostState(8, 16384)
+        cluster.store.put(cluster.keys.host("n2"), other.encode(), lease)
+        wait_for(lambda: agent.view.entry(cluster.keys.host("n2")) is not None, 10, what="n1 sees n2")
+        snap = agent.view.snapshot()
+        vm = next(f"v{i}" for i in range(100) if ms.Placement(dataclasses.replace(
+            snap, desired={f"v{i}": ms.DesiredVM(f"v{i}", "small", generation=1)})).assign().get(f"v{i}") == "n2")
+        cluster.desire(vm)
+        wait_for(lambda: agent.view.entry(cluster.keys.desired(vm)) is not None, 10, what=f"n1 sees {vm}")
+        agent.tick()  # n2's turn first: n1, a backup, waits a step
+        assert agent.turns.last_chosen.get(vm) == "n2"
+        assert agent.view.entry(cluster.keys.actual(vm)) is None
+        agent._watch_cancel()  # from now on n1's view lags
+        claim = ms.ActualVM(host="n2", state="starting", vcpus=1, ram_mb=1024)
+        rev, _ = cluster.store.create(cluster.keys.actual(vm), claim.encode(), lease)
+        assert rev is not None
+        time.sleep(0.5)  # past n1's turn
+        with caplog.at_level("INFO", logger=ms.log.name):
+            agent.tick()
+        assert agent.executor.races_lost == 0
+        assert f"vm={vm} backup turn: claimed by n2 meanwhile" in caplog.text
+        entry = agent.view.entry(cluster.keys.actual(vm))
+        assert entry is not None and ms.ActualVM.parse(entry.value).host == "n2"
+        assert cluster.store.get(cluster.keys.actual(vm)).mod_revision == rev  # n1 wrote nothing
+    finally:
+        agent.leave_running()
+        cluster.store.revoke_lease(lease)
