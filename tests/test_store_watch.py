@@ -201,14 +201,14 @@ def test_a_watch_on_a_member_without_a_leader_ends(members: EtcdMembers, transpo
         s.close()
 
 
-@pytest.mark.parametrize("transport", ["json", "grpc"])
-def test_a_watch_leaves_a_hung_member_with_the_client(members: EtcdMembers, transport: str) -> None:
+def test_a_json_watch_leaves_a_hung_member_with_the_client(members: EtcdMembers) -> None:
     """The watch's member hangs (SIGSTOP: no reset ever comes, and its
     kernel still answers TCP keep-alive). The store's next call times out
-    there and moves to another member. A JSON watch on the hung member ends
-    with it (the store abandons it); python-etcd3 only half-closes its gRPC
-    watch stream, which then ends by HTTP/2 keep-alive (10 + 5 s at most).
-    Either way the agent watches again elsewhere."""
+    there and moves to another member; the JSON watch on the hung member
+    ends with it (the store abandons it), so the agent watches again
+    elsewhere. (python-etcd3 only half-closes its gRPC watch stream when it
+    moves: that one is repaired by the periodic re-list.)"""
+    transport = "json"
     eps = ",".join(members.endpoint(n) for n in members.names)
     s = ms.Store(ms.EtcdConfig(endpoints=ms.parse_endpoints(eps), prefix="/w", timeout=1.0, watch=transport))
     seen = Seen()
@@ -223,25 +223,10 @@ def test_a_watch_leaves_a_hung_member_with_the_client(members: EtcdMembers, tran
         assert not seen.errors
         with pytest.raises(ms.StoreUnavailable):
             s.get("/w/a")
-        wait_for(lambda: seen.errors, 5 if transport == "json" else 20, interval=0.1,
-                 what="the watch on the hung member to end")
+        wait_for(lambda: seen.errors, 5, interval=0.1, what="the watch on the hung member to end")
         assert len(seen.errors) == 1 and isinstance(seen.errors[0], BaseException), seen.errors
         s.read_retry_for = 10.0  # if the hung member led, the others elect a leader first
         assert s.get("/w/a") is not None  # the store goes on with another member
-    finally:
-        s.close()
-
-
-def test_a_grpc_watch_on_a_hung_member_ends_by_keepalive(members: EtcdMembers) -> None:
-    """With no other call to notice (the store's only member hangs), gRPC's
-    HTTP/2 pings end the watch: within about 10 + 5 s, not never."""
-    s, seen = _watch_on(members, members.names[0], "grpc")
-    try:
-        members.procs[members.names[0]].send_signal(signal.SIGSTOP)
-        t0 = time.monotonic()
-        wait_for(lambda: seen.errors, 40, interval=0.2, what="keep-alive to end the watch on a hung member")
-        assert time.monotonic() - t0 > 4, "ended before a ping could have timed out: not the keep-alive"
-        assert len(seen.errors) == 1 and "ping timeout" in str(seen.errors[0]), seen.errors
     finally:
         s.close()
 
