@@ -208,9 +208,8 @@ def test_a_json_watch_leaves_a_hung_member_with_the_client(members: EtcdMembers)
     ends with it (the store abandons it), so the agent watches again
     elsewhere. (python-etcd3 only half-closes its gRPC watch stream when it
     moves: that one is repaired by the periodic re-list.)"""
-    transport = "json"
     eps = ",".join(members.endpoint(n) for n in members.names)
-    s = ms.Store(ms.EtcdConfig(endpoints=ms.parse_endpoints(eps), prefix="/w", timeout=1.0, watch=transport))
+    s = ms.Store(ms.EtcdConfig(endpoints=ms.parse_endpoints(eps), prefix="/w", timeout=1.0, watch="json"))
     seen = Seen()
     rev = s.put("/w/a", b"1")
     host, port = s._endpoint_order()[0]  # where the watch goes: the member the client uses
