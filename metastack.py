@@ -2187,6 +2187,12 @@ class ClusterView:
             use = self._use.get((host, lease))
             return (use[0], use[1], use[2]) if use else (0, 0, 0)
 
+    def holder(self, vm: str) -> Optional[str]:
+        """The node named by ``vm``'s claim (trusted or not), None if unclaimed. O(1)."""
+        with self._lock:
+            claim = self._claims.get(vm)
+            return claim[0] if claim is not None else None
+
     def has_unclaimed(self) -> bool:
         """Whether some desired VM has no claim. O(1)."""
         return bool(self._unclaimed)
@@ -5131,7 +5137,10 @@ class Agent:
         (its owner acts; a hand-over deletes the claim, which is news).
         NEW_WORK: it can only change who should claim unclaimed VMs: a VM
         created, changed or deleted while unclaimed, another node's new
-        claim, another node's offer (capacity, state, what it gave up on)
+        claim (unless it went where this node's last look placed it: that
+        leaves the placement of the rest as it was, and what it changes in
+        the backups' timing waits for the next look, at the latest when the
+        timer that look set for this node's next turn fires), another node's offer (capacity, state, what it gave up on)
         changing; the main loop then looks whether any is this node's turn
         (cheap) before it reconciles. NEWS: everything else (our own keys,
         claims deleted, nodes that come or go, node records, fences, moves,
@@ -5148,7 +5157,12 @@ class Agent:
             if lease == new.lease:
                 return self.NEWS
             if old is None or old.lease != new.lease:  # another node's new claim: news only while work waits
-                return self.NEW_WORK if self.view.has_unclaimed() else self.NOT_NEWS
+                if not self.view.has_unclaimed():
+                    return self.NOT_NEWS
+                # Where this node's last look placed it: the placement of the
+                # rest is as it was; the turn timer set then stays in force.
+                chosen = self.turns.last_chosen.get(name)
+                return self.NOT_NEWS if chosen is not None and chosen == self.view.holder(name) else self.NEW_WORK
             return self.NOT_NEWS
         if kind == "hosts":
             if name == self.node or old is None or new is None:
@@ -5283,14 +5297,20 @@ class Agent:
     def _pause(self, failures: int) -> str:
         """Wait for a wake-up or the next timer. Returns "tick" when a
         reconcile is due (news, or a timer fired), "look" when only new
-        work arrived (see _concerns_us), "" for a beat alone. The wait is
-        at most half the stall limit, so the loop beats in time."""
+        work arrived (see _concerns_us) or this node's next claim turn
+        came, "" for a beat alone. The wait is at most half the stall
+        limit, so the loop beats in time."""
         now = time.monotonic()
         at = self._next_tick(failures, now)
-        woken = self._waker.wait(min(at - now, self.cfg.stall_limit / 2))
-        if self._full_due or time.monotonic() >= at:
+        turn = self._next_turn if self._next_turn is not None and self._next_turn < at else None
+        until = at if turn is None else max(now + 0.02, turn)
+        woken = self._waker.wait(min(until - now, self.cfg.stall_limit / 2))
+        now = time.monotonic()
+        if self._full_due or now >= at:
             return "tick"
-        return "look" if woken else ""
+        # A claim turn coming is new work like an arrival: a look (O(unclaimed),
+        # from the view's index) decides whether a reconcile is worth it.
+        return "look" if woken or (turn is not None and now >= turn) else ""
 
     def _next_tick(self, failures: int, now: float) -> float:
         """Monotonic time of the next reconcile that no wake-up asks for."""
@@ -5301,7 +5321,7 @@ class Agent:
             waits.append(0.5)
         if self._console_polling:
             waits.append(Executor.CONSOLE_PERIOD)
-        for at in (self._next_turn, self.executor.next_retry(), self._hold_ends, self._quiet_until):
+        for at in (self.executor.next_retry(), self._hold_ends, self._quiet_until):
             if at is not None and at > now:
                 waits.append(max(0.02, at - now))
         return now + min(waits)

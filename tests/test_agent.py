@@ -596,3 +596,76 @@ def test_a_backup_whose_view_lags_reads_the_claim_instead_of_racing(cluster: Clu
     finally:
         agent.leave_running()
         cluster.store.revoke_lease(lease)
+
+
+def _in_process_agent(cluster: Cluster, name: str) -> ms.Agent:
+    """An agent run in this process, its ticks driven by the test (no loop)."""
+    proc = cluster.agent(name, start=False)  # its ini only
+    proc.config.write_text(proc.config.read_text().replace(
+        "[agent]\n", "[agent]\nclaim_step = 0.3\n").replace("resync_interval = 10", "resync_interval = 300"))
+    agent = ms.Agent(ms.load_config(str(proc.config)))
+    agent.start()
+    return agent
+
+
+def _placed_on(snap: ms.Snapshot, node: str) -> str:
+    """A VM name that the placement gives to ``node`` in ``snap``."""
+    return next(f"v{i}" for i in range(200) if ms.Placement(dataclasses.replace(
+        snap, desired={f"v{i}": ms.DesiredVM(f"v{i}", "small", generation=1)})).assign().get(f"v{i}") == node)
+
+
+def test_another_nodes_claim_where_the_placement_put_it_is_no_news(cluster: Cluster) -> None:
+    """While work waits, another node's claim wakes an agent only when it
+    went elsewhere than this agent's placement said: a claim as placed
+    changes nothing this agent would decide (it no longer looks again for
+    each of them in a burst)."""
+    cluster.flavour("small", 1, 1024)
+    agent = _in_process_agent(cluster, "n1")
+    lease = cluster.store.grant_lease(30)
+    try:
+        cluster.store.put(cluster.keys.host("n2"), ms.HostState(8, 16384).encode(), lease)
+        wait_for(lambda: agent.view.entry(cluster.keys.host("n2")) is not None, 10, what="n1 sees n2")
+        snap = agent.view.snapshot()
+        as_placed = _placed_on(snap, "n2")
+        elsewhere = "pinned"
+        cluster.desire(as_placed)
+        cluster.desire(elsewhere, host="n1")  # pinned to n1: placed there whatever else waits
+        cluster.desire("waits", host="nowhere")  # never claimed: work keeps waiting
+        for vm in (as_placed, elsewhere, "waits"):
+            wait_for(lambda vm=vm: agent.view.entry(cluster.keys.desired(vm)) is not None, 10, what=f"n1 sees {vm}")
+        agent._next_turn = None
+        agent.turns.due(agent.view.snapshot(), "spread", (), time.monotonic())
+        assert agent.turns.last_chosen.get(as_placed) == "n2" and agent.turns.last_chosen.get(elsewhere) == "n1"
+        concerns = {}
+        for vm in (as_placed, elsewhere):
+            key = cluster.keys.actual(vm)
+            rev, _ = cluster.store.create(key, ms.ActualVM(host="n2", state="starting", vcpus=1,
+                                                           ram_mb=1024).encode(), lease)
+            assert rev is not None
+            wait_for(lambda key=key: agent.view.entry(key) is not None, 10, what=f"n1 sees the claim of {vm}")
+            concerns[vm] = agent._concerns_us(ms.Change(key, None, agent.view.entry(key)))
+        assert concerns == {as_placed: agent.NOT_NEWS, elsewhere: agent.NEW_WORK}
+    finally:
+        agent.leave_running()
+        cluster.store.revoke_lease(lease)
+
+
+def test_a_claim_turn_coming_is_a_look_not_a_reconcile(cluster: Cluster) -> None:
+    """The timer of this node's next claim turn ends the agent's wait with a
+    look (cheap: from the view's index), not a full reconcile; a reconcile
+    follows only when the look finds work of ours."""
+    agent = _in_process_agent(cluster, "n1")
+    try:
+        agent.tick()  # the first reconcile: nothing is due after it for IDLE_TICK seconds
+        agent._quiet_until = 0.0
+        agent._next_turn = time.monotonic() + 0.2
+        started = time.monotonic()
+        assert agent._pause(0) == "look"
+        assert time.monotonic() - started >= 0.15  # it waited for the turn, not less
+        agent._next_turn = None
+        started = time.monotonic()
+        agent._waker.wake()
+        assert agent._pause(0) == "look"  # new work, as before
+        assert time.monotonic() - started < 0.15
+    finally:
+        agent.leave_running()
