@@ -198,3 +198,92 @@ def test_at_time_zero_each_vm_is_exactly_one_nodes_turn_and_fits_there(nodes, fl
         room = [n for n in hs if hs[n].vcpus - sum(FLAVOURS[desired[v].flavour].vcpus for v in mine[n]) >= f.vcpus
                 and hs[n].ram_mb - sum(FLAVOURS[desired[v].flavour].ram_mb for v in mine[n]) >= f.ram_mb]
         assert not room, (vm, room)
+
+
+STEPS = st.lists(st.one_of(
+    st.tuples(st.just("arrive"), st.integers(1, 6), st.sampled_from(["small", "big"])),
+    st.tuples(st.just("claim as placed"), st.integers(0, 30)),
+    st.tuples(st.just("claim elsewhere"), st.integers(0, 30), st.integers(1, 4)),
+    st.tuples(st.just("delete"), st.integers(0, 30)),
+    st.tuples(st.just("cordon"), st.integers(1, 4)),
+    st.tuples(st.just("resize the big flavour"), st.integers(2, 6)),
+    st.tuples(st.just("pin"), st.integers(0, 30), st.integers(1, 4)),
+    st.tuples(st.just("look"),)), min_size=1, max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(STEPS, st.sampled_from(["spread", "pack"]))
+def test_the_memo_answers_exactly_what_a_fresh_assignment_would(steps: list[tuple], policy: str) -> None:
+    """Whatever happens between two looks (arrivals, claims as placed or
+    elsewhere, deletions, a node cordoned, a pending VM's entry changed),
+    the memo's answer equals a fresh Placement.assign on the same view, by
+    the full snapshot and by the view's index (use and recent claims)."""
+    s = cluster(4, 0, hs=hosts(4, cpu=12, ram=24576))
+    turns = ms.ClaimTurns("n1", 1.0)
+    gen = 10
+    for step in steps:
+        pending = sorted((vm for vm in s.desired if vm not in s.actual), key=lambda vm: s.desired[vm].generation)
+        last = turns.last_chosen
+        if step[0] == "arrive":
+            for _ in range(step[1]):
+                gen += 1
+                s.desired[f"vm{gen:03d}"] = DesiredVM(f"vm{gen:03d}", step[2], generation=gen)
+        elif step[0] in ("claim as placed", "claim elsewhere") and pending:
+            vm = pending[step[1] % len(pending)]
+            node = last.get(vm) if step[0] == "claim as placed" else f"n{step[2]}"
+            if node is not None:
+                s.actual[vm] = claim(node, s.hosts[node].lease, FLAVOURS[s.desired[vm].flavour])
+        elif step[0] == "delete" and pending:
+            del s.desired[pending[step[1] % len(pending)]]
+        elif step[0] == "resize the big flavour":
+            s.flavours = {**s.flavours, "big": Flavour(step[1], step[1] * 1024)}
+        elif step[0] == "cordon":
+            s.nodes = {**s.nodes, f"n{step[1]}": NodeRecord(cordon=True)}
+        elif step[0] == "pin" and pending:
+            vm = pending[step[1] % len(pending)]
+            s.desired[vm] = DesiredVM(vm, s.desired[vm].flavour, host=f"n{step[2]}", generation=s.desired[vm].generation)
+        else:
+            light = Snapshot({vm: d for vm, d in s.desired.items() if vm not in s.actual}, {}, s.flavours, s.hosts,
+                             nodes=s.nodes)
+            use = {n: (sum(c.vcpus for c in s.actual.values() if c.host == n),
+                       sum(c.ram_mb for c in s.actual.values() if c.host == n)) for n in s.hosts}
+            oldest = min(((d.generation, vm) for vm, d in light.desired.items()), default=None)
+            recent = [] if oldest is None else sorted(
+                (s.desired[vm].generation, vm, c.host, c.vcpus, c.ram_mb) for vm, c in s.actual.items()
+                if vm in s.desired and (s.desired[vm].generation, vm) > oldest)
+            turns.due(light, policy, (), 100.0, use, recent)
+            assert turns.last_chosen == ms.Placement(s, policy).assign()
+            continue
+        turns.due(s, policy, (), 100.0)
+        assert turns.last_chosen == ms.Placement(s, policy).assign()
+
+
+def test_the_memo_is_reused_when_claims_go_where_they_were_placed() -> None:
+    s = cluster(6, 60)
+    turns = ms.ClaimTurns("n1", 1.0)
+    turns.due(s, "spread", (), 100.0)
+    first = dict(turns.last_chosen)
+    for vm in sorted(first)[::3]:
+        s.actual[vm] = claim(first[vm], s.hosts[first[vm]].lease)
+    turns.due(s, "spread", (), 100.5)
+    assert turns.memo.reused == 1
+    assert turns.last_chosen == {vm: n for vm, n in first.items() if vm not in s.actual}
+    s.actual["vm001"] = claim("n1" if first["vm001"] != "n1" else "n2", 101 if first["vm001"] != "n1" else 102)
+    turns.due(s, "spread", (), 101.0)
+    assert turns.memo.reused == 1  # a claim elsewhere: assigned afresh
+
+
+def test_the_memo_is_not_reused_when_two_claims_swapped_nodes() -> None:
+    """Two VMs of the same size claimed each where the other was placed:
+    every node's reservation is as if placed, but the ranking replay differs."""
+    s = cluster(6, 60)
+    turns = ms.ClaimTurns("n1", 1.0)
+    turns.due(s, "spread", (), 100.0)
+    first = dict(turns.last_chosen)
+    a, b = "vm010", next(vm for vm in sorted(first) if vm > "vm030" and first[vm] != first["vm010"])
+    s.actual[a] = claim(first[b], s.hosts[first[b]].lease)
+    s.actual[b] = claim(first[a], s.hosts[first[a]].lease)
+    turns.due(s, "spread", (), 100.5)
+    fresh = ms.Placement(s, "spread").assign()
+    assert turns.last_chosen == fresh and turns.memo.reused == 0
+    assert fresh != {vm: n for vm, n in first.items() if vm not in s.actual}  # reusing would have been wrong
