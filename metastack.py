@@ -59,6 +59,7 @@ import threading
 import time
 import uuid
 import xml.etree.ElementTree as ET
+from collections import Counter
 from typing import Any, BinaryIO, Callable, Collection, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 # ---------------------------------------------------------------------------
@@ -4989,6 +4990,7 @@ class Agent:
         self.turns = ClaimTurns(self.node, cfg.claim_step)
         self.ticks, self.tick_cpu = 0, 0.0  # reconciles so far, and the CPU time they took (for benchmarks)
         self.looks, self.look_cpu = 0, 0.0  # looks for new work (see _new_work_here), and their CPU time
+        self.tick_causes: Counter[str] = Counter()  # what asked for each reconcile: news, timer, work (a look found some)
         self._full_due = True  # news (or a wake-up) asks for a full reconcile
         self._ride_ok = False  # during a reconcile of a node not fenced: the host record may ride along
         self._libvirt_down = False  # the last reconcile failed to reach libvirt: host state "degraded"
@@ -5310,6 +5312,7 @@ class Agent:
                     due = "tick"
                 self.looks, self.look_cpu = self.looks + 1, self.look_cpu + time.thread_time() - started
                 if due == "tick":
+                    self.tick_causes["work"] += 1
                     self._gather()
             if due != "tick":  # a beat alone: nothing for us, no timer due
                 due = self._pause(failures)
@@ -5346,8 +5349,10 @@ class Agent:
             self.last_decision = decision
             self.beat()
             due = self._pause(failures)
-        log.info("stopping after %d reconciles (%.2f s CPU in them) and %d looks for new work (%.2f s CPU); "
-                 "%.2f s CPU in all", self.ticks, self.tick_cpu, self.looks, self.look_cpu, time.process_time())
+        log.info("stopping after %d reconciles (%.2f s CPU in them; asked for by %s) and %d looks for new work "
+                 "(%.2f s CPU); %.2f s CPU in all", self.ticks, self.tick_cpu,
+                 ", ".join(f"{k} {v}" for k, v in sorted(self.tick_causes.items())) or "nothing but the start",
+                 self.looks, self.look_cpu, time.process_time())
         if self.cfg.on_stop == "drain":
             self.drain()
         else:
@@ -5388,6 +5393,7 @@ class Agent:
         woken = self._waker.wait(min(until - now, self.cfg.stall_limit / 2))
         now = time.monotonic()
         if self._full_due or now >= at:
+            self.tick_causes["news" if self._full_due else "timer"] += 1
             return "tick"
         # A claim turn coming is new work like an arrival: a look (O(unclaimed),
         # from the view's index) decides whether a reconcile is worth it.
