@@ -23,6 +23,9 @@ watch of its own. It reports:
   * VMs per node at the end (stddev, max/min) and the VMs left pending for
     more than 1 s while a live ready node had room for them (sampled every
     0.5 s from the watch-fed state);
+  * per agent (JSON only, "agent_loops"): reconciles and looks for new
+    work, their counts and CPU seconds, and what asked for the
+    reconciles, from each agent's stop line (its whole life);
   * an idle window after everything runs: revisions written (lease
     renewals are not revisions), LeaseKeepAlive messages per node per
     minute, agent CPU % per agent (utime+stime of each agent process,
@@ -55,6 +58,7 @@ import dataclasses
 import json
 import os
 import queue
+import re
 import shutil
 import signal
 import statistics
@@ -214,6 +218,31 @@ class Fleet:
     def count(self, text: str) -> int:
         """Lines containing ``text`` in every agent log."""
         return sum(path.read_text(errors="replace").count(text) for _, _, path in self.procs)
+
+    STOP_LINE = re.compile(r"stopping after (\d+) reconciles \(([\d.]+) s CPU in them; asked for by (.*?)\) "
+                           r"and (\d+) looks for new work \(([\d.]+) s CPU\); ([\d.]+) s CPU in all")
+
+    def agent_loops(self) -> dict[str, Any]:
+        """Per agent, averaged: reconciles and looks (counts, CPU seconds)
+        and what asked for the reconciles, from each agent's stop line
+        (its whole life: start-up, the run and the idle window). Call
+        after stop(); empty when no agent wrote one."""
+        rows, causes = [], Counter[str]()
+        for _, _, path in self.procs:
+            for m in self.STOP_LINE.finditer(path.read_text(errors="replace")):
+                rows.append([float(m.group(i)) for i in (1, 2, 4, 5, 6)])
+                for part in m.group(3).split(", "):
+                    what, _, count = part.rpartition(" ")
+                    if count.isdigit():
+                        causes[what] += int(count)
+        if not rows:
+            return {}
+        n = len(rows)
+        out = {k: round(sum(r[i] for r in rows) / n, 3) for i, k in enumerate(
+            ("reconciles", "reconcile_cpu_s", "looks", "look_cpu_s", "process_cpu_s"))}
+        out["reconciles_asked_by"] = {k: round(v / n, 1) for k, v in sorted(causes.items())}
+        out["agents"] = n
+        return out
 
     def lost_races(self) -> int:
         return self.count("lost the claim race")
@@ -510,6 +539,9 @@ def run_agents(etcd: EtcdServer, work: Path, tag: str, n_nodes: int, args: argpa
     finally:
         fleet.stop()
         store.close()
+        loops = fleet.agent_loops()
+        if loops:
+            result["agent_loops"] = loops
 
 
 def run_central(etcd: EtcdServer, tag: str, n_nodes: int, args: argparse.Namespace, mode: str) -> dict:
