@@ -4990,6 +4990,7 @@ class Agent:
         self.turns = ClaimTurns(self.node, cfg.claim_step)
         self.ticks, self.tick_cpu = 0, 0.0  # reconciles so far, and the CPU time they took (for benchmarks)
         self.looks, self.look_cpu = 0, 0.0  # looks for new work (see _new_work_here), and their CPU time
+        self.look_causes: Counter[str] = Counter()  # what asked for each look: work (arrived), turn (a timer)
         self.tick_causes: Counter[str] = Counter()  # what asked for each reconcile: news, timer, work (a look found some)
         self._full_due = True  # news (or a wake-up) asks for a full reconcile
         self._ride_ok = False  # during a reconcile of a node not fenced: the host record may ride along
@@ -5350,9 +5351,11 @@ class Agent:
             self.beat()
             due = self._pause(failures)
         log.info("stopping after %d reconciles (%.2f s CPU in them; asked for by %s) and %d looks for new work "
-                 "(%.2f s CPU); %.2f s CPU in all", self.ticks, self.tick_cpu,
+                 "(%.2f s CPU; asked for by %s); %.2f s CPU in all", self.ticks, self.tick_cpu,
                  ", ".join(f"{k} {v}" for k, v in sorted(self.tick_causes.items())) or "nothing but the start",
-                 self.looks, self.look_cpu, time.process_time())
+                 self.looks, self.look_cpu,
+                 ", ".join(f"{k} {v}" for k, v in sorted(self.look_causes.items())) or "nothing",
+                 time.process_time())
         if self.cfg.on_stop == "drain":
             self.drain()
         else:
@@ -5397,7 +5400,15 @@ class Agent:
             return "tick"
         # A claim turn coming is new work like an arrival: a look (O(unclaimed),
         # from the view's index) decides whether a reconcile is worth it.
-        return "look" if woken or (turn is not None and now >= turn) else ""
+        if self._stop_requested:
+            return ""
+        if woken:
+            self.look_causes["work"] += 1
+            return "look"
+        if turn is not None and now >= turn:
+            self.look_causes["turn"] += 1
+            return "look"
+        return ""
 
     def _next_tick(self, failures: int, now: float) -> float:
         """Monotonic time of the next reconcile that no wake-up asks for."""

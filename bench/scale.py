@@ -24,8 +24,7 @@ watch of its own. It reports:
     more than 1 s while a live ready node had room for them (sampled every
     0.5 s from the watch-fed state);
   * per agent (JSON only, "agent_loops"): reconciles and looks for new
-    work, their counts and CPU seconds, and what asked for the
-    reconciles, from each agent's stop line (its whole life);
+    work, their counts and CPU seconds, and what asked for each, from each agent's stop line (its whole life);
   * an idle window after everything runs: revisions written (lease
     renewals are not revisions), LeaseKeepAlive messages per node per
     minute, agent CPU % per agent (utime+stime of each agent process,
@@ -220,27 +219,29 @@ class Fleet:
         return sum(path.read_text(errors="replace").count(text) for _, _, path in self.procs)
 
     STOP_LINE = re.compile(r"stopping after (\d+) reconciles \(([\d.]+) s CPU in them; asked for by (.*?)\) "
-                           r"and (\d+) looks for new work \(([\d.]+) s CPU\); ([\d.]+) s CPU in all")
+                           r"and (\d+) looks for new work \(([\d.]+) s CPU; asked for by (.*?)\); ([\d.]+) s CPU in all")
 
     def agent_loops(self) -> dict[str, Any]:
         """Per agent, averaged: reconciles and looks (counts, CPU seconds)
         and what asked for the reconciles, from each agent's stop line
         (its whole life: start-up, the run and the idle window). Call
         after stop(); empty when no agent wrote one."""
-        rows, causes = [], Counter[str]()
+        rows, causes, look_causes = [], Counter[str](), Counter[str]()
         for _, _, path in self.procs:
             for m in self.STOP_LINE.finditer(path.read_text(errors="replace")):
-                rows.append([float(m.group(i)) for i in (1, 2, 4, 5, 6)])
-                for part in m.group(3).split(", "):
-                    what, _, count = part.rpartition(" ")
-                    if count.isdigit():
-                        causes[what] += int(count)
+                rows.append([float(m.group(i)) for i in (1, 2, 4, 5, 7)])
+                for text, counter in ((m.group(3), causes), (m.group(6), look_causes)):
+                    for part in text.split(", "):
+                        what, _, count = part.rpartition(" ")
+                        if count.isdigit():
+                            counter[what] += int(count)
         if not rows:
             return {}
         n = len(rows)
         out = {k: round(sum(r[i] for r in rows) / n, 3) for i, k in enumerate(
             ("reconciles", "reconcile_cpu_s", "looks", "look_cpu_s", "process_cpu_s"))}
         out["reconciles_asked_by"] = {k: round(v / n, 1) for k, v in sorted(causes.items())}
+        out["looks_asked_by"] = {k: round(v / n, 1) for k, v in sorted(look_causes.items())}
         out["agents"] = n
         return out
 
