@@ -3280,6 +3280,7 @@ class Placement:
         self.snap = snap
         self.policy = policy if policy in self.POLICIES else "spread"
         self.bins: dict[str, _Bin] = {}
+        self._created: dict[str, tuple[int, str]] = {}
         for name, host in snap.hosts.items():
             rec = snap.nodes.get(name)
             if host.state == "ready" and not (rec is not None and rec.unschedulable):
@@ -3325,8 +3326,12 @@ class Placement:
                 and (vm.host is None or vm.host == b.name) and not (vm.strict and members.get(b.name, 0)))
 
     def created(self, name: str) -> tuple[int, str]:
-        spec = self.snap.desired[name]
-        return (spec.generation if isinstance(spec, DesiredVM) else 0, name)
+        """(create revision, name) of desired VM ``name``: the creation order."""
+        hit = self._created.get(name)
+        if hit is None:
+            spec = self.snap.desired[name]
+            hit = self._created[name] = (spec.generation if isinstance(spec, DesiredVM) else 0, name)
+        return hit
 
     def pending(self, skip: Collection[str] = ()) -> list[str]:
         """Unclaimed desired VMs not in ``skip``, in creation order."""
@@ -4778,24 +4783,24 @@ class AssignmentMemo:
         specs = {vm: snap.desired[vm] for vm in pending}
         offers = self._offers(placement, skip)
         use = {n: (b.cpu, b.ram) for n, b in placement.bins.items()}
-        answer = self._reuse(placement, specs, offers, use)
+        answer = self._reuse(placement, pending, specs, offers, use)
         if answer is None:
             answer = placement.assign(skip)
+            sizes = {}
+            for vm in answer:
+                resolved = resolve(specs[vm], snap)
+                sizes[vm] = (resolved[1].vcpus, resolved[1].ram_mb) if not isinstance(resolved, str) else None
         else:
             self.reused += 1
-        sizes = {}
-        for vm in answer:
-            resolved = resolve(specs[vm], snap)
-            sizes[vm] = (resolved[1].vcpus, resolved[1].ram_mb) if not isinstance(resolved, str) else None
+            sizes = {vm: size for vm, size in self._last["sizes"].items() if vm in answer}  # type: ignore[index]
         grouped = any(isinstance(v, DesiredVM) and v.group is not None for v in specs.values())
         self._last = None if grouped else dict(
             answer=answer, specs=specs, offers=offers, use=use, recent=list(placement.recent), sizes=sizes,
-            flavours=dict(snap.flavours), images=dict(snap.images), nodes=dict(snap.nodes),
-            created={vm: placement.created(vm) for vm in answer})
+            flavours=dict(snap.flavours), images=dict(snap.images), nodes=dict(snap.nodes))
         return dict(answer)
 
-    def _reuse(self, placement: "Placement", specs: Mapping[str, Any], offers: tuple[Any, ...],
-               use: Mapping[str, tuple[int, int]]) -> Optional[dict[str, str]]:
+    def _reuse(self, placement: "Placement", pending: Sequence[str], specs: Mapping[str, Any],
+               offers: tuple[Any, ...], use: Mapping[str, tuple[int, int]]) -> Optional[dict[str, str]]:
         last, snap = self._last, placement.snap
         if last is None or offers != last["offers"]:
             return None
@@ -4816,10 +4821,10 @@ class AssignmentMemo:
                 return None
             grown[node][0] += size[0]
             grown[node][1] += size[1]
-            recent.append((last["created"][vm][0], vm, node, size[0], size[1]))
+            recent.append((then_specs[vm].generation, vm, node, size[0], size[1]))  # sized: a DesiredVM
         if use != {n: (cpu, ram) for n, (cpu, ram) in grown.items()}:
             return None
-        oldest = min((placement.created(vm) for vm in specs), default=None)
+        oldest = placement.created(pending[0]) if pending else None  # pending is in creation order
         if oldest is None or sorted(r for r in recent if (r[0], r[1]) > oldest) != placement.recent:
             return None
         return {vm: answer[vm] for vm in specs}
