@@ -5446,6 +5446,11 @@ class Agent:
             self.executor.lease_changed()
             self._acquire_lease(wait_for_stale=self.cfg.lease_ttl + 2.0)
             self._resync()
+            # The re-claim is the next reconcile's: ask for it now. No watch
+            # event need come to wake the loop (the re-list saw every change,
+            # and the keys of the other nodes' lapsed leases are gone already),
+            # and the next timer may be past this node's grace.
+            self.wake()
             running = sum(1 for s in self.hv.domains().values() if s == "running")
             return (f"lease lost: re-registered with a new lease; re-claiming the {running} VM(s) running here, "
                     f"claiming nothing else for {self.cfg.grace:.0f}s")

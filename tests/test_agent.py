@@ -11,6 +11,7 @@ import signal
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -669,3 +670,43 @@ def test_a_claim_turn_coming_is_a_look_not_a_reconcile(cluster: Cluster) -> None
         assert time.monotonic() - started < 0.15
     finally:
         agent.leave_running()
+
+
+def test_a_lost_lease_re_claims_the_running_vm_at_once_without_news(cluster: Cluster) -> None:
+    """etcd expires the agent's lease (as after a freeze of 3 x TTL) and,
+    once the agent has re-registered and re-listed, no watch event comes
+    to wake it (the other nodes re-registered before its re-list): it must
+    still re-claim the VM running here at once, within its grace, not wait
+    for a timer (the re-list's, 10 s here). The agent's own loop runs in a
+    thread of this process."""
+    cluster.flavour("small", 1, 512)
+    proc = cluster.agent("n1", start=False)  # its ini only
+    agent = ms.Agent(ms.load_config(str(proc.config)))
+    loop = threading.Thread(target=agent.run, daemon=True)
+    loop.start()
+    try:
+        cluster.wait_hosts("n1")
+        cluster.desire("r1")
+        cluster.wait_running(["r1"])
+        before = cluster.store.get(cluster.keys.actual("r1"))
+        assert before is not None
+        old = agent.lease_id
+        # As in the freeze: the agent's watch had ended (a re-watch that met
+        # the frozen etcd), so only its keeper learns of the loss and no event
+        # of the re-listed keys comes afterwards.
+        cancel, agent._watch_cancel = agent._watch_cancel, None
+        assert cancel is not None
+        cancel()
+        cluster.store.revoke_lease(old)  # etcd expires the lease: its claim and host record go with it
+        wait_for(lambda: agent._keeper is not None and agent.lease_id != old, 10, what="n1 re-registers")
+        lost = time.monotonic()
+        wait_for(lambda: cluster.store.get(cluster.keys.actual("r1")) is not None, 8, interval=0.02,
+                 what="r1 re-claimed")
+        took = time.monotonic() - lost
+        # at once, well within the grace (the re-claim used to wait for it to end)
+        assert took < agent.cfg.grace / 2, f"re-claimed {took:.1f}s after re-registering (grace {agent.cfg.grace:.0f}s)"
+        assert cluster.states() == {"r1": ("running", "n1")}
+        assert agent.hv.domains() == {"r1": "running"}  # never stopped
+    finally:
+        agent.request_stop()
+        loop.join(15)
