@@ -4995,6 +4995,7 @@ class Agent:
         self.turns = ClaimTurns(self.node, cfg.claim_step)
         self.ticks, self.tick_cpu = 0, 0.0  # reconciles so far, and the CPU time they took (for benchmarks)
         self.looks, self.look_cpu = 0, 0.0  # looks for new work (see _new_work_here), and their CPU time
+        self._ticked_at = 0.0  # monotonic end of the last reconcile (see _next_tick)
         self.look_causes: Counter[str] = Counter()  # what asked for each look: work (arrived), turn (a timer)
         self.tick_causes: Counter[str] = Counter()  # what asked for each reconcile: news, timer, work (a look found some)
         self._full_due = True  # news (or a wake-up) asks for a full reconcile
@@ -5350,6 +5351,7 @@ class Agent:
                 failures += 1
                 log.exception("unexpected error in reconcile")
                 decision = "unexpected error (see traceback); retrying"
+            self._ticked_at = time.monotonic()
             if decision != self.last_decision or decision.startswith("acted"):
                 log.info("%s", decision)
             self.last_decision = decision
@@ -5416,18 +5418,23 @@ class Agent:
         return ""
 
     def _next_tick(self, failures: int, now: float) -> float:
-        """Monotonic time of the next reconcile that no wake-up asks for."""
-        waits = [max(0.05, self._last_resync + self.cfg.resync_interval - now), self.IDLE_TICK]
+        """Monotonic time of the next reconcile that no wake-up asks for.
+        The periods (IDLE_TICK, the back-off after failures, a stop's and
+        the console's polling) count from the end of the last reconcile,
+        not from now: a wait is cut short every stall_limit / 2 seconds for
+        the loop's beat, and a period counted afresh after each beat would
+        never end."""
+        periods = [self.IDLE_TICK]
         if failures:
-            waits.append(min(0.2 * failures, 1.0))
+            periods.append(min(0.2 * failures, 1.0))
         if self.executor.stopping:
-            waits.append(0.5)
+            periods.append(0.5)
         if self._console_polling:
-            waits.append(Executor.CONSOLE_PERIOD)
-        for at in (self.executor.next_retry(), self._hold_ends, self._quiet_until):
-            if at is not None and at > now:
-                waits.append(max(0.02, at - now))
-        return now + min(waits)
+            periods.append(Executor.CONSOLE_PERIOD)
+        ats = [self._last_resync + self.cfg.resync_interval, self._ticked_at + min(periods)]
+        ats += [at for at in (self.executor.next_retry(), self._hold_ends, self._quiet_until)
+                if at is not None and at > now]
+        return max(now + 0.02, min(ats))
 
     # -- one reconcile -------------------------------------------------------
     def tick(self) -> str:

@@ -658,6 +658,7 @@ def test_a_claim_turn_coming_is_a_look_not_a_reconcile(cluster: Cluster) -> None
     agent = _in_process_agent(cluster, "n1")
     try:
         agent.tick()  # the first reconcile: nothing is due after it for IDLE_TICK seconds
+        agent._ticked_at = time.monotonic()  # as the loop notes after each reconcile
         agent._quiet_until = 0.0
         agent._next_turn = time.monotonic() + 0.2
         started = time.monotonic()
@@ -710,3 +711,26 @@ def test_a_lost_lease_re_claims_the_running_vm_at_once_without_news(cluster: Clu
     finally:
         agent.request_stop()
         loop.join(15)
+
+
+def test_the_idle_reconcile_comes_though_each_wait_is_cut_short_for_the_beat(cluster: Cluster) -> None:
+    """Nothing wakes the agent: a reconcile still comes IDLE_TICK seconds
+    after the last one (level-triggered repair), although every wait ends
+    after stall_limit / 2 seconds (here under 1 s) for the loop's beat:
+    the idle period counts from the last reconcile, not from each wait."""
+    agent = _in_process_agent(cluster, "n1")
+    try:
+        assert agent.cfg.stall_limit / 2 < agent.IDLE_TICK
+        agent.tick()
+        agent._ticked_at = time.monotonic()  # as the loop notes after each reconcile
+        agent._full_due = False
+        agent._quiet_until = 0.0
+        ended = agent._ticked_at
+        for later in (1.0, 3.0, 4.5):  # the loop beats: each wait asks again when the reconcile is due
+            assert agent._next_tick(0, ended + later) == pytest.approx(ended + agent.IDLE_TICK, abs=0.05)
+        outcomes = []
+        while time.monotonic() - ended < agent.IDLE_TICK + 2 and "tick" not in outcomes:
+            outcomes.append(agent._pause(0))
+        assert "tick" in outcomes and outcomes.count("") >= 1, outcomes  # the beat's waits came before it
+    finally:
+        agent.leave_running()
