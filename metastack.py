@@ -5368,7 +5368,7 @@ class Agent:
         else:
             self.leave_running()
 
-    IDLE_TICK = 5.0  # seconds between reconciles when nothing wakes the agent (level-triggered repair)
+    IDLE_TICK = 15.0  # seconds between reconciles when nothing wakes the agent (level-triggered repair; O(cluster) each)
     GATHER_QUIET = 0.01  # coalescing of new work: wait for a quiet spell this long ...
     GATHER_MAX = (0.05, 0.25)  # ... at most this long (the second while more VMs wait than there are nodes)
 
