@@ -123,6 +123,7 @@ NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 DOMAIN_TYPES = ("kvm", "qemu", "test", "auto")
 ETCD_MIN_TTL = 2  # etcd silently raises smaller lease TTLs to about this
 RETRY_PAUSE = 0.2  # seconds between a failed lease keep-alive and the next attempt
+WATCHDOG_ALLOWANCE = 0.6  # the watchdog's poll (0.1 s) and its power-off (about 0.25 s), with room
 
 
 def valid_name(name: str) -> bool:
@@ -253,11 +254,13 @@ class AgentConfig:
     @property
     def watchdog_delay(self) -> float:
         """Seconds after the main loop's last beat at which the watchdog
-        stops this node's domains. The keeper renews only while the last
-        beat is at most ``stall_limit`` (= one renew interval) old, so the
-        last renewal comes after the last beat and the lease outlives that
-        beat by more than a TTL: the watchdog acts ``fence_margin`` plus
-        half a second (to power off) before any other node may take over."""
+        stops this node's domains, at the latest: at least ``stall_limit``
+        plus half a second, so that the keeper has stopped renewing by then
+        and the lease is bound to lapse. While the keeper's renewals succeed
+        the agent feeds an earlier deadline when the lease's own end asks
+        for it (``Agent.watchdog_deadline``): the last renewal may come up
+        to a renew interval *before* the last beat (a SIGSTOP stops the
+        keeper too), so the beat alone does not bound the lease's end."""
         return max(self.stall_limit + 0.5, self.lease_ttl - self.fence_margin - 0.5)
 
     @property
@@ -3637,11 +3640,13 @@ class LeaseKeeper(threading.Thread):
     only when ``last_beat()`` (the main loop's last proof of progress) is
     at most ``stall_limit`` seconds old: an agent stuck in a call loses
     its lease, and so its VMs, instead of holding them forever. ``wake``
-    is called whenever validity may have changed.
+    is called whenever validity may have changed; ``renewed`` (if given)
+    after each renewal and each change of ``failing`` or ``lost``.
     """
 
     def __init__(self, store: Store, lease_id: int, ttl: int, margin: float, wake: Callable[[], None],
-                 last_beat: Callable[[], float], stall_limit: float) -> None:
+                 last_beat: Callable[[], float], stall_limit: float,
+                 renewed: Optional[Callable[[], None]] = None) -> None:
         super().__init__(name="lease-keeper", daemon=True)
         self.store = store
         self.lease_id = lease_id
@@ -3650,6 +3655,7 @@ class LeaseKeeper(threading.Thread):
         self._wake = wake
         self._last_beat = last_beat
         self.stall_limit = stall_limit
+        self._renewed = renewed or (lambda: None)
         self.confirmed = time.monotonic()
         self.lost = threading.Event()
         self.failing = False
@@ -3668,6 +3674,15 @@ class LeaseKeeper(threading.Thread):
 
     def stop(self) -> None:
         self._halt.set()
+
+    def _notify(self) -> None:
+        """Call ``renewed`` unless stopping; its failure never ends the keeper."""
+        if self._halt.is_set():
+            return
+        try:
+            self._renewed()
+        except Exception as exc:  # e.g. the watchdog feed's disk is full: keep renewing
+            log.error("lease %x: after renewing: %s", self.lease_id, exc)
 
     def run(self) -> None:
         interval = self.ttl / 3.0
@@ -3692,12 +3707,14 @@ class LeaseKeeper(threading.Thread):
                     self.trouble_since = started
                 self.failing = True
                 self.troubles += 1
+                self._notify()
                 self._wake()
                 self._halt.wait(RETRY_PAUSE)
                 continue
             if remaining <= 0:
                 log.error("lease %x: etcd says it has expired", self.lease_id)
                 self.lost.set()
+                self._notify()
                 self._wake()
                 return
             self.confirmed = started
@@ -3706,6 +3723,7 @@ class LeaseKeeper(threading.Thread):
                 self.failing = False
                 self.trouble_since = None
                 self._wake()
+            self._notify()
             self._halt.wait(interval * random.uniform(0.9, 1.0))
 
 
@@ -4525,9 +4543,9 @@ class WatchdogFeed:
         self._last = 0.0
 
     def feed(self, deadline: float, force: bool = False) -> None:
-        """Move the deadline (rate-limited: only a move of 0.2 s or more is
-        written, unless ``force``)."""
-        if not force and abs(deadline - self._last) < 0.2:
+        """Move the deadline. A move earlier is always written; a move
+        later only when it is 0.2 s or more, or ``force`` (rate limit)."""
+        if not force and self._last <= deadline < self._last + 0.2:
             return
         self._write(f"{deadline:.3f} {os.getpid()}\n")
         self._last = deadline
@@ -4957,6 +4975,9 @@ class Agent:
         self.node = cfg.node_name
         self._waker = Waker()
         self._beat_at = time.monotonic()
+        self._feed_lock = threading.Lock()  # the main loop and the keeper both feed the watchdog
+        self._feed_final = False  # stopping: the last feed is written, no other may follow
+        self._keeper: Optional[LeaseKeeper] = None
         self.watchdog: Optional[WatchdogFeed] = None
         if not cfg.libvirt_uri.startswith("test:"):  # test:/// domains live and die with this process
             self.watchdog = WatchdogFeed(cfg.state_dir, cfg.node_name)
@@ -4980,7 +5001,6 @@ class Agent:
         self._stop_requested = False  # set by request_stop (signal handlers), read by the loop
         self._watch_cancel: Optional[Callable[[], None]] = None
         self._watch_dead = threading.Event()
-        self._keeper: Optional[LeaseKeeper] = None
         self._last_resync = 0.0
         self._troubles_at_watch = 0
         self._store_trouble = False
@@ -5019,8 +5039,33 @@ class Agent:
         """Proof that the main loop makes progress: the lease keeper renews
         only while beats are fresh, and the watchdog is fed from here."""
         self._beat_at = time.monotonic()
+        self._feed_watchdog()
+
+    def watchdog_deadline(self) -> float:
+        """The monotonic time by which the watchdog must have stopped this
+        node's domains unless fed again.
+
+        Contract: at most the last beat plus ``watchdog_delay``; and while
+        the keeper's last renewal succeeded, at most the lease's earliest
+        end (the start of its last confirmed renewal plus its TTL) less
+        ``WATCHDOG_ALLOWANCE``, so a frozen process (keeper included) has
+        its guests off before any other node may take its VMs over. While
+        renewals fail (etcd trouble) the lease's end does not count: a
+        healthy agent keeps its guests through an etcd outage, and storage
+        fencing guards the disks if other nodes still reach etcd."""
+        deadline = self._beat_at + self.cfg.watchdog_delay
+        keeper = self._keeper
+        if keeper is not None and not keeper.failing and not keeper.lost.is_set():
+            deadline = min(deadline, keeper.confirmed + keeper.ttl - WATCHDOG_ALLOWANCE)
+        return deadline
+
+    def _feed_watchdog(self, force: bool = False) -> None:
+        """Write ``watchdog_deadline()`` to the feed (main loop at each
+        beat; keeper thread after each renewal or change of health)."""
         if self.watchdog is not None:
-            self.watchdog.feed(self._beat_at + self.cfg.watchdog_delay)
+            with self._feed_lock:
+                if not self._feed_final:
+                    self.watchdog.feed(self.watchdog_deadline(), force)
 
     def _lease_headroom(self) -> float:
         """Seconds left before this node's lease may lapse (<= 0: now)."""
@@ -5049,7 +5094,7 @@ class Agent:
         self._lock_node()
         if self.watchdog is not None:
             self.beat()
-            self.watchdog.feed(self._beat_at + self.cfg.watchdog_delay, force=True)
+            self._feed_watchdog(force=True)
             self.watchdog.ensure_running(self.cfg.config_path)
         if self._keeper is None and not self._adopt_lease():
             self._register_node()  # before the host record: readers of a live node find its record
@@ -5130,7 +5175,7 @@ class Agent:
 
     def _start_keeper(self, lease: int, confirmed: Optional[float] = None, ttl: Optional[int] = None) -> None:
         self._keeper = LeaseKeeper(self.store, lease, ttl or self.cfg.lease_ttl, self.cfg.fence_margin, self.wake,
-                                   lambda: self._beat_at, self.cfg.stall_limit)
+                                   lambda: self._beat_at, self.cfg.stall_limit, renewed=self._feed_watchdog)
         if confirmed is not None:
             self._keeper.confirmed = confirmed
         self._keeper.start()
@@ -5798,7 +5843,9 @@ class Agent:
             self._keeper.stop()
             self._last_keep_alive(self._keeper)
             if self.watchdog is not None:
-                self.watchdog.feed(self._keeper.deadline(), force=True)
+                with self._feed_lock:
+                    self._feed_final = True
+                    self.watchdog.feed(self._keeper.deadline(), force=True)
             log.info("stopping (on_stop = keep): %d VM(s) keep running; lease %x stays until %.1fs from now",
                      running, self._keeper.lease_id, self._keeper.deadline() - time.monotonic())
         self.store.close()
@@ -5835,7 +5882,9 @@ class Agent:
         if self._watch_cancel is not None:
             self._watch_cancel()
         if self.watchdog is not None and stopped is not None:
-            self.watchdog.disarm()
+            with self._feed_lock:
+                self._feed_final = True  # the keeper must not arm it again
+                self.watchdog.disarm()
         if self._keeper is not None:
             self._keeper.stop()
             if stopped is not None:

@@ -734,3 +734,45 @@ def test_the_idle_reconcile_comes_though_each_wait_is_cut_short_for_the_beat(clu
         assert "tick" in outcomes and outcomes.count("") >= 1, outcomes  # the beat's waits came before it
     finally:
         agent.leave_running()
+
+
+def test_the_watchdog_acts_before_the_lease_can_lapse_though_the_last_renewal_came_before_the_last_beat(
+        cluster: Cluster) -> None:
+    """A SIGSTOP freezes the keeper with the main loop, so the lease's last
+    renewal may have come up to a renew interval before the last beat: the
+    deadline fed to the watchdog must then follow the lease's end, not the
+    beat's (a CI run saw the watchdog 76 ms too late). While renewals fail
+    (etcd trouble) only the beat counts: a live agent keeps its guests."""
+    agent = _in_process_agent(cluster, "n1")
+    try:
+        keeper = agent._keeper
+        assert keeper is not None
+        keeper.stop()
+        keeper.join(5)
+        agent.beat()
+        keeper.confirmed = agent._beat_at - agent.cfg.renew_interval  # renewed just after the previous beat
+        lapse = keeper.confirmed + keeper.ttl  # the earliest moment etcd may expire the lease
+        assert agent._beat_at + agent.cfg.watchdog_delay > lapse - ms.WATCHDOG_ALLOWANCE  # the beat alone is late
+        deadline = agent.watchdog_deadline()
+        assert deadline <= lapse - ms.WATCHDOG_ALLOWANCE
+        # never before the keeper would have stopped renewing of its own accord
+        assert deadline > agent._beat_at + agent.cfg.stall_limit
+        keeper.failing = True
+        assert agent.watchdog_deadline() == agent._beat_at + agent.cfg.watchdog_delay
+    finally:
+        agent.leave_running()
+
+
+def test_the_watchdog_feed_writes_every_earlier_deadline_and_rate_limits_later_ones(tmp_path: Path) -> None:
+    """Rate limiting may only make the watchdog wait less, never more."""
+    feed = ms.WatchdogFeed(str(tmp_path), "n1")
+    feed.feed(100.0)
+    assert ms.WatchdogFeed.read(feed.path)[0] == 100.0
+    feed.feed(99.95)  # earlier by 50 ms: written
+    assert ms.WatchdogFeed.read(feed.path)[0] == 99.95
+    feed.feed(100.05)  # later by 100 ms: not worth a write
+    assert ms.WatchdogFeed.read(feed.path)[0] == 99.95
+    feed.feed(100.2)
+    assert ms.WatchdogFeed.read(feed.path)[0] == 100.2
+    feed.feed(100.3, force=True)
+    assert ms.WatchdogFeed.read(feed.path)[0] == 100.3
