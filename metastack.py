@@ -3417,6 +3417,34 @@ class Placement:
             out[name] = chosen.name
         return out
 
+    def next_takers(self, given: Mapping[str, tuple[int, int]], count: int) -> frozenset[str]:
+        """A forecast: the ``count`` nodes first in line for the next VM of
+        each flavour to arrive (unpinned, in no group), once each node also
+        holds what the last assignment gave it (``given``: node -> vcpus,
+        RAM). Spread: the least loaded nodes that fit it; pack: the fullest.
+        Used only to decide who looks at new work at once; never decides a
+        claim. O(nodes log nodes + flavours x nodes)."""
+        line = []
+        for n, b in self.bins.items():
+            add_cpu, add_ram = given.get(n, (0, 0))
+            cpu, ram = b.cpu + add_cpu, b.ram + add_ram
+            load = max(cpu / max(b.cap_cpu, 1), ram / max(b.cap_ram, 1))
+            line.append((load if self.policy == "spread" else -load, self._order[n], n, b.cap_cpu - cpu,
+                         b.cap_ram - ram))
+        line.sort()
+        out: set[str] = set()
+        for flav in self.snap.flavours.values():
+            if not isinstance(flav, Flavour):
+                continue
+            found = 0
+            for _, _, n, free_cpu, free_ram in line:
+                if free_cpu >= flav.vcpus and free_ram >= flav.ram_mb:
+                    out.add(n)
+                    found += 1
+                    if found == count:
+                        break
+        return frozenset(out)
+
     def backups(self, name: str, chosen: Optional[str]) -> list[str]:
         """The nodes other than ``chosen`` that can take VM ``name`` now (by
         the published view, not the simulation), in rendezvous-hash order."""
@@ -4787,6 +4815,7 @@ class AssignmentMemo:
     def __init__(self) -> None:
         self._last: Optional[dict[str, Any]] = None
         self.reused = 0  # answers reused (for tests and the benchmark)
+        self.sizes: dict[str, Optional[tuple[int, int]]] = {}  # vm -> (vcpus, ram_mb) of the last answer
 
     @staticmethod
     def _offers(placement: "Placement", skip: Collection[str]) -> tuple[Any, ...]:
@@ -4811,6 +4840,7 @@ class AssignmentMemo:
         else:
             self.reused += 1
             sizes = {vm: size for vm, size in self._last["sizes"].items() if vm in answer}  # type: ignore[index]
+        self.sizes = sizes
         grouped = any(isinstance(v, DesiredVM) and v.group is not None for v in specs.values())
         self._last = None if grouped else dict(
             answer=answer, specs=specs, offers=offers, use=use, recent=list(placement.recent), sizes=sizes,
@@ -4873,6 +4903,7 @@ class ClaimTurns:
     """
 
     PATIENCE = 10  # steps: the latest base, for a chosen node that claims other VMs but never this one
+    FORECAST = 8  # nodes per flavour first in line for the next arrivals (``expected``)
 
     def __init__(self, node: str, step: float) -> None:
         self.node = node
@@ -4883,6 +4914,9 @@ class ClaimTurns:
         self._reserved: dict[str, tuple[int, int]] = {}  # node -> (vcpus, ram_mb) its claims reserved then
         self._ahead: dict[str, tuple[frozenset[str], list[str]]] = {}  # vm -> (nodes hashed, those before this one)
         self.memo = AssignmentMemo()
+        # The nodes first in line for the next arrivals, as of the last call
+        # (Placement.next_takers); None: unknown, everyone looks at once.
+        self.expected: Optional[frozenset[str]] = None
 
     def _note_progress(self, snap: Snapshot, use: Optional[Mapping[str, tuple[int, int]]], now: float) -> None:
         if use is None:
@@ -4918,10 +4952,18 @@ class ClaimTurns:
         self.first_seen = {vm: self.first_seen.get(vm, now) for vm in pending}
         self._ahead = {vm: hit for vm, hit in self._ahead.items() if vm in self.first_seen}
         if self.step <= 0:
+            self.expected = None
             return set(pending), None
         self._note_progress(snap, use, now)
         chosen = self.memo.assign(placement, pending, skip)
         self.last_chosen = chosen
+        given: dict[str, tuple[int, int]] = {}
+        for vm, n in chosen.items():
+            size = self.memo.sizes.get(vm)
+            if size is not None:
+                had = given.get(n, (0, 0))
+                given[n] = (had[0] + size[0], had[1] + size[1])
+        self.expected = placement.next_takers(given, self.FORECAST)
         mine = {vm for vm, n in chosen.items() if n == self.node}
         next_turn: Optional[float] = None
         # In a burst every chosen node has a queue: the step grows with the
@@ -5016,12 +5058,15 @@ class Agent:
         self.ticks, self.tick_cpu = 0, 0.0  # reconciles so far, and the CPU time they took (for benchmarks)
         self.looks, self.look_cpu = 0, 0.0  # looks for new work (see _new_work_here), and their CPU time
         self._ticked_at = 0.0  # monotonic end of the last reconcile (see _next_tick)
-        self.look_causes: Counter[str] = Counter()  # what asked for each look: work (arrived), turn (a timer)
+        self.look_causes: Counter[str] = Counter()  # what asked for each look: work (at once), later, turn (a timer)
         self.tick_causes: Counter[str] = Counter()  # what asked for each reconcile: news, timer, work (a look found some)
         self._full_due = True  # news (or a wake-up) asks for a full reconcile
         self._ride_ok = False  # during a reconcile of a node not fenced: the host record may ride along
         self._libvirt_down = False  # the last reconcile failed to reach libvirt: host state "degraded"
         self._next_turn: Optional[float] = None  # monotonic time this node's next claim turn comes
+        self._look_now = False  # new work for a node first in line (ClaimTurns.expected): look at once
+        self._look_at: Optional[float] = None  # new work for another node: look then (monotonic), if not before
+        self._looked_at = 0.0  # when the last look or reconcile began (monotonic)
         self._hold_ends: Optional[float] = None  # monotonic time the first failover hold ends
 
     # -- lifecycle -----------------------------------------------------------
@@ -5256,12 +5301,30 @@ class Agent:
 
     NOT_NEWS, NEW_WORK, NEWS = 0, 1, 2  # what a change means to this node (_concerns_us)
 
+    LOOK_LATER = 0.3  # seconds: how stale a node's forecast may get before it looks at new work (_on_events)
+
     def _on_events(self, revision: int, events: list[KeyEvent]) -> None:
+        """Fold in watch events and wake the loop as they ask (watch thread).
+
+        News: a reconcile at once. New work: a look at once when this node
+        is first in line for the next arrivals by its last look's forecast
+        (ClaimTurns.expected, or when there is none), else one look at most
+        LOOK_LATER seconds after its last one: then the few nodes placement
+        will give the next VMs to look at each arrival, not every node (the
+        others' forecast is at most LOOK_LATER old; a VM given to a node
+        outside every forecast, pinned or in a group, waits as long)."""
         level = max((self._concerns_us(c) for c in self.view.changes(revision, events)), default=self.NOT_NEWS)
         if level == self.NEWS:
             self._full_due = True
-        if level != self.NOT_NEWS:
             self._waker.wake()
+        elif level == self.NEW_WORK:
+            expected = self.turns.expected
+            if expected is None or self.node in expected:
+                self._look_now = True
+                self._waker.wake()
+            elif self._look_at is None:
+                self._look_at = max(time.monotonic(), self._looked_at + self.LOOK_LATER)
+                self._waker.wake()  # the loop's wait ends at the new time
 
     def _concerns_us(self, change: Change) -> int:
         """What a change means to this node (watch thread).
@@ -5356,6 +5419,7 @@ class Agent:
         while not self._stop_requested:
             self.beat()
             if due == "look":  # only new work arrived: a reconcile only if some of it is ours
+                self._look_now, self._look_at, self._looked_at = False, None, time.monotonic()
                 started = time.thread_time()
                 try:
                     due = "tick" if self._new_work_here() else ""
@@ -5438,14 +5502,14 @@ class Agent:
     def _pause(self, failures: int) -> str:
         """Wait for a wake-up or the next timer. Returns "tick" when a
         reconcile is due (news, or a timer fired), "look" when only new
-        work arrived (see _concerns_us) or this node's next claim turn
-        came, "" for a beat alone. The wait is at most half the stall
-        limit, so the loop beats in time."""
+        work arrived (see _on_events: at once, or at the deferred time) or
+        this node's next claim turn came, "" for a beat alone. The wait is
+        at most half the stall limit, so the loop beats in time."""
         now = time.monotonic()
         at = self._next_tick(failures, now)
-        turn = self._next_turn if self._next_turn is not None and self._next_turn < at else None
-        until = at if turn is None else max(now + 0.02, turn)
-        woken = self._waker.wait(min(until - now, self.cfg.stall_limit / 2))
+        looks = [t for t in (self._next_turn, self._look_at) if t is not None and t < at]
+        until = at if not looks else max(now + 0.02, min(looks))
+        self._waker.wait(min(until - now, self.cfg.stall_limit / 2))
         now = time.monotonic()
         if self._full_due or now >= at:
             self.tick_causes["news" if self._full_due else "timer"] += 1
@@ -5454,10 +5518,13 @@ class Agent:
         # from the view's index) decides whether a reconcile is worth it.
         if self._stop_requested:
             return ""
-        if woken:
+        if self._look_now:
             self.look_causes["work"] += 1
             return "look"
-        if turn is not None and now >= turn:
+        if self._look_at is not None and now >= self._look_at:
+            self.look_causes["later"] += 1
+            return "look"
+        if self._next_turn is not None and now >= self._next_turn:
             self.look_causes["turn"] += 1
             return "look"
         return ""
@@ -5515,6 +5582,7 @@ class Agent:
         elif (self._watch_dead.is_set() or self._store_trouble
               or self._keeper.troubles != self._troubles_at_watch):
             self._rewatch()  # after trouble with etcd the stream may be dead or stuck
+        self._look_now, self._look_at, self._looked_at = False, None, time.monotonic()  # this looks too
         snap = self.view.snapshot()
         domains = self.hv.domains()
         self._libvirt_down = False  # libvirt answers: the host record says ready again below

@@ -666,9 +666,46 @@ def test_a_claim_turn_coming_is_a_look_not_a_reconcile(cluster: Cluster) -> None
         assert time.monotonic() - started >= 0.15  # it waited for the turn, not less
         agent._next_turn = None
         started = time.monotonic()
+        agent._look_now = True  # new work for a node first in line, as _on_events asks
         agent._waker.wake()
-        assert agent._pause(0) == "look"  # new work, as before
+        assert agent._pause(0) == "look"
         assert time.monotonic() - started < 0.15
+    finally:
+        agent.leave_running()
+
+
+def test_new_work_is_looked_at_once_only_by_the_nodes_first_in_line(cluster: Cluster) -> None:
+    """A VM arrives: a node that its last look's forecast puts first in line
+    for the next arrivals looks at once; any other node looks once,
+    LOOK_LATER after its last look, however many VMs arrive meanwhile."""
+    cluster.flavour("small", 1, 512)
+    agent = _in_process_agent(cluster, "n1")
+    try:
+        agent.tick()
+        agent._ticked_at = time.monotonic()
+        agent._quiet_until = 0.0
+        agent._next_turn = None
+        # not first in line (the forecast of its last look): the look waits
+        agent.turns.expected = frozenset({"n2"})
+        agent._looked_at = time.monotonic()
+        for vm in ("a1", "a2", "a3"):
+            cluster.desire(vm, host="elsewhere")  # pinned to a node that is not there: nobody claims them
+        wait_for(lambda: agent.view.entry(cluster.keys.desired("a3")) is not None, 10, what="n1 sees a3")
+        assert agent._look_at is not None and not agent._look_now
+        assert agent._look_at >= agent._looked_at + agent.LOOK_LATER - 1e-6
+        outcomes = []
+        while "look" not in outcomes and time.monotonic() < agent._looked_at + 5:
+            outcomes.append(agent._pause(0))
+        assert outcomes[-1] == "look" and dict(agent.look_causes) == {"later": 1}, (outcomes, agent.look_causes)
+        assert time.monotonic() >= agent._looked_at + agent.LOOK_LATER
+        # first in line: a look at once
+        agent._look_at, agent._looked_at = None, time.monotonic()
+        agent.turns.expected = frozenset({"n1", "n2"})
+        cluster.desire("b1", host="elsewhere")
+        wait_for(lambda: agent._look_now, 10, what="n1 asked to look at once")
+        started = time.monotonic()
+        assert agent._pause(0) == "look" and agent.look_causes["work"] == 1
+        assert time.monotonic() - started < agent.LOOK_LATER
     finally:
         agent.leave_running()
 

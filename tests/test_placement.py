@@ -287,3 +287,46 @@ def test_the_memo_is_not_reused_when_two_claims_swapped_nodes() -> None:
     fresh = ms.Placement(s, "spread").assign()
     assert turns.last_chosen == fresh and turns.memo.reused == 0
     assert fresh != {vm: n for vm, n in first.items() if vm not in s.actual}  # reusing would have been wrong
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 16), st.integers(1, 8)), min_size=1, max_size=10),
+       st.lists(st.sampled_from(["small", "big"]), max_size=40), st.integers(0, 20),
+       st.sampled_from(["small", "big"]), st.sampled_from(["spread", "pack"]), st.integers(1, 3))
+def test_the_forecast_names_the_node_that_gets_the_next_arrival(nodes, flavours, claimed, arriving, policy,
+                                                                count) -> None:
+    """ClaimTurns.expected (the nodes that look at new work at once) holds
+    the node a fresh placement gives the next VM to arrive (unpinned, in no
+    group), whatever the pending VMs and claims before it."""
+    hs = {f"n{i}": HostState(cpu, gb * 1024, lease=100 + i) for i, (cpu, gb) in enumerate(nodes)}
+    desired = {f"vm{i:03d}": DesiredVM(f"vm{i:03d}", f, generation=i + 1) for i, f in enumerate(flavours)}
+    s = Snapshot(desired, {}, dict(FLAVOURS), hs)
+    placed = ms.Placement(s, policy).assign()
+    for vm in sorted(placed)[:claimed]:  # some of them claimed as placed (the rest still pending)
+        f = FLAVOURS[desired[vm].flavour]
+        s.actual[vm] = ActualVM(placed[vm], "running", vcpus=f.vcpus, ram_mb=f.ram_mb, lease=hs[placed[vm]].lease)
+    turns = ms.ClaimTurns("n0", 1.0)
+    turns.FORECAST = count
+    turns.due(s, policy, (), 0.0)
+    assert turns.expected is not None and len(turns.expected) <= count * len(FLAVOURS)
+    s.desired["new"] = DesiredVM("new", arriving, generation=1000)
+    taker = ms.Placement(s, policy).assign().get("new")
+    if taker is None:
+        return  # no node has room for it: nobody need look at once
+    assert taker in turns.expected
+
+
+def test_the_forecast_skips_the_node_the_pending_vms_fill() -> None:
+    """The forecast counts what the last assignment gave each node: with
+    two equal nodes and one VM pending for n1, the next VM is n2's."""
+    s = cluster(2, 1)
+    turns = ms.ClaimTurns("n1", 1.0)
+    turns.FORECAST = 1
+    mine, _ = turns.due(s, "spread", (), 0.0)
+    given_to = ms.Placement(s, "spread").assign()["vm000"]
+    other = "n2" if given_to == "n1" else "n1"
+    assert turns.expected == frozenset({other})
+    race = ms.ClaimTurns("n1", 0.0)  # step 0: every node tries at once, so every node looks at once
+    race.expected = frozenset({"n2"})
+    race.due(s, "spread", (), 0.0)
+    assert race.expected is None
