@@ -5389,6 +5389,21 @@ class Agent:
                                                time.monotonic(), use, recent)
         return bool(mine)
 
+    def _turns_due(self, snap: Snapshot, held: Collection[str]) -> tuple[set[str], Optional[float]]:
+        """ClaimTurns.due for a reconcile of ``snap``. From the view's index
+        (the unclaimed VMs, each node's reserved use, the replayed recent
+        claims: O(unclaimed + hosts)) when that gives Placement the same
+        input, i.e. no claim is untrusted (then every claimed VM is out of
+        ``snap``'s pending set) and no unclaimed VM is in a group (whose rule
+        needs every claim); else from ``snap`` (O(cluster))."""
+        now = time.monotonic()
+        if not snap.untrusted:
+            light, use = self.view.light()
+            if not any(isinstance(v, DesiredVM) and v.group is not None for v in light.desired.values()):
+                recent = self.view.recent_claims(light.desired, light.hosts)
+                return self.turns.due(light, self.executor.placement, held, now, use, recent)
+        return self.turns.due(snap, self.executor.placement, held, now)
+
     def _on_watch_error(self, exc: BaseException) -> None:
         if isinstance(exc, RevisionCompacted):
             log.warning("watch ended: %s; re-listing", exc)
@@ -5593,7 +5608,7 @@ class Agent:
         cannot = self.executor.cannot(snap)
         rec = snap.nodes.get(self.node)
         held = self._held(snap)
-        claimable, self._next_turn = self.turns.due(snap, self.executor.placement, held, time.monotonic())
+        claimable, self._next_turn = self._turns_due(snap, held)
         self.executor.chosen = self.turns.last_chosen
         actions = plan(self.node, self.capacity, snap, domains, hold=held, cannot=cannot,
                        quiet=time.monotonic() < self._quiet_until, fenced=fenced,

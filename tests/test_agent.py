@@ -813,3 +813,34 @@ def test_the_watchdog_feed_writes_every_earlier_deadline_and_rate_limits_later_o
     assert ms.WatchdogFeed.read(feed.path)[0] == 100.2
     feed.feed(100.3, force=True)
     assert ms.WatchdogFeed.read(feed.path)[0] == 100.3
+
+
+def test_a_reconcile_places_from_the_index_as_it_would_from_the_whole_snapshot(cluster: Cluster) -> None:
+    """A reconcile asks whose turn each unclaimed VM is from the view's
+    index (O(unclaimed + hosts)) rather than from every claim: it must
+    place exactly as Placement over the whole snapshot would, with claims
+    of this node and another, and VMs waiting."""
+    cluster.flavour("small", 1, 1024)
+    cluster.flavour("big", 4, 4096)
+    agent = _in_process_agent(cluster, "n1")
+    lease = cluster.store.grant_lease(30)
+    try:
+        cluster.store.put(cluster.keys.host("n2"), ms.HostState(8, 16384).encode(), lease)
+        for i in range(3):  # n2's claims reserve part of it
+            cluster.desire(f"old{i}", flavour="big" if i == 0 else "small")
+            cluster.store.put(cluster.keys.actual(f"old{i}"), ms.ActualVM(
+                "n2", "running", vcpus=4 if i == 0 else 1, ram_mb=4096 if i == 0 else 1024).encode(), lease)
+        for i in range(6):
+            cluster.desire(f"new{i}", flavour="big" if i % 2 else "small", host="nowhere" if i == 5 else None)
+        wait_for(lambda: len(agent.view.unclaimed()) == 6 and agent.view.entry(cluster.keys.actual("old2")),
+                 10, what="n1 sees every key")
+        snap = agent.view.snapshot()
+        assert not snap.untrusted and len(snap.actual) == 3
+        fresh = ms.ClaimTurns("n1", agent.cfg.claim_step)
+        expect = fresh.due(snap, "spread", (), time.monotonic())
+        got = agent._turns_due(snap, ())
+        assert agent.turns.last_chosen == fresh.last_chosen and len(fresh.last_chosen) >= 3
+        assert got[0] == expect[0] and agent.turns.expected == fresh.expected
+    finally:
+        agent.leave_running()
+        cluster.store.revoke_lease(lease)
