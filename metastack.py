@@ -5382,27 +5382,39 @@ class Agent:
         if not snap.desired:
             self._next_turn = None
             return False
-        if any(isinstance(v, DesiredVM) and v.group is not None for v in snap.desired.values()):
+        due = self._due_from_index(snap, use, self._held(snap))
+        if due is None:
             return True
-        recent = self.view.recent_claims(snap.desired, snap.hosts)
-        mine, self._next_turn = self.turns.due(snap, self.executor.placement, self._held(snap),
-                                               time.monotonic(), use, recent)
+        mine, self._next_turn = due
         return bool(mine)
 
+    def _due_from_index(self, light: Snapshot, use: Mapping[str, tuple[int, int]],
+                        held: Collection[str]) -> Optional[tuple[set[str], Optional[float]]]:
+        """ClaimTurns.due from ``self.view.light()`` (``light``, ``use``) and
+        the view's recent claims: O(unclaimed + hosts). None when an
+        unclaimed VM is in an anti-affinity group: its rule needs every
+        claim, so only the full snapshot can answer."""
+        if any(isinstance(v, DesiredVM) and v.group is not None for v in light.desired.values()):
+            return None
+        recent = self.view.recent_claims(light.desired, light.hosts)
+        return self.turns.due(light, self.executor.placement, held, time.monotonic(), use, recent)
+
     def _turns_due(self, snap: Snapshot, held: Collection[str]) -> tuple[set[str], Optional[float]]:
-        """ClaimTurns.due for a reconcile of ``snap``. From the view's index
-        (the unclaimed VMs, each node's reserved use, the replayed recent
-        claims: O(unclaimed + hosts)) when that gives Placement the same
-        input, i.e. no claim is untrusted (then every claimed VM is out of
-        ``snap``'s pending set) and no unclaimed VM is in a group (whose rule
-        needs every claim); else from ``snap`` (O(cluster))."""
-        now = time.monotonic()
+        """ClaimTurns.due for a reconcile of ``snap``: from the view's index
+        (_due_from_index) when that gives Placement the same input, i.e. no
+        claim is untrusted (then every claimed VM is out of ``snap``'s
+        pending set) and no unclaimed VM is in a group; else from ``snap``
+        (O(cluster))."""
         if not snap.untrusted:
-            light, use = self.view.light()
-            if not any(isinstance(v, DesiredVM) and v.group is not None for v in light.desired.values()):
-                recent = self.view.recent_claims(light.desired, light.hosts)
-                return self.turns.due(light, self.executor.placement, held, now, use, recent)
-        return self.turns.due(snap, self.executor.placement, held, now)
+            due = self._due_from_index(*self.view.light(), held)
+            if due is not None:
+                return due
+        return self.turns.due(snap, self.executor.placement, held, time.monotonic())
+
+    def _looking(self) -> None:
+        """A look (or a reconcile, which looks too) begins: the requests for
+        one so far are answered by it."""
+        self._look_now, self._look_at, self._looked_at = False, None, time.monotonic()
 
     def _on_watch_error(self, exc: BaseException) -> None:
         if isinstance(exc, RevisionCompacted):
@@ -5434,7 +5446,7 @@ class Agent:
         while not self._stop_requested:
             self.beat()
             if due == "look":  # only new work arrived: a reconcile only if some of it is ours
-                self._look_now, self._look_at, self._looked_at = False, None, time.monotonic()
+                self._looking()
                 started = time.thread_time()
                 try:
                     due = "tick" if self._new_work_here() else ""
@@ -5597,7 +5609,7 @@ class Agent:
         elif (self._watch_dead.is_set() or self._store_trouble
               or self._keeper.troubles != self._troubles_at_watch):
             self._rewatch()  # after trouble with etcd the stream may be dead or stuck
-        self._look_now, self._look_at, self._looked_at = False, None, time.monotonic()  # this looks too
+        self._looking()
         snap = self.view.snapshot()
         domains = self.hv.domains()
         self._libvirt_down = False  # libvirt answers: the host record says ready again below
