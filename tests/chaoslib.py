@@ -41,6 +41,10 @@ MOVE_SLACK = 3.0  # a VM of a failed node must run elsewhere within TTL + this
 # leader takes over, e.g. after a restart: moves timed from an etcd restart
 # get this on top.
 ETCD_ELECTION = 1.0
+# A start that fails (e.g. libvirtd restarting under it) is retried after the
+# executor's first back-off (Executor: 2 ** 0 s): moves that meet such a
+# failure get this on top.
+FIRST_RETRY = 1.0
 BOOT_TIMEOUT = 90.0
 # What the suite measured: (test, what, value, unit); printed at the end of a
 # pytest run (tests/conftest.py pytest_terminal_summary).

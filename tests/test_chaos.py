@@ -30,7 +30,7 @@ from typing import Iterator
 
 import pytest
 
-from chaoslib import ETCD_ELECTION, ChaosCluster
+from chaoslib import ETCD_ELECTION, FIRST_RETRY, ChaosCluster
 
 pytestmark = pytest.mark.chaos
 
@@ -249,7 +249,10 @@ def test_overlap_node_cut_off_while_another_nodes_libvirtd_restarts(cc: ChaosClu
     time.sleep(cc.ttl - 1.0)  # just before a's lease expires: the takeover meets a restarting libvirtd
     cc.checker.mark(f"restart libvirtd of {b}")
     cc.bed.restart_libvirtd(b)
-    cc.assert_moved(vms_a, a, t0)
+    # b may have claimed a's VMs just before its libvirtd went: their start
+    # then fails once and is retried after the first back-off; b boots
+    # them one after another (seen in CI: 5.97, 6.97, 8.22 s).
+    cc.assert_moved(vms_a, a, t0, extra=FIRST_RETRY)
     cc.assert_boots_continue(vms_a, before, disks)
     cc.checker.mark(f"{a} back")
     cc.bed.rejoin(a)
