@@ -952,15 +952,22 @@ def orphan_disks(pool: str, disks: Iterable[str], snap: "Snapshot") -> list[str]
 
 @dataclasses.dataclass(frozen=True)
 class HostState:
-    """``/metastack/hosts/<node>``: capacity and use, under the node's lease.
+    """``/metastack/hosts/<node>``: what a node offers, under its lease.
 
-    JSON: {"vcpus", "ram_mb", "vcpus_used", "ram_mb_used", "vms", "state"
+    JSON: {"vcpus", "ram_mb", "state"
     ("ready"; "fenced"; "recovering": it lost its lease and re-claims only
     its own running VMs for a grace period; "degraded": its libvirt does
     not answer; only a ready node gets new work), "address" (its Ceph clients' IP, "" if not set), "cannot" ({vm: reason}
     for VMs this node gave up on after repeated failures)}. ``lease`` is
     the etcd lease the key hangs on (from etcd, not from the value): a
     record without one is not a live node.
+
+    The record holds no use: what a node uses is what its trusted claims
+    reserve (``claims_use``), so a placement writes no host record and no
+    agent receives one per VM. ``vcpus_used``, ``ram_mb_used`` and ``vms``
+    are filled in by readers from the claims (``with_use``; split_trusted
+    does it for a snapshot); the same fields in a value written by an older
+    agent are ignored.
     """
 
     vcpus: int
@@ -978,8 +985,8 @@ class HostState:
         """Parse a host value; raises SpecError (only) when it is unusable."""
         obj = _json_object(raw, "host entry")
         ints = {}
-        for key in ("vcpus", "ram_mb", "vcpus_used", "ram_mb_used", "vms"):
-            if key in ("vcpus", "ram_mb") and key not in obj:
+        for key in ("vcpus", "ram_mb"):
+            if key not in obj:
                 raise SpecError(f"host entry: {key!r} is missing")
             val = obj.get(key, 0)
             if isinstance(val, bool) or not isinstance(val, int) or not 0 <= val <= MAX_INT:
@@ -995,9 +1002,14 @@ class HostState:
                    cannot=tuple(sorted((str(k), str(v)) for k, v in cannot.items())))
 
     def encode(self) -> bytes:
-        obj = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("lease", "cannot")}
-        obj["cannot"] = dict(self.cannot)
+        """The record's value: the offer (no use, no lease)."""
+        obj = {"vcpus": self.vcpus, "ram_mb": self.ram_mb, "state": self.state, "address": self.address,
+               "cannot": dict(self.cannot)}
         return json.dumps(obj, sort_keys=True).encode()
+
+    def with_use(self, vcpus: int, ram_mb: int, vms: int) -> "HostState":
+        """A copy whose use is (vcpus, ram_mb, vms), as the claims give it."""
+        return dataclasses.replace(self, vcpus_used=vcpus, ram_mb_used=ram_mb, vms=vms)
 
     _USE = re.compile(rb'"(?:vcpus_used|ram_mb_used|vms)": *\d+')
 
@@ -1019,7 +1031,8 @@ class HostState:
         return (self.vcpus, self.ram_mb, self.state, self.address, self.cannot, self.lease)
 
     def same_content(self, other: Optional["HostState"]) -> bool:
-        return other is not None and dataclasses.replace(self, lease=0) == dataclasses.replace(other, lease=0)
+        """Whether ``other`` has the same value (offer) in etcd: a write would change nothing."""
+        return other is not None and self.offer()[:-1] == other.offer()[:-1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1973,12 +1986,34 @@ def split_trusted(snap: Snapshot) -> None:
     """Keep in ``snap.hosts`` only host records attached to a lease, and in
     ``snap.actual`` only claims attached to the very lease the named host's
     record hangs on; the other claims (written by hand, or left by a stale
-    tool) move to ``snap.untrusted``. Pure."""
+    tool) move to ``snap.untrusted``. Each live host's use (vcpus_used,
+    ram_mb_used, vms) becomes what its trusted claims reserve. Pure."""
     snap.hosts = {n: h for n, h in snap.hosts.items() if h.lease}
+    use: dict[str, list[int]] = {}
     for vm, claim in list(snap.actual.items()):
         host = snap.hosts.get(claim.host)
         if not claim.lease or host is None or host.lease != claim.lease:
             snap.untrusted[vm] = snap.actual.pop(vm)
+            continue
+        held = use.setdefault(claim.host, [0, 0, 0])
+        held[0], held[1], held[2] = held[0] + claim.vcpus, held[1] + claim.ram_mb, held[2] + 1
+    snap.hosts = {n: h.with_use(*use[n]) if n in use else h.with_use(0, 0, 0) if h.vms or h.vcpus_used
+                  or h.ram_mb_used else h for n, h in snap.hosts.items()}
+
+
+def claims_use(hosts: Mapping[str, Entry], actual: Mapping[str, Entry]) -> dict[str, tuple[int, int, int]]:
+    """node -> (vcpus, ram_mb, vms) its trusted claims reserve, from raw
+    entries as ``list_prefix`` gives them (name -> Entry): the claims
+    attached to the very lease the node's host record hangs on. What a
+    reader (metastackctl hosts, the web page) shows as a node's use."""
+    leases = {name: e.lease for name, e in hosts.items() if e.lease}
+    out: dict[str, list[int]] = {}
+    for entry in actual.values():
+        claim = ActualVM.parse(entry.value)
+        if entry.lease and leases.get(claim.host) == entry.lease:
+            held = out.setdefault(claim.host, [0, 0, 0])
+            held[0], held[1], held[2] = held[0] + claim.vcpus, held[1] + claim.ram_mb, held[2] + 1
+    return {name: (u[0], u[1], u[2]) for name, u in out.items()}
 
 
 def _stamped(record: Any, **fields: Any) -> Any:

@@ -668,9 +668,10 @@ def scheduling(rec: Optional[ms.NodeRecord]) -> Optional[dict[str, Any]]:
 
 
 def host_rows(hosts: Mapping[str, ms.Entry], fences: Mapping[str, ms.Entry],
-              nodes: Mapping[str, ms.Entry]) -> list[list[Any]]:
+              nodes: Mapping[str, ms.Entry], actual: Mapping[str, ms.Entry]) -> list[list[Any]]:
     """Nodes as ``hosts`` shows them: each live node with its capacity, use
-    and free capacity; a node with a fence record or a node record but no
+    (what its trusted claims in ``actual`` reserve, ms.claims_use) and free
+    capacity; a node with a fence record or a node record but no
     host record is "down" when fenced, "lost" otherwise (it stopped renewing
     its lease; LOST_AT: when a live node saw its host record vanish).
     SCHEDULING: the cordon/drain state of its node record (null: takes new
@@ -687,10 +688,11 @@ def host_rows(hosts: Mapping[str, ms.Entry], fences: Mapping[str, ms.Entry],
         with contextlib.suppress(ms.SpecError):
             records[name] = ms.NodeRecord.parse(name, entry.value)
     rows = []
+    use = ms.claims_use(hosts, actual)
     for name, entry in sorted(hosts.items()):
         sched = scheduling(records.get(name))
         try:
-            h = ms.HostState.parse(entry.value)
+            h = ms.HostState.parse(entry.value).with_use(*use.get(name, (0, 0, 0)))
         except ms.SpecError:
             rows.append([name, "malformed", None, None, None, None, None, None, fence_text.get(name),
                          None, None, sched, None])
@@ -883,9 +885,10 @@ def show(c: Context, name: str, output: str) -> None:
     actual = c.call(c.store.get, c.keys.actual(name))
     if desired is None and actual is None:
         raise click.ClickException(f"no VM named {name!r}")
-    parts = {kind: c.listing(kind) for kind in SNAPSHOT_KINDS if kind not in ("desired", "actual")}
+    parts = {kind: c.listing(kind) for kind in SNAPSHOT_KINDS if kind != "desired"}  # every claim: the hosts' use
     parts["desired"] = {name: desired} if desired is not None else {}
-    parts["actual"] = {name: actual} if actual is not None else {}
+    if actual is not None:
+        parts["actual"][name] = actual
     fields = vm_fields(name, desired, actual, parts["hosts"], snap=snapshot_of(c.keys, parts))
     if output == "json":
         click.echo(json.dumps(fields, indent=2))
@@ -903,7 +906,7 @@ def hosts(c: Context, output: str) -> None:
     stopped renewing its lease is "lost" ("down" when fenced). FENCE:
     fenced = it may still run stale domains; clean = it proved them gone
     and waits for the fence to be lifted."""
-    rows = host_rows(c.listing("hosts"), c.listing("fences"), c.listing("nodes"))
+    rows = host_rows(c.listing("hosts"), c.listing("fences"), c.listing("nodes"), c.listing("actual"))
     print_output(HOST_COLUMNS, rows, output)
 
 

@@ -381,7 +381,7 @@ class Catalog:
         parts = [self.view.entries_of(k) for k in ("hosts", "fences", "nodes")]
         if only is not None:
             parts = [{only: p[only]} if only in p else {} for p in parts]
-        return ctl.as_objects(ctl.HOST_COLUMNS, ctl.host_rows(*parts))
+        return ctl.as_objects(ctl.HOST_COLUMNS, ctl.host_rows(*parts, self.view.entries_of("actual")))
 
     def host(self, name: str) -> Optional[dict[str, Any]]:
         rows = self.hosts(only=name)

@@ -237,7 +237,15 @@ class Cluster:
         return self._kind("actual")
 
     def hosts(self) -> dict[str, dict]:
-        return self._kind("hosts")
+        """node -> its host record, with the use its trusted claims reserve
+        (vcpus_used, ram_mb_used, vms), as metastackctl hosts shows it."""
+        _, hosts = self.store.list_prefix(self.keys.dir("hosts"))
+        _, actual = self.store.list_prefix(self.keys.dir("actual"))
+        hosts = {k.rsplit("/", 1)[1]: e for k, e in hosts.items()}
+        use = ms.claims_use(hosts, {k.rsplit("/", 1)[1]: e for k, e in actual.items()})
+        return {name: {**json.loads(e.value), **dict(zip(("vcpus_used", "ram_mb_used", "vms"),
+                                                         use.get(name, (0, 0, 0))))}
+                for name, e in hosts.items()}
 
     def states(self) -> dict[str, tuple[str, str]]:
         """vm -> (state, host)."""

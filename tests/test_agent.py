@@ -57,6 +57,7 @@ def test_two_agents_race_for_50_vms_each_claimed_once(cluster: Cluster) -> None:
     cluster.agent("node1", vcpus=64, ram_mb=65536)
     cluster.agent("node2", vcpus=64, ram_mb=65536)
     cluster.wait_hosts("node1", "node2")
+    host_revs = {n: cluster.store.get(cluster.keys.host(n)).mod_revision for n in ("node1", "node2")}
     rec = ClaimRecorder(cluster)
     names = [f"vm{i:02d}" for i in range(50)]
     for n in names:
@@ -71,6 +72,8 @@ def test_two_agents_race_for_50_vms_each_claimed_once(cluster: Cluster) -> None:
     assert hosts["node1"]["vms"] + hosts["node2"]["vms"] == 50
     per_host = Counter(h for _, h in states.values())
     assert per_host["node1"] == hosts["node1"]["vms"] and per_host["node2"] == hosts["node2"]["vms"]
+    # A host record holds the offer, not the use: 50 placements rewrote neither.
+    assert {n: cluster.store.get(cluster.keys.host(n)).mod_revision for n in host_revs} == host_revs
     # Each agent's log names each VM it claimed; together exactly once each.
     claimed = Counter()
     for a in cluster.agents:

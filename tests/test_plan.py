@@ -448,8 +448,12 @@ def test_claims_are_trusted_only_on_the_live_lease_of_their_host() -> None:
 
 
 def test_host_state_round_trip_and_rejects() -> None:
-    h = ms.HostState(4, 8192, 1, 512, 1, "fenced", "10.0.0.5", (("a", "no ceph"),))
+    h = ms.HostState(4, 8192, 0, 0, 0, "fenced", "10.0.0.5", (("a", "no ceph"),))
     assert ms.HostState.parse(h.encode()) == h
+    # The use is not part of the record: readers take it from the claims.
+    used = h.with_use(1, 512, 1)
+    assert used.encode() == h.encode() and used.same_content(h)
+    assert ms.HostState.parse(b'{"vcpus": 4, "ram_mb": 8192, "vcpus_used": 3, "vms": -1}').vcpus_used == 0
     for raw in (b'{"vcpus": "x", "ram_mb": 1}', b'{"vcpus": 1, "ram_mb": 1, "cannot": [1]}', b'[]'):
         with pytest.raises(SpecError):
             ms.HostState.parse(raw)
