@@ -509,21 +509,36 @@ VM_STATES = ("running", "stopped")
 
 
 class Keys:
-    """The key layout under one prefix. See README "The contract in etcd"."""
+    """The key layout under one prefix. See README "The contract in etcd".
+
+    What agents write and never read, VM history and console tails, lives
+    under the side folder ``<prefix>/~/`` (``~/events/<vm>/...``,
+    ``~/console/<vm>``). "~" sorts after every kind, so the keys an agent
+    needs are one key range, ``[all, watched_end)``: an agent lists and
+    watches only that range and receives no history or console write of
+    any node (a placement writes two history events)."""
 
     KINDS = ("desired", "actual", "hosts", "flavours", "images", "console", "fences", "nodes", "moves")
+    SIDE_KINDS = ("console", "events")  # under <prefix>/~/
 
     def events(self, vm: str) -> str:
-        """The folder of ``vm``'s history: ``events/<vm>/<usec>-<node>``."""
-        return f"{self.prefix}/events/{vm}/"
+        """The folder of ``vm``'s history: ``~/events/<vm>/<usec>-<node>``."""
+        return f"{self._side}events/{vm}/"
 
     def event(self, vm: str, usec: int, node: str) -> str:
-        return f"{self.prefix}/events/{vm}/{usec:020d}-{node}"
+        return f"{self._side}events/{vm}/{usec:020d}-{node}"
 
     def __init__(self, prefix: str = "/metastack") -> None:
         self.prefix = prefix.rstrip("/")
         self._all = f"{self.prefix}/"
+        self._side = f"{self.prefix}/~/"
         self._kinds = frozenset(self.KINDS)
+
+    @property
+    def watched_end(self) -> str:
+        """The end (exclusive) of the key range ``[all, watched_end)`` that
+        holds everything but the side folder: what an agent lists and watches."""
+        return f"{self.prefix}/~"
 
     def desired(self, vm: str) -> str:
         return f"{self.prefix}/desired/{vm}"
@@ -541,7 +556,7 @@ class Keys:
         return f"{self.prefix}/images/{name}"
 
     def console(self, vm: str) -> str:
-        return f"{self.prefix}/console/{vm}"
+        return f"{self._side}console/{vm}"
 
     def fence(self, node: str) -> str:
         return f"{self.prefix}/fences/{node}"
@@ -558,7 +573,7 @@ class Keys:
         return f"{self.prefix}/groups/{group}/{node}"
 
     def dir(self, kind: str) -> str:
-        return f"{self.prefix}/{kind}/"
+        return f"{self._side if kind in self.SIDE_KINDS else self._all}{kind}/"
 
     @property
     def config(self) -> str:
@@ -569,10 +584,17 @@ class Keys:
         return f"{self.prefix}/"
 
     def split(self, key: str) -> Optional[tuple[str, str]]:
-        """``/metastack/desired/web1`` -> ("desired", "web1"); None if foreign."""
+        """``/metastack/desired/web1`` -> ("desired", "web1"),
+        ``/metastack/~/console/web1`` -> ("console", "web1"); None if foreign."""
         if not key.startswith(self._all):
             return None
         kind, sep, name = key[len(self._all):].partition("/")
+        if kind == "~":
+            kind, sep, name = name.partition("/")
+            if kind not in self.SIDE_KINDS:
+                return None
+        elif kind in self.SIDE_KINDS:
+            return None
         if not sep or kind not in self._kinds or not name or "/" in name:
             return None
         return kind, name
@@ -1517,9 +1539,14 @@ class Store:
             pass
 
     # -- reads -------------------------------------------------------------
-    def list_prefix(self, prefix: str) -> tuple[int, dict[str, Entry]]:
-        """All keys under ``prefix`` and the store revision they were read at."""
-        resp = self._call("list", self._client.get_prefix_response, prefix)
+    def list_prefix(self, prefix: str, until: Optional[str] = None) -> tuple[int, dict[str, Entry]]:
+        """All keys under ``prefix`` (with ``until``: the keys from
+        ``prefix`` up to, not including, ``until``) and the store revision
+        they were read at."""
+        if until is None:
+            resp = self._call("list", self._client.get_prefix_response, prefix)
+        else:
+            resp = self._call("list", self._client.get_range_response, prefix, until)
         return resp.header.revision, {kv.key.decode(): Entry(kv.value, kv.mod_revision, kv.lease, kv.create_revision)
                                       for kv in resp.kvs}
 
@@ -1608,8 +1635,11 @@ class Store:
     # -- watch -------------------------------------------------------------
     def watch_prefix(self, prefix: str, start_revision: int,
                      on_events: Callable[[int, list[KeyEvent]], None],
-                     on_error: Callable[[BaseException], None]) -> Callable[[], None]:
-        """Watch ``prefix`` from ``start_revision``; returns a cancel function.
+                     on_error: Callable[[BaseException], None],
+                     until: Optional[str] = None) -> Callable[[], None]:
+        """Watch ``prefix`` (with ``until``: the keys from ``prefix`` up to,
+        not including, ``until``) from ``start_revision``; returns a cancel
+        function.
 
         ``on_events(header_revision, events)`` and ``on_error(exc)`` run on
         the client's watch thread. After ``on_error`` the watch is dead: the
@@ -1619,8 +1649,8 @@ class Store:
         ``watch_transport`` says.
         """
         if self.watch_transport == "json":
-            return self._watch_json(prefix, start_revision, on_events, on_error)
-        return self._watch_grpc(prefix, start_revision, on_events, on_error)
+            return self._watch_json(prefix, start_revision, on_events, on_error, until)
+        return self._watch_grpc(prefix, start_revision, on_events, on_error, until)
 
     @property
     def watch_transport(self) -> str:
@@ -1638,12 +1668,15 @@ class Store:
 
     def _watch_json(self, prefix: str, start_revision: int,
                     on_events: Callable[[int, list[KeyEvent]], None],
-                    on_error: Callable[[BaseException], None]) -> Callable[[], None]:
+                    on_error: Callable[[BaseException], None],
+                    until: Optional[str] = None) -> Callable[[], None]:
         key = prefix.encode()
         end = bytearray(key)
         while end and end[-1] == 0xFF:
             end.pop()
         end[-1] += 1  # the prefix's range end, as etcd's prefix watch has it
+        if until is not None:
+            end = bytearray(until.encode())
         for attempt in (1, 2):
             gen = self._token_gen
             token = None
@@ -1672,7 +1705,8 @@ class Store:
 
     def _watch_grpc(self, prefix: str, start_revision: int,
                     on_events: Callable[[int, list[KeyEvent]], None],
-                    on_error: Callable[[BaseException], None]) -> Callable[[], None]:
+                    on_error: Callable[[BaseException], None],
+                    until: Optional[str] = None) -> Callable[[], None]:
         PutEvent = self._etcd3.events.PutEvent
         Compacted = self._etcd3.exceptions.RevisionCompactedError
 
@@ -1691,6 +1725,8 @@ class Store:
         def add(*args: Any, **kwargs: Any) -> Any:
             watcher = self._client.watcher  # made anew after a failover, with the client's metadata only
             watcher._metadata = self._watch_metadata()  # read when its next stream opens
+            if until is not None:
+                return self._client.add_watch_callback(*args, range_end=until, **kwargs)
             return self._client.add_watch_prefix_callback(*args, **kwargs)
 
         try:
@@ -5300,7 +5336,7 @@ class Agent:
         """Full re-list, then watch from the listed revision; then collect
         disks nobody wants any more (judged from this fresh listing) and
         lift fences that their nodes proved clean."""
-        revision, entries = self.store.list_prefix(self.keys.all)
+        revision, entries = self.store.list_prefix(self.keys.all, until=self.keys.watched_end)
         self.view.load(revision, entries)
         self._need_relist = False
         self._last_resync = time.monotonic()
@@ -5332,7 +5368,8 @@ class Agent:
         self._watch_dead.clear()
         self._store_trouble = False
         self._troubles_at_watch = self._keeper.troubles if self._keeper else 0
-        self._watch_cancel = self.store.watch_prefix(self.keys.all, revision, self._on_events, self._on_watch_error)
+        self._watch_cancel = self.store.watch_prefix(self.keys.all, revision, self._on_events, self._on_watch_error,
+                                                     until=self.keys.watched_end)
 
     NOT_NEWS, NEW_WORK, NEWS = 0, 1, 2  # what a change means to this node (_concerns_us)
 

@@ -266,8 +266,10 @@ class Fleet:
 # ---------------------------------------------------------------------------
 
 def kind_of(keys: ms.Keys, key: str) -> str:
+    if key.startswith(keys.dir("events")):
+        return "history"
     first = key[len(keys.all):].split("/", 1)[0] if key.startswith(keys.all) else ""
-    return {"actual": "claim+state", "hosts": "hosts", "events": "history", "desired": "desired"}.get(first, "other")
+    return {"actual": "claim+state", "hosts": "hosts", "desired": "desired"}.get(first, "other")
 
 
 class Recorder:

@@ -181,6 +181,10 @@ def test_actual_content_comparison_ignores_timestamp() -> None:
     ("/ms/desired/a/b", None),
     ("/other/desired/a", None),
     ("/ms/weird/a", None),
+    ("/ms/~/console/web1", ("console", "web1")),
+    ("/ms/console/web1", None),  # the console tail lives in the side folder
+    ("/ms/~/desired/web1", None),
+    ("/ms/~/events/web1/1-n1", None),
 ])
 def test_key_schema_split(key, expected) -> None:
     assert ms.Keys("/ms").split(key) == expected

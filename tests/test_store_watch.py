@@ -85,6 +85,34 @@ def test_watch_delivers_puts_deletes_and_leases_in_order(wstore: ms.Store, prefi
     assert seen.errors == []
 
 
+def test_the_agents_range_lists_and_watches_everything_but_the_side_folder(wstore: ms.Store, prefix: str) -> None:
+    """An agent's list and watch (``[keys.all, keys.watched_end)``) hold
+    every kind of record, and none of the history and console tails that
+    live in the side folder (keys.dir of events and console)."""
+    keys = ms.Keys(prefix)
+    wanted = [keys.desired("vm1"), keys.actual("vm1"), keys.host("n1"), keys.flavour("small"), keys.image("deb"),
+              keys.fence("n2"), keys.node("n1"), keys.move("vm1"), keys.group_guard("g", "n1"), keys.config]
+    side = [keys.console("vm1"), keys.event("vm1", 1, "n1"), keys.events("vm2") + "x"]
+    assert all(k < keys.watched_end for k in wanted) and all(k >= keys.watched_end for k in side)
+    for key in wanted[:3] + side[:1]:
+        wstore.put(key, b"{}")
+    rev, listed = wstore.list_prefix(keys.all, until=keys.watched_end)
+    assert sorted(listed) == sorted(wanted[:3])
+    seen = Seen()
+    cancel = wstore.watch_prefix(keys.all, rev + 1, seen.on_events, seen.on_error, until=keys.watched_end)
+    try:
+        for key in side + wanted:
+            wstore.put(key, b"{}")
+        wait_for(lambda: len(seen.events()) >= len(wanted), 5, what="the wanted keys' events")
+        time.sleep(0.2)
+        assert [e.key for e in seen.events()] == wanted
+        assert seen.errors == []
+    finally:
+        cancel()
+    _, everything = wstore.list_prefix(keys.all)
+    assert set(side) <= set(everything)  # readers of the whole prefix (web, metastackctl) still see them
+
+
 def test_watch_from_a_compacted_revision_says_so(wstore: ms.Store, etcd: EtcdServer, prefix: str) -> None:
     first = wstore.put(f"{prefix}/c", b"0")
     for i in range(3):
