@@ -2099,6 +2099,7 @@ class ClusterView:
     def __init__(self, keys: Keys) -> None:
         self.keys = keys
         self._events = keys.dir("events")
+        self._legacy_side = tuple(f"{keys.all}{kind}/" for kind in keys.SIDE_KINDS)
         self._lock = threading.Lock()
         self._entries: dict[str, Entry] = {}
         self._seen: dict[str, int] = {}  # key -> last revision seen (incl. deletes)
@@ -2145,6 +2146,8 @@ class ClusterView:
 
     def _kept(self, key: str) -> bool:
         if key.startswith(self._events):  # VM history: written often, never read by the reconcile
+            return False
+        if key.startswith(self._legacy_side):  # history and consoles where agents before ~/ wrote them
             return False
         split = self.keys.split(key)
         return split is None or split[0] not in self.IGNORED_KINDS

@@ -77,6 +77,11 @@ def test_view_ignores_console_keys() -> None:
     assert view.apply(14, [KeyEvent(keys.desired("vm2"), b'{"flavour": "old"}', 12, 0, 12)]) is False  # stale
     assert view.snapshot().desired["vm2"].flavour == "small"
     assert set(view.snapshot().desired) == {"vm1", "vm2"}
+    # History and consoles where agents before the side folder (~/) wrote them: not kept, no change.
+    assert view.changes(15, [KeyEvent("/ms/console/vm1", b"old agent", 15, 7, 15),
+                             KeyEvent("/ms/events/vm1/00000000000000000001-n1", b"{}", 15, 8, 15),
+                             KeyEvent(keys.event("vm1", 2, "n1"), b"{}", 15, 8, 15)]) == []
+    assert view.entry("/ms/console/vm1") is None and view.entry("/ms/events/vm1/00000000000000000001-n1") is None
 
 
 # -- the incremental index (issue #7: work per event proportional to the change) ---
