@@ -2018,23 +2018,41 @@ class Snapshot:
     moves: dict[str, MoveRequest] = dataclasses.field(default_factory=dict)
 
 
-def split_trusted(snap: Snapshot) -> None:
+def split_trusted(snap: Snapshot, memo: Optional[dict[str, tuple[HostState, HostState]]] = None) -> None:
     """Keep in ``snap.hosts`` only host records attached to a lease, and in
     ``snap.actual`` only claims attached to the very lease the named host's
     record hangs on; the other claims (written by hand, or left by a stale
     tool) move to ``snap.untrusted``. Each live host's use (vcpus_used,
-    ram_mb_used, vms) becomes what its trusted claims reserve. Pure."""
+    ram_mb_used, vms) becomes what its trusted claims reserve. ``memo``
+    (name -> (host as given, host with use), kept by the caller between
+    calls) spares re-making a host whose record and use did not change.
+    Pure but for ``memo``."""
     snap.hosts = {n: h for n, h in snap.hosts.items() if h.lease}
-    use: dict[str, list[int]] = {}
     for vm, claim in list(snap.actual.items()):
         host = snap.hosts.get(claim.host)
         if not claim.lease or host is None or host.lease != claim.lease:
             snap.untrusted[vm] = snap.actual.pop(vm)
+    use = _sum_use(snap.actual.values())
+    for name, host in snap.hosts.items():
+        held = use.get(name, (0, 0, 0))
+        if held == (host.vcpus_used, host.ram_mb_used, host.vms):
             continue
-        held = use.setdefault(claim.host, [0, 0, 0])
-        held[0], held[1], held[2] = held[0] + claim.vcpus, held[1] + claim.ram_mb, held[2] + 1
-    snap.hosts = {n: h.with_use(*use[n]) if n in use else h.with_use(0, 0, 0) if h.vms or h.vcpus_used
-                  or h.ram_mb_used else h for n, h in snap.hosts.items()}
+        was = memo.get(name) if memo is not None else None
+        if was is not None and was[0] is host and (was[1].vcpus_used, was[1].ram_mb_used, was[1].vms) == held:
+            snap.hosts[name] = was[1]
+            continue
+        snap.hosts[name] = host.with_use(*held)
+        if memo is not None:
+            memo[name] = (host, snap.hosts[name])
+
+
+def _sum_use(claims: Iterable[ActualVM]) -> dict[str, tuple[int, int, int]]:
+    """node -> (vcpus, ram_mb, VMs) that ``claims`` reserve on it."""
+    out: dict[str, tuple[int, int, int]] = {}
+    for claim in claims:
+        cpu, ram, vms = out.get(claim.host, (0, 0, 0))
+        out[claim.host] = (cpu + claim.vcpus, ram + claim.ram_mb, vms + 1)
+    return out
 
 
 def claims_use(hosts: Mapping[str, Entry], actual: Mapping[str, Entry]) -> dict[str, tuple[int, int, int]]:
@@ -2043,13 +2061,12 @@ def claims_use(hosts: Mapping[str, Entry], actual: Mapping[str, Entry]) -> dict[
     attached to the very lease the node's host record hangs on. What a
     reader (metastackctl hosts, the web page) shows as a node's use."""
     leases = {name: e.lease for name, e in hosts.items() if e.lease}
-    out: dict[str, list[int]] = {}
+    trusted = []
     for entry in actual.values():
         claim = ActualVM.parse(entry.value)
         if entry.lease and leases.get(claim.host) == entry.lease:
-            held = out.setdefault(claim.host, [0, 0, 0])
-            held[0], held[1], held[2] = held[0] + claim.vcpus, held[1] + claim.ram_mb, held[2] + 1
-    return {name: (u[0], u[1], u[2]) for name, u in out.items()}
+            trusted.append(claim)
+    return _sum_use(trusted)
 
 
 def _stamped(record: Any, **fields: Any) -> Any:
@@ -2125,6 +2142,7 @@ class ClusterView:
         self._light_gens: dict[str, int] = {}  # kind in LIGHT_KINDS -> bumped by every change of one
         self._raw_hosts: dict[str, bytes] = {}  # host key -> the value whose offer light() holds
         self._light_cache: dict[str, tuple[int, dict[str, Any]]] = {}  # kind -> (gen, name -> parsed)
+        self._hosts_used: dict[str, tuple[HostState, HostState]] = {}  # split_trusted's memo
 
     def _gone(self, key: str, old: Entry, revision: int) -> None:
         split = self.keys.split(key)
@@ -2166,7 +2184,7 @@ class ClusterView:
             self.synced = True
             self._kinds, self._claims, self._use, self._unclaimed = {}, {}, {}, set()
             self._by_creation, self._creation_of = [], {}
-            self._light_cache, self._raw_hosts = {}, {}
+            self._light_cache, self._raw_hosts, self._hosts_used = {}, {}, {}
             for key, entry in self._entries.items():
                 self._index(key, entry)
 
@@ -2429,7 +2447,7 @@ class ClusterView:
                     getattr(snap, split[0])[split[1]] = value
             keys, parses = len(self._entries), self.parses - parses
         log.debug("view snapshot at revision %d: %d key(s), %d parsed", self.revision, keys, parses)
-        split_trusted(snap)
+        split_trusted(snap, self._hosts_used)
         return snap
 
     def usage(self, node: str, lease: int) -> tuple[int, int, int]:

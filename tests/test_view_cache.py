@@ -63,6 +63,26 @@ def test_view_parses_each_key_once_per_revision(monkeypatch: pytest.MonkeyPatch)
     assert len(view.snapshot().desired) == 999 and counter.calls == 0
 
 
+def test_a_snapshot_gives_each_host_the_use_of_its_trusted_claims_as_they_change() -> None:
+    """Host records carry no use: the snapshot sums the trusted claims,
+    after every change, though the host record itself did not change."""
+    keys = ms.Keys("/ms")
+    view = ms.ClusterView(keys)
+    view.load(10, {keys.host("n1"): Entry(HostState(8, 4096).encode(), 9, 7, 9),
+                   keys.host("n2"): Entry(HostState(8, 4096).encode(), 9, 8, 9)})
+    claim = ActualVM("n1", "running", vcpus=2, ram_mb=256).encode()
+    use = lambda: {n: (h.vcpus_used, h.ram_mb_used, h.vms) for n, h in view.snapshot().hosts.items()}  # noqa: E731
+    assert use() == {"n1": (0, 0, 0), "n2": (0, 0, 0)}
+    view.apply(11, [KeyEvent(keys.actual("vm1"), claim, 11, 7, 11)])
+    assert use() == {"n1": (2, 256, 1), "n2": (0, 0, 0)}
+    view.apply(12, [KeyEvent(keys.actual("vm2"), claim, 12, 7, 12),
+                    KeyEvent(keys.actual("vm3"), claim, 12, 8, 12)])  # on n2's lease, naming n1: untrusted
+    assert use() == {"n1": (4, 512, 2), "n2": (0, 0, 0)}
+    view.apply(13, [KeyEvent(keys.actual("vm1"), None, 13)])
+    assert use() == {"n1": (2, 256, 1), "n2": (0, 0, 0)}
+    assert HostState.parse(view.entry(keys.host("n1")).value).vcpus_used == 0  # the record itself: no use
+
+
 def test_view_ignores_console_keys() -> None:
     keys = ms.Keys("/ms")
     view = ms.ClusterView(keys)
