@@ -5424,7 +5424,8 @@ class Agent:
 
         NOT_NEWS: another node's claim changing its state (the same lease
         before and after), another node's host record changing only its use
-        (the claims carry that), a desired entry of a VM another node owns
+        (written by an agent of before the records held no use: the claims
+        carry that), a desired entry of a VM another node owns
         (its owner acts; a hand-over deletes the claim, which is news).
         NEW_WORK: it can only change who should claim unclaimed VMs: a VM
         created, changed or deleted while unclaimed, another node's new

@@ -668,9 +668,11 @@ def scheduling(rec: Optional[ms.NodeRecord]) -> Optional[dict[str, Any]]:
 
 
 def host_rows(hosts: Mapping[str, ms.Entry], fences: Mapping[str, ms.Entry],
-              nodes: Mapping[str, ms.Entry], actual: Mapping[str, ms.Entry]) -> list[list[Any]]:
+              nodes: Mapping[str, ms.Entry], actual: Mapping[str, ms.Entry],
+              use: Optional[Mapping[str, tuple[int, int, int]]] = None) -> list[list[Any]]:
     """Nodes as ``hosts`` shows them: each live node with its capacity, use
-    (what its trusted claims in ``actual`` reserve, ms.claims_use) and free
+    (what its trusted claims in ``actual`` reserve, ms.claims_use, unless
+    ``use`` gives it: node -> (vcpus, ram_mb, vms)) and free
     capacity; a node with a fence record or a node record but no
     host record is "down" when fenced, "lost" otherwise (it stopped renewing
     its lease; LOST_AT: when a live node saw its host record vanish).
@@ -688,7 +690,7 @@ def host_rows(hosts: Mapping[str, ms.Entry], fences: Mapping[str, ms.Entry],
         with contextlib.suppress(ms.SpecError):
             records[name] = ms.NodeRecord.parse(name, entry.value)
     rows = []
-    use = ms.claims_use(hosts, actual)
+    use = ms.claims_use(hosts, actual) if use is None else use
     for name, entry in sorted(hosts.items()):
         sched = scheduling(records.get(name))
         try:

@@ -381,7 +381,8 @@ class Catalog:
         parts = [self.view.entries_of(k) for k in ("hosts", "fences", "nodes")]
         if only is not None:
             parts = [{only: p[only]} if only in p else {} for p in parts]
-        return ctl.as_objects(ctl.HOST_COLUMNS, ctl.host_rows(*parts, self.view.entries_of("actual")))
+        use = {name: self.view.use_of(name, entry.lease) for name, entry in parts[0].items()}  # the view's index
+        return ctl.as_objects(ctl.HOST_COLUMNS, ctl.host_rows(*parts, {}, use))
 
     def host(self, name: str) -> Optional[dict[str, Any]]:
         rows = self.hosts(only=name)
@@ -426,7 +427,9 @@ class Catalog:
         messages, scoped to one VM. A host record that appears, vanishes or
         changes lease re-sends the VMs it claims (their trust changes), and
         one whose ``cannot`` changes the VMs named there (``given_up_by``);
-        any change of a host, node or fence record re-sends the unclaimed
+        a claim that comes, goes or changes re-sends the hosts it names
+        (their use is what their claims reserve); any change of a host,
+        node or fence record, or of a host's use, re-sends the unclaimed
         VMs (why they wait depends on every node's capacity and state)."""
         keys = self.view.keys
         before = before or {}
@@ -447,6 +450,11 @@ class Catalog:
             kind, name = split
             if kind in ("desired", "actual"):
                 touched[("vm", name)] = None
+            if kind == "actual":  # a host's use is what its claims reserve: re-send the holders
+                for entry in (before.get(ev.key), self.view.entry(ev.key)):
+                    holder = ms.ActualVM.parse(entry.value).host if entry is not None else ""
+                    if holder and self.view.entry(keys.host(holder)) is not None:
+                        touched[("host", holder)] = None
             elif kind in ("hosts", "nodes", "fences"):
                 touched[("host", name)] = None
                 if kind == "hosts":

@@ -15,7 +15,7 @@ watch of its own. It reports:
   * lost claim races per placement (agent log lines "lost the claim race");
   * etcd write transactions per placement: distinct revisions seen by the
     watch, split by the key kinds they touched (actual/ = claim+state,
-    hosts/, events/ = history, other), and etcd's own gRPC counters
+    hosts/, ~/events/ = history, other), and etcd's own gRPC counters
     (grpc_server_handled_total by method; stream messages for Watch and
     LeaseKeepAlive) before/after, per placement (these include the
     benchmark's own create txn per VM; the revisions are split so that

@@ -66,6 +66,15 @@ def test_a_host_lease_change_resends_its_claims_but_a_use_change_does_not() -> N
     assert kinds(msgs) == [("host", "n1", "put"), ("vm", "web1", "put")]
     assert next(m for m in msgs if m["kind"] == "vm")["object"]["state"] == "running"
     assert kinds(f.put(KEYS.host("n1"), dict(HOST, vcpus_used=1), lease=7)) == [("host", "n1", "put")]
+    # A claim's change re-sends the host it names, whose use the claims make.
+    msgs = f.put(KEYS.actual("web1"), {"host": "n1", "state": "running", "vcpus": 2, "ram_mb": 256}, lease=7)
+    assert sorted(kinds(msgs)) == [("host", "n1", "put"), ("vm", "web1", "put")]
+    host = next(m for m in msgs if m["kind"] == "host")["object"]
+    assert (host["vcpus_used"], host["ram_mb_used"], host["vms"]) == (2, 256, 1)
+    msgs = f.delete(KEYS.actual("web1"))
+    host = next(m for m in msgs if m["kind"] == "host")["object"]
+    assert (host["vcpus_used"], host["ram_mb_used"], host["vms"]) == (0, 0, 0)
+    f.put(KEYS.actual("web1"), {"host": "n1", "state": "running"}, lease=7)
     msgs = f.put(KEYS.host("n1"), HOST, lease=8)  # re-registered on another lease: its old claims are stale
     assert next(m for m in msgs if m["kind"] == "vm")["object"]["state"] == "untrusted"
 
