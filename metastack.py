@@ -987,8 +987,8 @@ class HostState:
     The record holds no use: what a node uses is what its trusted claims
     reserve (``claims_use``), so a placement writes no host record and no
     agent receives one per VM. ``vcpus_used``, ``ram_mb_used`` and ``vms``
-    are filled in by readers from the claims (``with_use``; split_trusted
-    does it for a snapshot); the same fields in a value written by an older
+    are filled in by readers from the claims (``with_use``; the view does
+    it for a snapshot); the same fields in a value written by an older
     agent are ignored.
     """
 
@@ -2018,41 +2018,16 @@ class Snapshot:
     moves: dict[str, MoveRequest] = dataclasses.field(default_factory=dict)
 
 
-def split_trusted(snap: Snapshot, memo: Optional[dict[str, tuple[HostState, HostState]]] = None) -> None:
+def split_trusted(snap: Snapshot) -> None:
     """Keep in ``snap.hosts`` only host records attached to a lease, and in
     ``snap.actual`` only claims attached to the very lease the named host's
     record hangs on; the other claims (written by hand, or left by a stale
-    tool) move to ``snap.untrusted``. Each live host's use (vcpus_used,
-    ram_mb_used, vms) becomes what its trusted claims reserve. ``memo``
-    (name -> (host as given, host with use), kept by the caller between
-    calls) spares re-making a host whose record and use did not change.
-    Pure but for ``memo``."""
+    tool) move to ``snap.untrusted``. Pure."""
     snap.hosts = {n: h for n, h in snap.hosts.items() if h.lease}
     for vm, claim in list(snap.actual.items()):
         host = snap.hosts.get(claim.host)
         if not claim.lease or host is None or host.lease != claim.lease:
             snap.untrusted[vm] = snap.actual.pop(vm)
-    use = _sum_use(snap.actual.values())
-    for name, host in snap.hosts.items():
-        held = use.get(name, (0, 0, 0))
-        if held == (host.vcpus_used, host.ram_mb_used, host.vms):
-            continue
-        was = memo.get(name) if memo is not None else None
-        if was is not None and was[0] is host and (was[1].vcpus_used, was[1].ram_mb_used, was[1].vms) == held:
-            snap.hosts[name] = was[1]
-            continue
-        snap.hosts[name] = host.with_use(*held)
-        if memo is not None:
-            memo[name] = (host, snap.hosts[name])
-
-
-def _sum_use(claims: Iterable[ActualVM]) -> dict[str, tuple[int, int, int]]:
-    """node -> (vcpus, ram_mb, VMs) that ``claims`` reserve on it."""
-    out: dict[str, tuple[int, int, int]] = {}
-    for claim in claims:
-        cpu, ram, vms = out.get(claim.host, (0, 0, 0))
-        out[claim.host] = (cpu + claim.vcpus, ram + claim.ram_mb, vms + 1)
-    return out
 
 
 def claims_use(hosts: Mapping[str, Entry], actual: Mapping[str, Entry]) -> dict[str, tuple[int, int, int]]:
@@ -2061,12 +2036,13 @@ def claims_use(hosts: Mapping[str, Entry], actual: Mapping[str, Entry]) -> dict[
     attached to the very lease the node's host record hangs on. What a
     reader (metastackctl hosts, the web page) shows as a node's use."""
     leases = {name: e.lease for name, e in hosts.items() if e.lease}
-    trusted = []
+    out: dict[str, tuple[int, int, int]] = {}
     for entry in actual.values():
         claim = ActualVM.parse(entry.value)
         if entry.lease and leases.get(claim.host) == entry.lease:
-            trusted.append(claim)
-    return _sum_use(trusted)
+            cpu, ram, vms = out.get(claim.host, (0, 0, 0))
+            out[claim.host] = (cpu + claim.vcpus, ram + claim.ram_mb, vms + 1)
+    return out
 
 
 def _stamped(record: Any, **fields: Any) -> Any:
@@ -2142,7 +2118,7 @@ class ClusterView:
         self._light_gens: dict[str, int] = {}  # kind in LIGHT_KINDS -> bumped by every change of one
         self._raw_hosts: dict[str, bytes] = {}  # host key -> the value whose offer light() holds
         self._light_cache: dict[str, tuple[int, dict[str, Any]]] = {}  # kind -> (gen, name -> parsed)
-        self._hosts_used: dict[str, tuple[HostState, HostState]] = {}  # split_trusted's memo
+        self._hosts_used: dict[str, tuple[HostState, HostState]] = {}  # name -> (record, with use): _fill_use
 
     def _gone(self, key: str, old: Entry, revision: int) -> None:
         split = self.keys.split(key)
@@ -2446,9 +2422,27 @@ class ClusterView:
                 if split is not None and value is not None:
                     getattr(snap, split[0])[split[1]] = value
             keys, parses = len(self._entries), self.parses - parses
+            use = {held: (u[0], u[1], u[2]) for held, u in self._use.items()}
         log.debug("view snapshot at revision %d: %d key(s), %d parsed", self.revision, keys, parses)
-        split_trusted(snap, self._hosts_used)
+        split_trusted(snap)
+        self._fill_use(snap, use)
         return snap
+
+    def _fill_use(self, snap: Snapshot, use: Mapping[tuple[str, int], tuple[int, int, int]]) -> None:
+        """Give each live host of ``snap`` the use (vcpus_used, ram_mb_used,
+        vms) of its trusted claims, from the index's ``use`` ((host, lease)
+        -> use, taken with the snapshot). A host whose record and use did
+        not change since the last snapshot is the same object as then."""
+        for name, host in snap.hosts.items():
+            held = use.get((name, host.lease), (0, 0, 0))
+            if held == (host.vcpus_used, host.ram_mb_used, host.vms):
+                continue
+            was = self._hosts_used.get(name)
+            if was is not None and was[0] is host and (was[1].vcpus_used, was[1].ram_mb_used, was[1].vms) == held:
+                snap.hosts[name] = was[1]
+                continue
+            snap.hosts[name] = host.with_use(*held)
+            self._hosts_used[name] = (host, snap.hosts[name])
 
     def usage(self, node: str, lease: int) -> tuple[int, int, int]:
         """(vcpus, ram_mb, vms) reserved by the claims ``node`` holds on
