@@ -450,11 +450,11 @@ class Catalog:
             kind, name = split
             if kind in ("desired", "actual"):
                 touched[("vm", name)] = None
-            if kind == "actual":  # a host's use is what its claims reserve: re-send the holders
-                for entry in (before.get(ev.key), self.view.entry(ev.key)):
-                    holder = ms.ActualVM.parse(entry.value).host if entry is not None else ""
-                    if holder and self.view.entry(keys.host(holder)) is not None:
-                        touched[("host", holder)] = None
+                if kind == "actual":  # a host's use is what its claims reserve: re-send the holders
+                    for entry in (before.get(ev.key), self.view.entry(ev.key)):
+                        holder = ms.ActualVM.parse(entry.value).host if entry is not None else ""
+                        if holder and self.view.entry(keys.host(holder)) is not None:
+                            touched[("host", holder)] = None
             elif kind in ("hosts", "nodes", "fences"):
                 touched[("host", name)] = None
                 if kind == "hosts":
