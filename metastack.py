@@ -3021,6 +3021,9 @@ class Hypervisor:
               5: "stopped", 6: "shut down", 7: "pm-suspended", 8: "crashed"}
     STOP_DETAILS = {0: "guest shutdown", 1: "destroyed", 2: "crashed", 3: "migrated", 4: "saved",
                     5: "failed", 6: "restored from snapshot"}
+    # virDomainState SHUTOFF's reasons (virDomainShutoffReason), worded as STOP_DETAILS
+    SHUTOFF_REASONS = {1: "guest shutdown", 2: "destroyed", 3: "crashed", 4: "migrated", 5: "saved",
+                       6: "failed", 7: "restored from snapshot", 8: "gone while libvirtd was down"}
 
     def __init__(self, uri: str, node: str, domain_type: str,
                  on_event: Optional[Callable[[str, str], None]] = None) -> None:
@@ -3122,6 +3125,24 @@ class Hypervisor:
             if exc.get_error_code() == self._lv.VIR_ERR_NO_DOMAIN:
                 return self.domains()  # one vanished while we listed: list again
             raise HypervisorError(f"cannot list domains: {exc}") from None
+
+    def how_stopped(self, vm: str) -> str:
+        """How ``vm``'s stopped domain went down, as libvirt records it with
+        the domain's state ("stopped (destroyed)", "crashed", ...). This is
+        read at call time, so it never races the event thread (a QEMU killed
+        by the host sends "shut down" first and "stopped" a moment later);
+        the last lifecycle event is the fall-back when libvirt gives no
+        reason, and "it stopped" when neither says anything."""
+        try:
+            dom = self._lookup(vm)
+            state, reason = dom.state() if dom is not None else (0, 0)
+        except (HypervisorError, self._lv.libvirtError):
+            state, reason = 0, 0
+        if state == self._lv.VIR_DOMAIN_SHUTOFF and reason in self.SHUTOFF_REASONS:
+            return f"stopped ({self.SHUTOFF_REASONS[reason]})"
+        if state == self._lv.VIR_DOMAIN_CRASHED:
+            return "crashed"
+        return self.last_event.get(vm, "it stopped")
 
     def _lookup(self, vm: str) -> Optional[Any]:
         name = domain_name(vm, self.node)
@@ -4287,7 +4308,7 @@ class Executor:
             reason = ""
             before = self._own_claim(act.vm)
             if current == "stopped" and before is not None and before.state == "running":
-                reason = f"restarted after {self.hv.last_event.get(act.vm, 'it stopped')}"
+                reason = f"restarted after {self.hv.how_stopped(act.vm)}"
             spec, disk, fenced = self._prepare(vm, act, snap)
             # The disk work above may have taken a while: start only if the
             # lease is still confirmed with room to spare (never run a VM we

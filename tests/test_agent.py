@@ -847,3 +847,24 @@ def test_a_reconcile_places_from_the_index_as_it_would_from_the_whole_snapshot(c
     finally:
         agent.leave_running()
         cluster.store.revoke_lease(lease)
+
+
+def test_how_a_domain_stopped_is_libvirts_own_record_not_the_last_event(tmp_path: Path) -> None:
+    """The reason a restarted VM reports is read from libvirt when the agent
+    decides to restart it, so a "shut down" event that arrived before its
+    "stopped (destroyed)" (QEMU killed by the host) cannot stand in for it."""
+    from harness import node_xml
+    hv = ms.Hypervisor(f"test://{node_xml(tmp_path / 'n1.xml', 4, 4096)}", "n1", "test")
+    try:
+        spec = ms.DomainSpec(vm="a", node="n1", domain_type="test", vcpus=1, ram_mb=64, flavour="f")
+        assert hv.how_stopped("a") == "it stopped"  # no domain, no event: nothing to tell
+        assert hv.ensure_running(spec)
+        hv.last_event["a"] = "shut down"  # the early event a host kill sends
+        hv.power_off("a")
+        assert hv.domains() == {"a": "stopped"}
+        assert hv.how_stopped("a") == "stopped (destroyed)"
+        assert hv.ensure_running(spec)
+        assert hv.request_shutdown("a")
+        assert hv.how_stopped("a") == "stopped (guest shutdown)"
+    finally:
+        hv.close()
