@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import base64
 import bisect
+import concurrent.futures
 import configparser
 import contextlib
 import dataclasses
@@ -3964,6 +3965,17 @@ class EventLog:
             self.store.delete(key)
 
 
+@dataclasses.dataclass(frozen=True)
+class PendingStart:
+    """A start whose disk and fencing work is done: only the libvirt start
+    and the publication of "running" are left."""
+
+    act: Action
+    spec: DomainSpec
+    disk: str  # "pool/name", "" if diskless
+    reason: str  # the published reason (restart, fencing)
+
+
 class Executor:
     """Applies the planner's actions for one node: claims in etcd, disks in
     Ceph, domains in libvirt, and the VM's actual state back into etcd.
@@ -3986,6 +3998,7 @@ class Executor:
     BACKOFF_MAX = 60.0
     NO_BACKOFF = ("kill", "release", "claim_error", "report", "purge")  # safety and reporting never wait
     MAX_TRIES = 3  # failures to run a VM here before handing it to another node
+    START_PARALLEL = 4  # libvirt starts of one tick's claims that run at once
     GIVE_UP_FOR = 600.0  # seconds a node leaves a VM it gave up on alone
     FENCE_EXPIRE = 10 * 365 * 86400  # a node range-blocklist lasts until it is lifted
 
@@ -4024,11 +4037,18 @@ class Executor:
         (1 s doubling up to BACKOFF_MAX), except for safety actions. Only
         the loss of etcd (StoreUnavailable, LeaseNotFound) propagates: any
         other failure is this VM's alone."""
-        failures, next_try = self._backoff.get(act.vm, (0, 0.0))
-        if act.kind not in self.NO_BACKOFF and time.monotonic() < next_try:
+        if act.kind not in self.NO_BACKOFF and not self.ready(act.vm):
             return ""
+        return self._guarded(act, snap, domains, lambda: getattr(self, f"_do_{act.kind}")(act, snap, domains))
+
+    def _guarded(self, act: Action, snap: Snapshot, domains: Mapping[str, str], step: Callable[[], str]) -> str:
+        """Run one step of ``act`` with apply's failure rules: success ends
+        the VM's back-off; a lost or unconfirmed lease and a fenced node are
+        notes; only the loss of etcd propagates; any other failure is the
+        VM's own (back-off, error report, hand-back after MAX_TRIES)."""
+        failures, _ = self._backoff.get(act.vm, (0, 0.0))
         try:
-            note = getattr(self, f"_do_{act.kind}")(act, snap, domains)
+            note = step()
             self._backoff.pop(act.vm, None)
             return note
         except (LeaseUnconfirmed, NodeFenced) as exc:
@@ -4305,22 +4325,9 @@ class Executor:
                 changed = self.publish(act.vm, "running", self._kept_reason(act.vm), act.vcpus, act.ram_mb,
                                        self._disk_of(vm, snap))
                 return f"running {act.vm}" if changed else ""
-            reason = ""
-            before = self._own_claim(act.vm)
-            if current == "stopped" and before is not None and before.state == "running":
-                reason = f"restarted after {self.hv.how_stopped(act.vm)}"
-            spec, disk, fenced = self._prepare(vm, act, snap)
-            # The disk work above may have taken a while: start only if the
-            # lease is still confirmed with room to spare (never run a VM we
-            # may no longer own).
-            if self._headroom() < self.cfg.etcd.timeout:
-                raise LeaseUnconfirmed(f"not starting {act.vm}: lease not confirmed recently enough")
-            started = self.hv.ensure_running(spec)
-            if fenced:
-                reason = (reason + "; " if reason else "") + f"fenced the disk's former writer(s): {', '.join(fenced)}"
-            self.publish(act.vm, "running", reason, act.vcpus, act.ram_mb, disk,
-                         history=("started", reason) if started else None)
-            return f"started {act.vm}" + (f" ({reason})" if reason else "") if started else ""
+            start = self._ready_to_start(act, snap, domains)
+            self._confirm_headroom([act.vm])
+            return self._started(start, self.hv.ensure_running(start.spec))
         if current is None:
             spec, disk, _ = self._prepare(vm, act, snap, fence=False)
             self.hv.ensure_defined(spec)
@@ -4335,6 +4342,90 @@ class Executor:
             return f"stopping {act.vm}" if changed else ""
         changed = self.publish(act.vm, "stopped", "", act.vcpus, act.ram_mb)
         return f"{act.vm} stopped" if changed else ""
+
+    def _is_start(self, act: Action, snap: Snapshot, domains: Mapping[str, str]) -> bool:
+        """True if ``act`` would start a domain that is not running here."""
+        vm = snap.desired.get(act.vm)
+        return (act.kind in ("run", "park") and isinstance(vm, DesiredVM) and vm.state == "running"
+                and domains.get(act.vm) != "running")
+
+    def _ready_to_start(self, act: Action, snap: Snapshot, domains: Mapping[str, str]) -> "PendingStart":
+        """Everything before a start: the restart reason (how the domain
+        went down, asked of libvirt now), the disk (cloned once) and the
+        fencing of its former writers. Raises what _prepare raises."""
+        vm = snap.desired[act.vm]
+        assert isinstance(vm, DesiredVM)
+        self.stopping.pop(act.vm, None)
+        reason = ""
+        before = self._own_claim(act.vm)
+        if domains.get(act.vm) == "stopped" and before is not None and before.state == "running":
+            reason = f"restarted after {self.hv.how_stopped(act.vm)}"
+        spec, disk, fenced = self._prepare(vm, act, snap)
+        if fenced:
+            reason = (reason + "; " if reason else "") + f"fenced the disk's former writer(s): {', '.join(fenced)}"
+        return PendingStart(act, spec, disk, reason)
+
+    def _confirm_headroom(self, vms: Sequence[str]) -> None:
+        """The disk work before a start may have taken a while: start only
+        if the lease is still confirmed with room to spare (never run a VM
+        we may no longer own). Raises LeaseUnconfirmed."""
+        if self._headroom() < self.cfg.etcd.timeout:
+            raise LeaseUnconfirmed(f"not starting {', '.join(vms)}: lease not confirmed recently enough")
+
+    def _started(self, start: "PendingStart", started: bool) -> str:
+        """Publish that ``start``'s VM runs (its history says "started" if
+        this call started it); the note for the log."""
+        act, reason = start.act, start.reason
+        self.publish(act.vm, "running", reason, act.vcpus, act.ram_mb, start.disk,
+                     history=("started", reason) if started else None)
+        return f"started {act.vm}" + (f" ({reason})" if reason else "") if started else ""
+
+    def start_many(self, acts: Sequence[Action], snap: Snapshot, domains: Mapping[str, str],
+                   go_on: Callable[[], bool]) -> list[tuple[Action, str]]:
+        """Apply the actions a tick's claims left for after them (``acts``,
+        in order), and return (action, note) for each one applied. Domain
+        starts overlap: the disk and fencing work of every start is done
+        first, one VM after another, then up to START_PARALLEL libvirt
+        starts run at once (a node taking over a failed node's VMs boots
+        them together, not one by one); every other action, and every
+        publication, stays on the calling thread. ``go_on()`` is asked
+        before each action (False: stop, e.g. the lease is unconfirmed);
+        the loop's beat comes before each step and as each start ends, as
+        often as a serial loop would beat, never while a start is stuck."""
+        out: list[tuple[Action, str]] = []
+        pending: list[PendingStart] = []
+        for act in acts:
+            self._beat()
+            if not go_on():
+                break
+            if not (self._is_start(act, snap, domains) and self.ready(act.vm)):
+                out.append((act, self.apply(act, snap, domains)))
+                continue
+            ready: list[PendingStart] = []
+            note = self._guarded(act, snap, domains,
+                                 lambda act=act: ready.append(self._ready_to_start(act, snap, domains)) or "")
+            pending += ready
+            if note:
+                out.append((act, note))
+        if not pending or not go_on():
+            return out
+        try:
+            self._confirm_headroom([p.act.vm for p in pending])
+        except LeaseUnconfirmed as exc:
+            return out + [(p.act, str(exc)) for p in pending]
+        if len(pending) == 1:  # nothing to overlap
+            p = pending[0]
+            return out + [(p.act, self._guarded(p.act, snap, domains,
+                                                lambda: self._started(p, self.hv.ensure_running(p.spec))))]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(self.START_PARALLEL, len(pending)),
+                                                   thread_name_prefix="start") as pool:
+            futures = {pool.submit(self.hv.ensure_running, p.spec): p for p in pending}
+            for fut in concurrent.futures.as_completed(futures):
+                self._beat()
+                p = futures[fut]
+                out.append((p.act, self._guarded(p.act, snap, domains,
+                                                 lambda fut=fut, p=p: self._started(p, fut.result()))))
+        return out
 
     def _disk_of(self, vm: DesiredVM, snap: Snapshot) -> str:
         """"pool/name" of ``vm``'s RBD disk by its identity ("" if diskless)."""
@@ -5764,12 +5855,9 @@ class Agent:
                 log.info("vm=%s decision=%s: %s", act.vm, act.kind, re.sub(rf" {re.escape(act.vm)}\b", "", note))
         deferred = self.executor.take_deferred()
         self.executor.hold_publishes()
-        try:
-            for act in deferred:  # the starts of what this tick claimed, after every claim
-                self.beat()
-                if self._stop_requested or not self._keeper.valid():
-                    break
-                note = self.executor.apply(act, snap, domains)
+        try:  # the starts of what this tick claimed, after every claim; they overlap
+            for act, note in self.executor.start_many(
+                    deferred, snap, domains, lambda: not self._stop_requested and self._keeper.valid()):
                 if note:
                     done.append(note)
                     log.info("vm=%s decision=%s: %s", act.vm, act.kind,

@@ -868,3 +868,50 @@ def test_how_a_domain_stopped_is_libvirts_own_record_not_the_last_event(tmp_path
         assert hv.how_stopped("a") == "stopped (guest shutdown)"
     finally:
         hv.close()
+
+
+def test_the_starts_of_one_ticks_claims_overlap_and_one_failing_start_stays_its_own(
+        cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four VMs claimed in one tick start together (as a node taking over a
+    failed node's VMs must: one by one, each boot adds to the failover),
+    each start still a real libvirt call, each publication the agent's;
+    a fifth whose start fails (a domain of that name exists and is not
+    MetaStack's) gets its error reported alone, and the others run. The
+    agent's own loop runs in a thread of this process; its libvirt starts
+    are timed by a wrapper that only counts how many run at once."""
+    cluster.flavour("small", 1, 256)
+    vms = [f"p{i}" for i in range(5)]
+    for vm in vms:
+        cluster.desire(vm)
+    proc = cluster.agent("n1", start=False)  # its ini only
+    agent = ms.Agent(ms.load_config(str(proc.config)))
+    agent.hv._conn.defineXML(  # not MetaStack's: no metadata naming the node
+        "<domain type='test'><name>p4.n1</name><memory>65536</memory><os><type>hvm</type></os></domain>")
+    lock, now, most = threading.Lock(), [0], [0]
+    real = agent.hv.ensure_running
+
+    def counted(spec: ms.DomainSpec) -> bool:
+        with lock:
+            now[0] += 1
+            most[0] = max(most[0], now[0])
+        try:
+            time.sleep(0.3)  # as long as a slow boot: the starts have time to meet
+            return real(spec)
+        finally:
+            with lock:
+                now[0] -= 1
+
+    monkeypatch.setattr(agent.hv, "ensure_running", counted)
+    loop = threading.Thread(target=agent.run, daemon=True)
+    loop.start()
+    try:
+        cluster.wait_running(vms[:4])
+        wait_for(lambda: cluster.actual().get("p4", {}).get("state") == "error", 20, what="p4's error")
+        assert most[0] >= 2, f"at most {most[0]} start(s) at once"
+        assert "not MetaStack's" in cluster.actual()["p4"]["reason"]
+        assert agent.hv.domains() == {vm: "running" for vm in vms[:4]}
+        assert {vm: (a["state"], a["host"]) for vm, a in cluster.actual().items() if vm != "p4"} == {
+            vm: ("running", "n1") for vm in vms[:4]}
+    finally:
+        agent.request_stop()
+        loop.join(15)
