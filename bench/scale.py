@@ -509,6 +509,7 @@ def run_agents(etcd: EtcdServer, work: Path, tag: str, n_nodes: int, args: argpa
             "complete": done, "placed": placed, "running": len(rec.running),
             "run_s": round(t_done - t0, 2),
             "placements_per_s": placed / max(last_claim - first_create, 1e-9),
+            "arrivals_s": round(max(rec.created.values(), default=t0) - first_create, 3),
             "claimed_ms": dict(zip(("p50", "p99"), latency_ms(rec, rec.claimed))),
             "running_ms": dict(zip(("p50", "p99"), latency_ms(rec, rec.running))),
             "lost_races": lost, "lost_races_per_placement": lost / per,
@@ -599,6 +600,7 @@ def run_central(etcd: EtcdServer, tag: str, n_nodes: int, args: argparse.Namespa
         per_node = Counter(a["host"] for a in rec.values("actual").values())
         return {"placed": placed, "unplaced": len(unplaced),
                 "placements_per_s": placed / max(last_claim - first_create, 1e-9),
+                "arrivals_s": round(max(rec.created.values(), default=t0) - first_create, 3),
                 "claimed_ms": dict(zip(("p50", "p99"), latency_ms(rec, rec.claimed))),
                 "vms_per_node": spread({n.name: per_node.get(n.name, 0) for n in nodes})}
     finally:
