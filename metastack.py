@@ -4349,7 +4349,7 @@ class Executor:
         return (act.kind in ("run", "park") and isinstance(vm, DesiredVM) and vm.state == "running"
                 and domains.get(act.vm) != "running")
 
-    def _ready_to_start(self, act: Action, snap: Snapshot, domains: Mapping[str, str]) -> "PendingStart":
+    def _ready_to_start(self, act: Action, snap: Snapshot, domains: Mapping[str, str]) -> PendingStart:
         """Everything before a start: the restart reason (how the domain
         went down, asked of libvirt now), the disk (cloned once) and the
         fencing of its former writers. Raises what _prepare raises."""
@@ -4372,7 +4372,7 @@ class Executor:
         if self._headroom() < self.cfg.etcd.timeout:
             raise LeaseUnconfirmed(f"not starting {', '.join(vms)}: lease not confirmed recently enough")
 
-    def _started(self, start: "PendingStart", started: bool) -> str:
+    def _started(self, start: PendingStart, started: bool) -> str:
         """Publish that ``start``'s VM runs (its history says "started" if
         this call started it); the note for the log."""
         act, reason = start.act, start.reason
@@ -4401,10 +4401,11 @@ class Executor:
             if not (self._is_start(act, snap, domains) and self.ready(act.vm)):
                 out.append((act, self.apply(act, snap, domains)))
                 continue
-            ready: list[PendingStart] = []
-            note = self._guarded(act, snap, domains,
-                                 lambda act=act: ready.append(self._ready_to_start(act, snap, domains)) or "")
-            pending += ready
+
+            def prepare(act: Action = act) -> str:
+                pending.append(self._ready_to_start(act, snap, domains))
+                return ""
+            note = self._guarded(act, snap, domains, prepare)
             if note:
                 out.append((act, note))
         if not pending or not go_on():
@@ -4413,10 +4414,6 @@ class Executor:
             self._confirm_headroom([p.act.vm for p in pending])
         except LeaseUnconfirmed as exc:
             return out + [(p.act, str(exc)) for p in pending]
-        if len(pending) == 1:  # nothing to overlap
-            p = pending[0]
-            return out + [(p.act, self._guarded(p.act, snap, domains,
-                                                lambda: self._started(p, self.hv.ensure_running(p.spec))))]
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(self.START_PARALLEL, len(pending)),
                                                    thread_name_prefix="start") as pool:
             futures = {pool.submit(self.hv.ensure_running, p.spec): p for p in pending}
