@@ -876,7 +876,9 @@ def test_the_starts_of_one_ticks_claims_overlap_and_one_failing_start_stays_its_
     failed node's VMs must: one by one, each boot adds to the failover),
     each start still a real libvirt call, each publication the agent's;
     a fifth whose start fails (a domain of that name exists and is not
-    MetaStack's) gets its error reported alone, and the others run. The
+    MetaStack's) gets its error reported alone, and the others run; its
+    failed starts count towards giving it up, though each preparation
+    before them succeeds. The
     agent's own loop runs in a thread of this process; its libvirt starts
     are timed by a wrapper that only counts how many run at once."""
     cluster.flavour("small", 1, 256)
@@ -909,6 +911,8 @@ def test_the_starts_of_one_ticks_claims_overlap_and_one_failing_start_stays_its_
         wait_for(lambda: cluster.actual().get("p4", {}).get("state") == "error", 20, what="p4's error")
         assert most[0] >= 2, f"at most {most[0]} start(s) at once"
         assert "not MetaStack's" in cluster.actual()["p4"]["reason"]
+        # each failed start counts: after MAX_TRIES of them the node gives p4 up
+        wait_for(lambda: "p4" in agent.executor.gave_up, 20, what="n1 gives p4 up")
         assert agent.hv.domains() == {vm: "running" for vm in vms[:4]}
         assert {vm: (a["state"], a["host"]) for vm, a in cluster.actual().items() if vm != "p4"} == {
             vm: ("running", "n1") for vm in vms[:4]}
