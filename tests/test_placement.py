@@ -273,6 +273,38 @@ def test_the_memo_is_reused_when_claims_go_where_they_were_placed() -> None:
     assert turns.memo.reused == 1  # a claim elsewhere: assigned afresh
 
 
+def test_the_memo_places_new_arrivals_from_where_it_ended() -> None:
+    """A burst: between two looks VMs arrive (newer than every pending
+    one) and some are claimed where they were placed. The answer is a
+    fresh assignment's, yet only the arrivals are simulated; a VM that is
+    not the newest (seen late) makes a fresh assignment."""
+    s = cluster(6, 30, hs=hosts(6, cpu=16, ram=32768))
+    turns = ms.ClaimTurns("n1", 1.0)
+    gen = 10 + 30
+    for round_ in range(6):
+        turns.due(s, "spread", (), 100.0 + round_)
+        assert turns.last_chosen == ms.Placement(s, "spread").assign()
+        placed = dict(turns.last_chosen)
+        for vm in sorted(placed)[:4]:  # the chosen nodes claim the oldest ones
+            s.actual[vm] = claim(placed[vm], s.hosts[placed[vm]].lease)
+        for _ in range(5):
+            gen += 1
+            s.desired[f"vm{gen:03d}"] = DesiredVM(f"vm{gen:03d}", "small", generation=gen)
+    assert turns.memo.extended == 5 and turns.memo.reused == 5
+    # nodes fill up: arrivals beyond the capacity wait, and the answer still is a fresh one's
+    for _ in range(30):
+        gen += 1
+        s.desired[f"vm{gen:03d}"] = DesiredVM(f"vm{gen:03d}", "big", generation=gen)
+    turns.due(s, "spread", (), 110.0)
+    assert turns.memo.extended == 6
+    assert turns.last_chosen == ms.Placement(s, "spread").assign()
+    assert len(turns.last_chosen) < len([vm for vm in s.desired if vm not in s.actual])
+    # a VM created before the last one looked at (it was not pending then): assigned afresh
+    s.desired["late"] = DesiredVM("late", "small", generation=45)
+    turns.due(s, "spread", (), 111.0)
+    assert turns.memo.extended == 6 and turns.last_chosen == ms.Placement(s, "spread").assign()
+
+
 def test_the_memo_is_not_reused_when_two_claims_swapped_nodes() -> None:
     """Two VMs of the same size claimed each where the other was placed:
     every node's reservation is as if placed, but the ranking replay differs."""

@@ -155,3 +155,32 @@ def test_the_index_agrees_with_a_full_snapshot_after_any_changes(ops) -> None:
             (created[vm], vm, c.host, c.vcpus, c.ram_mb) for vm, c in snap.actual.items()
             if vm in created and (created[vm], vm) > oldest)
         assert view.recent_claims(pending, snap.hosts) == expect
+
+
+@settings(max_examples=300, deadline=None)
+@given(OPS, st.lists(st.booleans(), min_size=60, max_size=60))
+def test_a_snapshot_kept_per_change_equals_one_taken_from_scratch(ops, look) -> None:
+    """snapshot() looks only at the keys changed since the last one; after
+    any creates, updates, deletes and re-lists, with snapshots taken in
+    between or not, it equals the snapshot of a fresh view that lists the
+    same keys."""
+    keys = ms.Keys("/ms")
+    view = ms.ClusterView(keys)
+    view.load(1, {keys.flavour("small"): Entry(b'{"vcpus": 1, "ram_mb": 512}', 1, 0, 1)})
+    every = [keys.flavour("small")] + [keys.desired(f"vm{j}") for j in range(6)] \
+        + [keys.actual(f"vm{j}") for j in range(6)] + [keys.host(n) for n in ("n1", "n2", "n3")]
+    rev = 1
+    for (kind, i, node, lease, delete), now in zip(ops, look):
+        rev += 1
+        if kind == "relist":
+            view.load(rev, {k: e for k in every if (e := view.entry(k)) is not None and (i % 2 or "desired" not in k)})
+        else:
+            key = {"desired": keys.desired(f"vm{i}"), "actual": keys.actual(f"vm{i}"), "hosts": keys.host(node)}[kind]
+            value = {"desired": json.dumps({"flavour": "small", "state": ["running", "stopped"][lease % 2]}).encode(),
+                     "actual": ActualVM(node, "running", vcpus=i + 1, ram_mb=100 * (i + 1)).encode(),
+                     "hosts": HostState(8, 4096 + i).encode()}[kind]
+            view.apply(rev, [KeyEvent(key, None if delete else value, rev, lease if kind != "desired" else 0, rev)])
+        if now:
+            fresh = ms.ClusterView(keys)
+            fresh.load(rev, {k: e for k in every if (e := view.entry(k)) is not None})
+            assert view.snapshot() == fresh.snapshot()
