@@ -3033,8 +3033,14 @@ class Hypervisor:
     names ``node``, and keys them by VM name; every libvirt failure is raised
     as HypervisorError; a domain already gone counts as destroyed
     (idempotent). ``on_event(vm, what)`` is called from libvirt's event
-    thread for lifecycle events of our domains (started, stopped, crashed..).
+    thread for lifecycle events of our domains (started, stopped, crashed..),
+    except the "defined", "started" and "resumed" that this object's own
+    define and start of the domain cause, within OWN_EVENTS_S of the call
+    (the agent that started it knows; they would only wake another
+    reconcile).
     """
+
+    OWN_EVENTS_S = 10.0  # how long after our own define/start its events are taken as ours
 
     KEEPALIVE = (1, 2)  # seconds between pings, unanswered pings before the connection is dropped
     EVENTS = {0: "defined", 1: "undefined", 2: "started", 3: "suspended", 4: "resumed",
@@ -3058,7 +3064,32 @@ class Hypervisor:
         if on_event is not None:
             start_libvirt_event_loop(libvirt)
         self._owner_cache: dict[bytes, Optional[tuple[str, str]]] = {}
+        # vm -> (events our own define/start of it causes, still to come; until when)
+        self._own_events: dict[str, tuple[set[str], float]] = {}
+        self._own_lock = threading.Lock()
         self._conn = self._open()
+
+    def _expect_own(self, vm: str, events: Iterable[str]) -> None:
+        """Our next define/start of ``vm`` causes ``events`` (any thread)."""
+        with self._own_lock:
+            self._own_events[vm] = (set(events), time.monotonic() + self.OWN_EVENTS_S)
+
+    def _is_own(self, vm: str, what: str) -> bool:
+        """Whether lifecycle event ``what`` of ``vm`` is one our own define
+        or start caused (each expected event is taken once)."""
+        with self._own_lock:
+            hit = self._own_events.get(vm)
+            if hit is None:
+                return False
+            if hit[1] < time.monotonic():
+                del self._own_events[vm]
+                return False
+            if what not in hit[0]:
+                return False
+            hit[0].discard(what)
+            if not hit[0]:
+                del self._own_events[vm]
+            return True
 
     def _open(self) -> Any:
         try:
@@ -3110,7 +3141,7 @@ class Hypervisor:
             self.last_event[owner[1]] = what
         elif event == 6:  # "shut down" may come before or after "stopped": keep the more exact one
             self.last_event.setdefault(owner[1], what)
-        if self._on_event is not None:
+        if self._on_event is not None and not self._is_own(owner[1], what):
             self._on_event(owner[1], what)
 
     def capacity(self) -> tuple[int, int]:
@@ -3191,6 +3222,7 @@ class Hypervisor:
         try:
             if dom is not None and dom.isActive():
                 return False
+            self._expect_own(spec.vm, ("defined", "started", "resumed") if start else ("defined",))
             dom = self._conn.defineXML(build_domain_xml(spec, dom.UUIDString() if dom is not None else None))
             self._owner_cache.pop(dom.UUID(), None)
             if start:
@@ -3198,6 +3230,8 @@ class Hypervisor:
                 return True
             return False
         except self._lv.libvirtError as exc:
+            with self._own_lock:
+                self._own_events.pop(spec.vm, None)  # what it would have caused will not come
             raise HypervisorError(f"cannot {'start' if start else 'define'} {spec.vm}: {exc}") from None
 
     def request_shutdown(self, vm: str) -> bool:
@@ -5611,9 +5645,13 @@ class Agent:
         the backups' timing waits for the next look, at the latest when the
         timer that look set for this node's next turn fires), another node's offer (capacity, state, what it gave up on)
         changing; the main loop then looks whether any is this node's turn
-        (cheap) before it reconciles. NEWS: everything else (our own keys,
-        claims deleted, nodes that come or go, node records, fences, moves,
-        config, flavours, images): a full reconcile."""
+        (cheap) before it reconciles. Our own claims written or changed on
+        our lease are NOT_NEWS too: only this agent writes on its lease, so
+        such an event is the echo of a write the tick that made it knows
+        (it may arrive before that tick notes the write). NEWS: everything
+        else (our own keys deleted or overwritten by another, other claims
+        deleted, nodes that come or go, node records, fences, moves, config,
+        flavours, images): a full reconcile."""
         split = self.keys.split(change.key)
         if split is None:
             return self.NEWS
@@ -5621,10 +5659,13 @@ class Agent:
         lease = self._keeper.lease_id if self._keeper is not None else 0
         old, new = change.old, change.new
         if kind == "actual":
+            if new is not None and lease and new.lease == lease:
+                # Our own write: nobody else holds our lease. Its echo often
+                # comes before the writing tick has noted it (then it counts
+                # as a change); that tick knows what it wrote.
+                return self.NOT_NEWS
             if new is None or (old is not None and lease == old.lease):
-                return self.NEWS  # a claim gone (hand-over, death, destroy), or one of ours changed
-            if lease == new.lease:
-                return self.NEWS
+                return self.NEWS  # a claim gone (hand-over, death, destroy), or one of ours overwritten
             if old is None or old.lease != new.lease:  # another node's new claim: news only while work waits
                 if not self.view.has_unclaimed():
                     return self.NOT_NEWS

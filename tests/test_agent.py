@@ -654,6 +654,39 @@ def test_another_nodes_claim_where_the_placement_put_it_is_no_news(cluster: Clus
         cluster.store.revoke_lease(lease)
 
 
+def test_our_own_writes_and_starts_wake_no_second_reconcile(cluster: Cluster) -> None:
+    """Placing a VM costs its owner one reconcile: the echoes of its own
+    claim and state writes (on its own lease: nobody else writes there)
+    and the libvirt events of its own start are no news. A write on its
+    claim's key by anyone else, or its deletion, is."""
+    cluster.flavour("small", 1, 1024)
+    agent = _in_process_agent(cluster, "n1")
+    loop = threading.Thread(target=agent.run, daemon=True)
+    loop.start()
+    try:
+        wait_for(lambda: agent.ticks > 0, 10, what="the first reconcile")
+        time.sleep(1.0)
+        before = (agent.ticks, dict(agent.tick_causes))
+        cluster.desire("solo")
+        wait_for(lambda: (e := agent.view.entry(cluster.keys.actual("solo"))) is not None
+                 and ms.ActualVM.parse(e.value).state == "running", 10, what="solo runs")
+        time.sleep(1.5)  # the echoes and the libvirt events have come
+        news = agent.tick_causes.get("news", 0) - before[1].get("news", 0)
+        work = agent.tick_causes.get("work", 0) - before[1].get("work", 0)
+        assert (news, work, agent.ticks - before[0]) == (0, 1, 1)
+        key, lease = cluster.keys.actual("solo"), agent._keeper.lease_id
+        mine = agent.view.entry(key)
+        assert mine is not None and mine.lease == lease
+        assert agent._concerns_us(ms.Change(key, None, mine)) == agent.NOT_NEWS
+        assert agent._concerns_us(ms.Change(key, mine, mine)) == agent.NOT_NEWS
+        by_hand = ms.Entry(mine.value, mine.mod_revision + 1, 0, mine.create_revision)
+        assert agent._concerns_us(ms.Change(key, mine, by_hand)) == agent.NEWS
+        assert agent._concerns_us(ms.Change(key, mine, None)) == agent.NEWS
+    finally:
+        agent.request_stop()
+        loop.join(15)
+
+
 def test_a_claim_turn_coming_is_a_look_not_a_reconcile(cluster: Cluster) -> None:
     """The timer of this node's next claim turn ends the agent's wait with a
     look (cheap: from the view's index), not a full reconcile; a reconcile
@@ -866,6 +899,40 @@ def test_how_a_domain_stopped_is_libvirts_own_record_not_the_last_event(tmp_path
         assert hv.ensure_running(spec)
         assert hv.request_shutdown("a")
         assert hv.how_stopped("a") == "stopped (guest shutdown)"
+    finally:
+        hv.close()
+
+
+def test_events_of_our_own_define_and_start_wake_nobody_others_do(tmp_path: Path) -> None:
+    """The "defined" and "started" events that the agent's own start of a
+    domain causes are not passed on (the reconcile that started it knows;
+    each would wake another full reconcile on every start); a stop, and a
+    start behind the agent's back, are. libvirt's test driver sends the
+    events."""
+    from harness import node_xml
+    seen: list[tuple[str, str]] = []
+    hv = ms.Hypervisor(f"test://{node_xml(tmp_path / 'n1.xml', 4, 4096)}", "n1", "test",
+                       on_event=lambda vm, what: seen.append((vm, what)))
+    try:
+        spec = ms.DomainSpec(vm="a", node="n1", domain_type="test", vcpus=1, ram_mb=64, flavour="f")
+
+        def events_for(seconds: float) -> list[tuple[str, str]]:
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                time.sleep(0.05)
+            out = list(seen)
+            seen.clear()
+            return out
+
+        assert hv.ensure_running(spec)
+        assert events_for(1.0) == []
+        hv.power_off("a")
+        assert events_for(1.0) == [("a", "stopped (destroyed)")]
+        hv._lookup("a").create()  # behind the agent's back (virsh start)
+        assert events_for(1.0) == [("a", "started")]
+        hv.power_off("a")
+        assert hv.ensure_running(spec)  # a restart of ours: quiet again
+        assert events_for(1.0) == [("a", "stopped (destroyed)")]
     finally:
         hv.close()
 
