@@ -2124,7 +2124,7 @@ class ClusterView:
         # parsed value, brought up to date for the keys in _dirty (changed
         # since the last snapshot) when the next snapshot is taken.
         self._fields: dict[str, dict[str, Any]] = {}
-        self._dirty: set[str] = set()
+        self._dirty: dict[str, None] = {}  # an ordered set: snapshots list keys in the order they came
 
     def _gone(self, key: str, old: Entry, revision: int) -> None:
         split = self.keys.split(key)
@@ -2167,7 +2167,7 @@ class ClusterView:
             self._kinds, self._claims, self._use, self._unclaimed = {}, {}, {}, set()
             self._by_creation, self._creation_of = [], {}
             self._light_cache, self._raw_hosts, self._hosts_used = {}, {}, {}
-            self._fields, self._dirty = {}, set(self._entries)
+            self._fields, self._dirty = {}, dict.fromkeys(self._entries)  # in the listing's order
             for key, entry in self._entries.items():
                 self._index(key, entry)
 
@@ -2318,7 +2318,7 @@ class ClusterView:
         if revision <= self._list_revision or revision <= self._seen.get(key, 0) or not self._kept(key):
             return False
         self._seen[key] = revision
-        self._dirty.add(key)
+        self._dirty[key] = None
         if value is None:
             old = self._entries.pop(key, None)
             if old is not None:
@@ -2438,7 +2438,7 @@ class ClusterView:
                     field.pop(split[1], None)
                 else:
                     field[split[1]] = value
-            self._dirty = set()
+            self._dirty = {}
             for kind, field in self._fields.items():
                 setattr(snap, kind, dict(field))
             keys, parses = len(self._entries), self.parses - parses
@@ -5160,6 +5160,12 @@ class AssignmentMemo:
         fresh = [vm for vm in pending if vm not in then_specs]
         if fresh and (end.last is None or placement.created(fresh[0]) <= end.last):
             return None  # a VM that is not the newest (released, or seen late): the order before it changed
+        if fresh and placement.created(pending[0]) > end.last:
+            # Every VM looked at before is claimed: the recent claims now start
+            # after the oldest new VM, so a claim made between the last VM
+            # looked at and it (which the end state still leaves out of the
+            # ranking) would go unseen. Place afresh (few VMs wait then).
+            return None
         if any(then_specs.get(vm) is not spec for vm, spec in specs.items() if vm in then_specs):
             return None  # a pending VM whose desired entry changed
         if any(vm not in answer for vm in specs if vm in then_specs):
@@ -5645,8 +5651,8 @@ class Agent:
         the backups' timing waits for the next look, at the latest when the
         timer that look set for this node's next turn fires), another node's offer (capacity, state, what it gave up on)
         changing; the main loop then looks whether any is this node's turn
-        (cheap) before it reconciles. Our own claims written or changed on
-        our lease are NOT_NEWS too: only this agent writes on its lease, so
+        (cheap) before it reconciles. Our own claims and host record written
+        or changed on our lease are NOT_NEWS too: only this agent writes on its lease, so
         such an event is the echo of a write the tick that made it knows
         (it may arrive before that tick notes the write). NEWS: everything
         else (our own keys deleted or overwritten by another, other claims
@@ -5675,6 +5681,8 @@ class Agent:
                 return self.NOT_NEWS if chosen is not None and chosen == self.view.holder(name) else self.NEW_WORK
             return self.NOT_NEWS
         if kind == "hosts":
+            if name == self.node and new is not None and lease and new.lease == lease:
+                return self.NOT_NEWS  # our own host record as we wrote it (the echo of our write)
             if name == self.node or old is None or new is None:
                 return self.NEWS
             return self.NOT_NEWS if HostState.same_offer(old.value, new.value) else self.NEW_WORK
@@ -5981,7 +5989,10 @@ class Agent:
             note = self._while_fenced(fence, snap)
             if note:
                 done.append(note)
-        for chore in (lambda: self._record_lost(snap), lambda: self._finish_moves(snap), self._tidy_group_guards):
+        # moves: from a snapshot taken now, with this tick's claims (a move
+        # that this tick completed is finished now, not at the next reconcile)
+        for chore in (lambda: self._record_lost(snap), lambda: self._finish_moves(self.view.snapshot()),
+                      self._tidy_group_guards):
             try:  # best effort, for operators: never in the way of publishing the host record
                 chore()
             except Exception:

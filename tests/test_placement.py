@@ -305,6 +305,24 @@ def test_the_memo_places_new_arrivals_from_where_it_ended() -> None:
     assert turns.memo.extended == 6 and turns.last_chosen == ms.Placement(s, "spread").assign()
 
 
+def test_the_memo_places_afresh_when_every_vm_it_looked_at_is_claimed() -> None:
+    """Every VM of the last look claimed, and a VM newer than all of them
+    claimed before it was seen: the next arrival is placed afresh (its
+    ranking must count that claim), not from where the last look ended."""
+    s = Snapshot({"o1": DesiredVM("o1", "small", generation=1), "o2": DesiredVM("o2", "small", generation=2),
+                  "a": DesiredVM("a", "small", generation=10), "b": DesiredVM("b", "big", generation=11)},
+                 {"o1": claim("n1", 101), "o2": claim("n1", 101), "b": claim("n2", 102, FLAVOURS["big"])},
+                 dict(FLAVOURS), hosts(2, cpu=8, ram=8192))
+    turns = ms.ClaimTurns("n1", 1.0)
+    turns.due(s, "spread", (), 100.0)
+    assert turns.last_chosen == {"a": "n2"}
+    s.actual["a"] = claim("n2", 102)
+    s.desired["c"] = DesiredVM("c", "small", generation=12)
+    turns.due(s, "spread", (), 101.0)
+    assert turns.last_chosen == ms.Placement(s, "spread").assign() == {"c": "n1"}
+    assert turns.memo.extended == 0
+
+
 def test_the_memo_is_not_reused_when_two_claims_swapped_nodes() -> None:
     """Two VMs of the same size claimed each where the other was placed:
     every node's reservation is as if placed, but the ranking replay differs."""
