@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import metastack as ms
@@ -202,6 +202,8 @@ def test_at_time_zero_each_vm_is_exactly_one_nodes_turn_and_fits_there(nodes, fl
 
 STEPS = st.lists(st.one_of(
     st.tuples(st.just("arrive"), st.integers(1, 6), st.sampled_from(["small", "big"])),
+    st.tuples(st.just("arrive claimed"), st.integers(1, 4), st.sampled_from(["small", "big"])),
+    st.tuples(st.just("claim as placed, then arrive"), st.integers(0, 30), st.sampled_from(["small", "big"])),
     st.tuples(st.just("claim as placed"), st.integers(0, 30)),
     st.tuples(st.just("claim elsewhere"), st.integers(0, 30), st.integers(1, 4)),
     st.tuples(st.just("delete"), st.integers(0, 30)),
@@ -213,9 +215,12 @@ STEPS = st.lists(st.one_of(
 
 @settings(max_examples=300, deadline=None)
 @given(STEPS, st.sampled_from(["spread", "pack"]))
+@example([("arrive", 1, "small"), ("arrive claimed", 2, "big"), ("claim as placed, then arrive", 0, "small"),
+          ("look",)], "spread")  # a claim newer than the last VM looked at, made before any look saw it waiting
 def test_the_memo_answers_exactly_what_a_fresh_assignment_would(steps: list[tuple], policy: str) -> None:
-    """Whatever happens between two looks (arrivals, claims as placed or
-    elsewhere, deletions, a node cordoned, a pending VM's entry changed),
+    """Whatever happens between two looks (arrivals, arrivals claimed before
+    any look saw them, claims as placed or elsewhere, deletions, a node
+    cordoned, a pending VM's entry changed),
     the memo's answer equals a fresh Placement.assign on the same view, by
     the full snapshot and by the view's index (use and recent claims)."""
     s = cluster(4, 0, hs=hosts(4, cpu=12, ram=24576))
@@ -228,6 +233,17 @@ def test_the_memo_answers_exactly_what_a_fresh_assignment_would(steps: list[tupl
             for _ in range(step[1]):
                 gen += 1
                 s.desired[f"vm{gen:03d}"] = DesiredVM(f"vm{gen:03d}", step[2], generation=gen)
+        elif step[0] == "arrive claimed":  # claimed before any look saw it waiting
+            gen += 1
+            s.desired[f"vm{gen:03d}"] = DesiredVM(f"vm{gen:03d}", step[2], generation=gen)
+            node = f"n{step[1]}"
+            s.actual[f"vm{gen:03d}"] = claim(node, s.hosts[node].lease, FLAVOURS[step[2]])
+        elif step[0] == "claim as placed, then arrive":  # two changes before the next look
+            if pending and last.get(vm := pending[step[1] % len(pending)]) is not None:
+                node = last[vm]
+                s.actual[vm] = claim(node, s.hosts[node].lease, FLAVOURS[s.desired[vm].flavour])
+            gen += 1
+            s.desired[f"vm{gen:03d}"] = DesiredVM(f"vm{gen:03d}", step[2], generation=gen)
         elif step[0] in ("claim as placed", "claim elsewhere") and pending:
             vm = pending[step[1] % len(pending)]
             node = last.get(vm) if step[0] == "claim as placed" else f"n{step[2]}"
