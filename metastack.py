@@ -5158,13 +5158,14 @@ class AssignmentMemo:
                 return None
         then_specs, answer, end = last["specs"], last["answer"], last["end"]
         fresh = [vm for vm in pending if vm not in then_specs]
-        if fresh and (end.last is None or placement.created(fresh[0]) <= end.last):
-            return None  # a VM that is not the newest (released, or seen late): the order before it changed
-        if fresh and placement.created(pending[0]) > end.last:
-            # Every VM looked at before is claimed: the recent claims now start
-            # after the oldest new VM, so a claim made between the last VM
-            # looked at and it (which the end state still leaves out of the
-            # ranking) would go unseen. Place afresh (few VMs wait then).
+        # New VMs are placed from where the last run ended only when all of
+        # them are newer than its last VM (else one released or seen late
+        # changes the order before it) and a VM it looked at still waits
+        # (else the recent claims start after the oldest new VM, and a claim
+        # made between the last VM looked at and that one, which the end
+        # state leaves out of the ranking, would go unseen).
+        if fresh and not (end.last is not None and placement.created(pending[0]) <= end.last
+                          < placement.created(fresh[0])):
             return None
         if any(then_specs.get(vm) is not spec for vm, spec in specs.items() if vm in then_specs):
             return None  # a pending VM whose desired entry changed

@@ -42,16 +42,9 @@ sys.path.insert(0, str(ROOT))
 
 import metastack as ms  # noqa: E402
 from harness import EtcdServer  # noqa: E402
+from scale import proc_cpu_seconds as cpu_seconds  # noqa: E402  (utime + stime of a process)
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 PREFIX = "/floor"
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of process ``pid``."""
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def watcher(endpoint: str) -> int:
