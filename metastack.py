@@ -60,6 +60,7 @@ import threading
 import time
 import uuid
 import xml.etree.ElementTree as ET
+import zlib
 from collections import Counter
 from typing import Any, BinaryIO, Callable, Collection, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
@@ -240,6 +241,7 @@ class AgentConfig:
     config_path: str = ""  # the ini this came from (the watchdog process reads it too)
     cpu_allocation_ratio: Optional[float] = None  # [node] override of /metastack/config's
     ram_allocation_ratio: Optional[float] = None
+    cell: Optional[int] = None  # [node] cell: this node's cell when the cluster has cells (None: by hash)
 
     @property
     def renew_interval(self) -> float:
@@ -296,6 +298,15 @@ def _get_opt_int(cp: configparser.ConfigParser, sec: str, key: str) -> Optional[
         return None
     if not raw.isdigit() or int(raw) <= 0:
         raise ConfigError(f"[{sec}] {key}: {raw!r} must be a positive integer or auto")
+    return int(raw)
+
+
+def _get_cell(cp: configparser.ConfigParser) -> Optional[int]:
+    raw = cp.get("node", "cell", fallback="").strip()
+    if raw == "":
+        return None
+    if not raw.isdigit():
+        raise ConfigError(f"[node] cell: {raw!r} must be a whole number from 0, or empty")
     return int(raw)
 
 
@@ -425,6 +436,7 @@ def load_config(path: Optional[str]) -> AgentConfig:
         config_path=os.path.abspath(path) if path else "",
         cpu_allocation_ratio=_get_opt_ratio(cp, "node", "cpu_allocation_ratio"),
         ram_allocation_ratio=_get_opt_ratio(cp, "node", "ram_allocation_ratio"),
+        cell=_get_cell(cp),
     )
     check_timings(cfg)
     return cfg
@@ -521,6 +533,14 @@ class Keys:
 
     KINDS = ("desired", "actual", "hosts", "flavours", "images", "console", "fences", "nodes", "moves")
     SIDE_KINDS = ("console", "events")  # under <prefix>/~/
+    # Claims (actual/ records) live in SHARDS shards by a hash of the VM's
+    # name: ``shards/<xx>/actual/<vm>``, xx = two hex digits of SHARD_OF(vm).
+    # A node in a cell (ClusterConfig.cells > 1) lists and watches only its
+    # cell's shards and the rest of the prefix below ``shards/`` (every
+    # other kind sorts before "shards"): a claim or state write reaches the
+    # agents of one cell, not every agent. ``actual/<vm>`` (the layout of
+    # before) is still read: a claim found there counts like one in its shard.
+    SHARDS = 64
 
     def events(self, vm: str) -> str:
         """The folder of ``vm``'s history: ``~/events/<vm>/<usec>-<node>``."""
@@ -544,8 +564,29 @@ class Keys:
     def desired(self, vm: str) -> str:
         return f"{self.prefix}/desired/{vm}"
 
+    @classmethod
+    def shard(cls, vm: str) -> int:
+        """The shard of ``vm``'s claim: crc32 of its name modulo SHARDS (documented: tools may compute it)."""
+        return zlib.crc32(vm.encode()) % cls.SHARDS
+
     def actual(self, vm: str) -> str:
-        return f"{self.prefix}/actual/{vm}"
+        """``vm``'s claim and state: ``<prefix>/shards/<xx>/actual/<vm>``."""
+        return f"{self._all}shards/{self.shard(vm):02x}/actual/{vm}"
+
+    def legacy_actual(self, vm: str) -> str:
+        """Where claims lived before shards (``<prefix>/actual/<vm>``): still
+        read, never written but to delete; a claim there blocks a new one."""
+        return f"{self._all}actual/{vm}"
+
+    @property
+    def shards(self) -> str:
+        """The folder of every shard: ``<prefix>/shards/``; everything an
+        agent needs besides its shards is ``[all, shards)``."""
+        return f"{self._all}shards/"
+
+    def shard_range(self, lo: int, hi: int) -> tuple[str, str]:
+        """The key range [start, end) of shards lo..hi-1 (0 <= lo < hi <= SHARDS)."""
+        return f"{self._all}shards/{lo:02x}/", f"{self._all}shards/{hi:02x}/"
 
     def host(self, node: str) -> str:
         return f"{self.prefix}/hosts/{node}"
@@ -586,10 +627,20 @@ class Keys:
 
     def split(self, key: str) -> Optional[tuple[str, str]]:
         """``/metastack/desired/web1`` -> ("desired", "web1"),
-        ``/metastack/~/console/web1`` -> ("console", "web1"); None if foreign."""
+        ``/metastack/~/console/web1`` -> ("console", "web1"),
+        ``/metastack/shards/<xx>/actual/web1`` -> ("actual", "web1") when xx
+        is web1's shard, and so does the old ``/metastack/actual/web1``;
+        None if foreign."""
         if not key.startswith(self._all):
             return None
         kind, sep, name = key[len(self._all):].partition("/")
+        if kind == "shards":  # shards/<xx>/actual/<vm>, in the shard of its name
+            shard, _, rest = name.partition("/")
+            kind, sep, name = rest.partition("/")
+            if (kind != "actual" or not sep or not name or "/" in name or len(shard) != 2
+                    or shard != f"{self.shard(name):02x}"):
+                return None
+            return kind, name
         if kind == "~":
             kind, sep, name = name.partition("/")
             if kind not in self.SIDE_KINDS:
@@ -964,6 +1015,8 @@ def orphan_disks(pool: str, disks: Iterable[str], snap: "Snapshot") -> list[str]
         if parsed is None or f"{pool}/{disk}" in claimed:
             continue
         vm, ident = parsed
+        if snap.interest is not None and not snap.interest.keeps(vm):
+            continue  # another cell's VM: not in this view, that cell's agents judge it
         spec = snap.desired.get(vm)
         if isinstance(spec, DesiredVM) and spec.identity == ident:
             continue
@@ -981,7 +1034,10 @@ class HostState:
     ("ready"; "fenced"; "recovering": it lost its lease and re-claims only
     its own running VMs for a grace period; "degraded": its libvirt does
     not answer; only a ready node gets new work), "address" (its Ceph clients' IP, "" if not set), "cannot" ({vm: reason}
-    for VMs this node gave up on after repeated failures)}. ``lease`` is
+    for VMs this node gave up on after repeated failures), "cell" (its
+    cell, CellMap; absent: 0), "foreign" ({"vcpus", "ram_mb", "vms"} its
+    claims of VMs outside its cell's shards reserve, which the other nodes
+    of its cell do not watch; absent: none)}. ``lease`` is
     the etcd lease the key hangs on (from etcd, not from the value): a
     record without one is not a live node.
 
@@ -1002,6 +1058,8 @@ class HostState:
     address: str = ""
     cannot: tuple[tuple[str, str], ...] = ()
     lease: int = 0
+    cell: int = 0
+    foreign: tuple[int, int, int] = (0, 0, 0)  # (vcpus, ram_mb, vms) of claims outside its cell's shards
 
     @classmethod
     def parse(cls, raw: bytes) -> "HostState":
@@ -1021,13 +1079,30 @@ class HostState:
         for key in ("state", "address"):
             if not isinstance(obj.get(key, ""), str):
                 raise SpecError(f"host entry: {key!r} must be a string, got {_show(obj.get(key))}")
+        cell = obj.get("cell", 0)
+        if isinstance(cell, bool) or not isinstance(cell, int) or not 0 <= cell < Keys.SHARDS:
+            raise SpecError(f"host entry: 'cell' must be a whole number from 0 to {Keys.SHARDS - 1}, got {_show(cell)}")
+        foreign = obj.get("foreign") or {}
+        if not isinstance(foreign, dict):
+            raise SpecError("host entry: 'foreign' must be an object")
+        held = []
+        for key in ("vcpus", "ram_mb", "vms"):
+            val = foreign.get(key, 0)
+            if isinstance(val, bool) or not isinstance(val, int) or not 0 <= val <= MAX_INT:
+                raise SpecError(f"host entry: 'foreign' {key!r} must be a non-negative integer, got {_show(val)}")
+            held.append(val)
         return cls(**ints, state=obj.get("state", "ready"), address=obj.get("address", "") or "",
-                   cannot=tuple(sorted((str(k), str(v)) for k, v in cannot.items())))
+                   cannot=tuple(sorted((str(k), str(v)) for k, v in cannot.items())), cell=cell,
+                   foreign=(held[0], held[1], held[2]))
 
     def encode(self) -> bytes:
         """The record's value: the offer (no use, no lease)."""
-        obj = {"vcpus": self.vcpus, "ram_mb": self.ram_mb, "state": self.state, "address": self.address,
-               "cannot": dict(self.cannot)}
+        obj: dict[str, Any] = {"vcpus": self.vcpus, "ram_mb": self.ram_mb, "state": self.state,
+                               "address": self.address, "cannot": dict(self.cannot)}
+        if self.cell:
+            obj["cell"] = self.cell
+        if any(self.foreign):
+            obj["foreign"] = dict(zip(("vcpus", "ram_mb", "vms"), self.foreign))
         return json.dumps(obj, sort_keys=True).encode()
 
     def with_use(self, vcpus: int, ram_mb: int, vms: int) -> "HostState":
@@ -1051,7 +1126,7 @@ class HostState:
     def offer(self) -> tuple[Any, ...]:
         """What the node offers, without what it uses: capacity, state,
         address, what it gave up on, and the lease it is live on."""
-        return (self.vcpus, self.ram_mb, self.state, self.address, self.cannot, self.lease)
+        return (self.vcpus, self.ram_mb, self.state, self.address, self.cannot, self.cell, self.foreign, self.lease)
 
     def same_content(self, other: Optional["HostState"]) -> bool:
         """Whether ``other`` has the same value (offer) in etcd: a write would change nothing."""
@@ -1186,12 +1261,14 @@ class ClusterConfig:
     0 < r <= 100, default 1.0): a node offers its vcpus and RAM times the
     ratio (overcommit above 1); ``[node]`` in a node's ini overrides them.
     ``placement``: "spread" (default: the least loaded node that can take a
-    VM claims it) or "pack" (the fullest that can); see Placement. Unknown
-    keys are ignored."""
+    VM claims it) or "pack" (the fullest that can); see Placement.
+    ``cells`` (integer, 1 to Keys.SHARDS, default 1): how many cells the
+    nodes form; see CellMap. Unknown keys are ignored."""
 
     cpu_allocation_ratio: float = 1.0
     ram_allocation_ratio: float = 1.0
     placement: str = "spread"
+    cells: int = 1
 
     PLACEMENTS = ("spread", "pack")
 
@@ -1208,7 +1285,93 @@ class ClusterConfig:
         placement = obj.get("placement", "spread")
         if placement not in cls.PLACEMENTS:
             raise SpecError(f"cluster config: 'placement' must be spread or pack, got {_show(placement)}")
-        return cls(out["cpu_allocation_ratio"], out["ram_allocation_ratio"], placement)
+        cells = obj.get("cells", 1)
+        if isinstance(cells, bool) or not isinstance(cells, int) or not 1 <= cells <= Keys.SHARDS:
+            raise SpecError(f"cluster config: 'cells' must be a whole number from 1 to {Keys.SHARDS}, got {_show(cells)}")
+        return cls(out["cpu_allocation_ratio"], out["ram_allocation_ratio"], placement, cells)
+
+
+@dataclasses.dataclass(frozen=True)
+class CellMap:
+    """Which cell serves each shard of claims (Keys.SHARDS), computed the
+    same way by every agent from what all of them read: the cluster
+    config's ``cells`` and the live host records (each names its node's
+    cell). Pure.
+
+    Shard s belongs to cell ``s * cells // SHARDS`` (contiguous ranges of
+    near-equal size). A cell with no live node (no host record on a lease)
+    is adopted by the next cell that has one, so no VM waits for a cell
+    that is gone; when it comes back it serves its shards again. The nodes
+    of the serving cell are the only ones that place and claim a shard's
+    VMs (but for VMs pinned to a node of another cell, which that node
+    claims), so each agent watches the claims of its cell's shards only.
+    With one cell (the default) every node serves every shard."""
+
+    cells: int
+    live: frozenset[int]  # cells with at least one live node
+
+    @classmethod
+    def of(cls, cells: int, hosts: Mapping[str, "HostState"]) -> "CellMap":
+        """From the config's cell count and the host records (live: on a lease)."""
+        return cls(cells, frozenset(h.cell % cells for h in hosts.values() if h.lease))
+
+    def home(self, shard: int) -> int:
+        return shard * self.cells // Keys.SHARDS
+
+    def serving(self, shard: int) -> Optional[int]:
+        """The cell that serves ``shard`` now; None when no cell has a live node."""
+        home = self.home(shard)
+        for step in range(self.cells):
+            cell = (home + step) % self.cells
+            if cell in self.live:
+                return cell
+        return None
+
+    def shards_of(self, cell: int) -> frozenset[int]:
+        """The shards ``cell`` serves now (its own and those it adopted)."""
+        return frozenset(s for s in range(Keys.SHARDS) if self.serving(s) == cell)
+
+
+def node_cell(node: str, cells: int, configured: Optional[int]) -> int:
+    """A node's cell: ``[node] cell`` of its ini (modulo ``cells``), else a
+    fixed hash of its name; 0 with one cell."""
+    if cells <= 1:
+        return 0
+    if configured is not None:
+        return configured % cells
+    return int(_node_rank(node), 16) % cells
+
+
+@dataclasses.dataclass(frozen=True)
+class Interest:
+    """What of the shards one agent keeps: every VM of the shards its cell
+    serves (``cell_shards``; their claims decide placement in the cell)
+    and the VMs named in ``extra``, whatever their shard (pinned to this
+    node, claimed by it, or defined on its hypervisor: its own business
+    only). The agent watches the shards of both; its view drops the
+    desired entries and claims of every other VM (ClusterView._kept)."""
+
+    cell: int
+    cell_shards: frozenset[int]
+    extra: frozenset[str]
+
+    def keeps(self, vm: str) -> bool:
+        return Keys.shard(vm) in self.cell_shards or vm in self.extra
+
+    def in_cell(self, vm: str) -> bool:
+        """Whether ``vm``'s claim counts for placement in this cell."""
+        return Keys.shard(vm) in self.cell_shards
+
+    def ranges(self, keys: Keys) -> list[tuple[str, str]]:
+        """The key ranges of the watched shards, contiguous ones merged."""
+        shards = sorted(self.cell_shards | {Keys.shard(vm) for vm in self.extra})
+        out: list[tuple[str, str]] = []
+        for s in shards:
+            if out and out[-1][1] == keys.shard_range(s, s + 1)[0]:
+                out[-1] = (out[-1][0], keys.shard_range(s, s + 1)[1])
+            else:
+                out.append(keys.shard_range(s, s + 1))
+        return out
 
 
 def effective_capacity(vcpus: int, ram_mb: int, cpu_ratio: float, ram_ratio: float) -> tuple[int, int]:
@@ -1555,24 +1718,57 @@ class Store:
         value, meta = self._call("get", self._client.get, key)
         return None if meta is None else Entry(value, meta.mod_revision, meta.lease_id, meta.create_revision)
 
+    def list_kind(self, kind: str) -> tuple[int, dict[str, Entry]]:
+        """name -> entry of every record of one kind under this store's
+        prefix (names as Keys.split gives them), and the revision of the
+        read. Claims ("actual") come from every shard and from the old
+        ``actual/`` folder; a name in both keeps its shard's entry."""
+        keys = self.keys
+        if kind != "actual":
+            revision, entries = self.list_prefix(keys.dir(kind))
+            return revision, {split[1]: e for k, e in entries.items() if (split := keys.split(k)) is not None}
+        revision, sharded = self.list_prefix(keys.shards)
+        _, legacy = self.list_prefix(keys.dir("actual"))
+        out: dict[str, Entry] = {}
+        for key, entry in [*legacy.items(), *sharded.items()]:
+            split = keys.split(key)
+            if split is not None and split[0] == "actual":
+                out[split[1]] = entry
+        return revision, out
+
+    def get_claim(self, vm: str) -> Optional[Entry]:
+        """``vm``'s claim: from its shard, else from the old ``actual/`` folder."""
+        entry = self.get(self.keys.actual(vm))
+        return entry if entry is not None else self.get(self.keys.legacy_actual(vm))
+
     # -- writes ------------------------------------------------------------
     def _txn(self, what: str, compare: list, success: list, failure: Optional[list] = None) -> tuple[bool, list]:
         return self._call(what, self._client.transaction, compare=compare, success=success, failure=failure or [])
 
     def create(self, key: str, value: bytes, lease: int = 0,
                also: Sequence[tuple[str, bytes]] = (),
-               plus: Sequence[tuple[str, bytes, int]] = ()) -> tuple[Optional[int], Optional[Entry]]:
+               plus: Sequence[tuple[str, bytes, int]] = (),
+               absent: Sequence[str] = (),
+               supersede: Optional[tuple[str, int]] = None) -> tuple[Optional[int], Optional[Entry]]:
         """Create ``key`` only if absent. Returns (revision, None) on success,
         or (None, the existing entry) when another writer holds the key.
         ``also``: more (key, value) pairs created in the same transaction,
         on the same lease, only if every one of them is absent too (guard
         keys); (None, None) when only one of those exists. ``plus``: (key,
         value, lease) written in the same transaction when it succeeds (one
-        revision for both: history that rides along)."""
-        compare = [self._tx.create(key) == 0] + [self._tx.create(k) == 0 for k, _ in also]
+        revision for both: history that rides along). ``absent``: keys that
+        must not exist either (compared, not written); (None, None) when
+        only one of those exists. ``supersede``: (key, mod_revision) of a
+        key deleted in the same transaction, which must be unchanged since
+        that revision; (None, None) when it changed or went."""
+        compare = ([self._tx.create(key) == 0] + [self._tx.create(k) == 0 for k, _ in also]
+                   + [self._tx.create(k) == 0 for k in absent])
         puts = ([self._tx.put(key, value, lease=lease or None)]
                 + [self._tx.put(k, v, lease=lease or None) for k, v in also]
                 + [self._tx.put(k, v, lease=ls or None) for k, v, ls in plus])
+        if supersede is not None:
+            compare.append(self._tx.mod(supersede[0]) == supersede[1])
+            puts.append(self._tx.delete(supersede[0]))
         ok, resp = self._txn("create", compare, puts, [self._tx.get(key)])
         if ok:
             return resp[0].response_put.header.revision, None
@@ -2017,6 +2213,19 @@ class Snapshot:
     fences: dict[str, FenceRecord] = dataclasses.field(default_factory=dict)
     nodes: dict[str, NodeRecord] = dataclasses.field(default_factory=dict)
     moves: dict[str, MoveRequest] = dataclasses.field(default_factory=dict)
+    interest: Optional["Interest"] = None  # the agent's cell, when its view holds only what its cell needs
+
+
+def in_cell(snap: Snapshot, node: str) -> bool:
+    """Whether ``node`` belongs to the cell the snapshot's view serves (always, with no cells)."""
+    host = snap.hosts.get(node)
+    return snap.interest is None or (host is not None and host.cell == snap.interest.cell)
+
+
+def first_in_cell(snap: Snapshot) -> Optional[str]:
+    """The live node first by name among those of the snapshot's cell:
+    who does the chores nobody owns (purging bogus claims, finished moves)."""
+    return min((n for n in snap.hosts if in_cell(snap, n)), default=None)
 
 
 def split_trusted(snap: Snapshot) -> None:
@@ -2125,6 +2334,12 @@ class ClusterView:
         # since the last snapshot) when the next snapshot is taken.
         self._fields: dict[str, dict[str, Any]] = {}
         self._dirty: dict[str, None] = {}  # an ordered set: snapshots list keys in the order they came
+        # With cells: what of the shards this view keeps (None: everything),
+        # and the VMs it dropped whose desired entry pins them to ``node``
+        # (the agent widens its interest to them: a re-list).
+        self.interest: Optional[Interest] = None
+        self.node = ""
+        self.missed: set[str] = set()
 
     def _gone(self, key: str, old: Entry, revision: int) -> None:
         split = self.keys.split(key)
@@ -2150,7 +2365,36 @@ class ClusterView:
         if key.startswith(self._legacy_side):  # history and consoles where agents before ~/ wrote them
             return False
         split = self.keys.split(key)
-        return split is None or split[0] not in self.IGNORED_KINDS
+        if split is None:
+            return True
+        if split[0] in ("desired", "actual") and self.interest is not None:
+            return self.interest.keeps(split[1])
+        return split[0] not in self.IGNORED_KINDS
+
+    def _peek(self, key: str, value: bytes) -> None:
+        """A desired entry this view drops (another cell's VM): note it
+        when it pins the VM to this node. Parses only values that name the
+        node. Call with the lock held."""
+        if not self.node or self.node.encode() not in value:
+            return
+        split = self.keys.split(key)
+        if split is None or split[0] != "desired":
+            return
+        with contextlib.suppress(SpecError):
+            if DesiredVM.parse(split[1], value).host == self.node:
+                self.missed.add(split[1])
+
+    def _in_cell(self, vm: str) -> bool:
+        return self.interest is None or self.interest.in_cell(vm)
+
+    def _claim_of(self, vm: str) -> Optional[tuple[str, Entry]]:
+        """(key, entry) of ``vm``'s claim: in its shard, else in the old
+        actual/ folder. Call with the lock held."""
+        for key in (self.keys.actual(vm), self.keys.legacy_actual(vm)):
+            entry = self._entries.get(key)
+            if entry is not None:
+                return key, entry
+        return None
 
     def load(self, revision: int, entries: Mapping[str, Entry]) -> None:
         with self._lock:
@@ -2182,21 +2426,26 @@ class ClusterView:
         kind, name = split
         if kind in self.LIGHT_KINDS and not (kind == "hosts" and self._same_offer(key, entry)):
             self._light_gens[kind] = self._light_gens.get(kind, 0) + 1
+        if kind == "actual":  # a VM's claim: from its shard, else from the old folder
+            found = self._claim_of(name)
+            key, entry = found if found is not None else (key, None)
         if entry is None:
             self._kinds.get(kind, {}).pop(name, None)
         else:
             self._kinds.setdefault(kind, {})[name] = key
         if kind == "actual":
+            counted = self._in_cell(name)  # claims outside the cell's shards: in the holder's host record
             old = self._claims.pop(name, None)
-            if old is not None:
+            if old is not None and counted:
                 use = self._use[old[:2]]
                 use[0], use[1], use[2] = use[0] - old[2], use[1] - old[3], use[2] - 1
             if entry is not None:
                 _, claim = self._cached(key, entry)
                 new = (claim.host, entry.lease, claim.vcpus, claim.ram_mb)
                 self._claims[name] = new
-                use = self._use.setdefault(new[:2], [0, 0, 0])
-                use[0], use[1], use[2] = use[0] + new[2], use[1] + new[3], use[2] + 1
+                if counted:
+                    use = self._use.setdefault(new[:2], [0, 0, 0])
+                    use[0], use[1], use[2] = use[0] + new[2], use[1] + new[3], use[2] + 1
                 self._unclaimed.discard(name)
             elif name in self._kinds.get("desired", {}):
                 self._unclaimed.add(name)
@@ -2212,7 +2461,8 @@ class ClusterView:
         """Keep ``vm``'s place in the claimed VMs' creation order (present
         while it is both desired and claimed). Call with the lock held."""
         key = self._kinds.get("desired", {}).get(vm)
-        created = self._entries[key].create_revision if key is not None and vm in self._claims else None
+        created = (self._entries[key].create_revision
+                   if key is not None and vm in self._claims and self._in_cell(vm) else None)
         was = self._creation_of.get(vm)
         if was == created:
             return
@@ -2310,12 +2560,19 @@ class ClusterView:
             for n, h in snap.hosts.items():
                 u = self._use.get((n, h.lease))
                 use[n] = (u[0], u[1]) if u else (0, 0)
+                if self.interest is not None:  # what its claims outside its cell's shards reserve
+                    use[n] = (use[n][0] + h.foreign[0], use[n][1] + h.foreign[1])
+        snap.interest = self.interest
         return snap, use
 
     def _note(self, key: str, value: Optional[bytes], revision: int, lease: int, created: int = 0) -> bool:
         # A revision already seen is no change: the watch's echo of this
         # agent's own write, which note() folded in when the write succeeded.
-        if revision <= self._list_revision or revision <= self._seen.get(key, 0) or not self._kept(key):
+        if revision <= self._list_revision or revision <= self._seen.get(key, 0):
+            return False
+        if not self._kept(key):
+            if value is not None and self.interest is not None:
+                self._peek(key, value)
             return False
         self._seen[key] = revision
         self._dirty[key] = None
@@ -2360,6 +2617,13 @@ class ClusterView:
         with self._lock:
             return self._entries.get(key)
 
+    def claim(self, vm: str) -> tuple[str, Optional[Entry]]:
+        """(key, entry) of ``vm``'s claim as held: in its shard, else in the
+        old actual/ folder; (its shard's key, None) when there is none."""
+        with self._lock:
+            found = self._claim_of(vm)
+        return found if found is not None else (self.keys.actual(vm), None)
+
     def entries_under(self, prefix: str) -> dict[str, Entry]:
         """key -> entry of every kept key below ``prefix``."""
         with self._lock:
@@ -2369,8 +2633,10 @@ class ClusterView:
         """name -> raw entry of every kept key of one kind (desired,
         actual, hosts, ...), as ``list_prefix`` would give them; for
         readers that format records the way metastackctl does."""
-        prefix = self.keys.dir(kind)
         with self._lock:
+            if kind == "actual":
+                return {vm: found[1] for vm in self._claims if (found := self._claim_of(vm)) is not None}
+            prefix = self.keys.dir(kind)
             return {key[len(prefix):]: e for key, e in self._entries.items()
                     if key.startswith(prefix) and "/" not in key[len(prefix):]}
 
@@ -2431,7 +2697,11 @@ class ClusterView:
                 split = self.keys.split(key)
                 if split is None:
                     continue
-                entry = self._entries.get(key)
+                if split[0] == "actual":  # the claim that counts: its shard's, else the old folder's
+                    found = self._claim_of(split[1])
+                    key, entry = found if found is not None else (key, None)
+                else:
+                    entry = self._entries.get(key)
                 value = None if entry is None else self._cached(key, entry)[1]
                 field = self._fields.setdefault(split[0], {})
                 if value is None:
@@ -2444,6 +2714,7 @@ class ClusterView:
             keys, parses = len(self._entries), self.parses - parses
             use = {held: (u[0], u[1], u[2]) for held, u in self._use.items()}
         log.debug("view snapshot at revision %d: %d key(s), %d parsed", self.revision, keys, parses)
+        snap.interest = self.interest
         split_trusted(snap)
         self._fill_use(snap, use)
         return snap
@@ -2455,6 +2726,8 @@ class ClusterView:
         not change since the last snapshot is the same object as then."""
         for name, host in snap.hosts.items():
             held = use.get((name, host.lease), (0, 0, 0))
+            if self.interest is not None and any(host.foreign):  # plus its claims outside its cell's shards
+                held = tuple(a + b for a, b in zip(held, host.foreign))  # type: ignore[assignment]
             if held == (host.vcpus_used, host.ram_mb_used, host.vms):
                 continue
             was = self._hosts_used.get(name)
@@ -2463,6 +2736,15 @@ class ClusterView:
                 continue
             snap.hosts[name] = host.with_use(*held)
             self._hosts_used[name] = (host, snap.hosts[name])
+
+    def foreign_use(self, node: str, lease: int) -> tuple[int, int, int]:
+        """(vcpus, ram_mb, vms) of ``node``'s claims on ``lease`` of VMs
+        outside the cell's shards (what its host record states as
+        "foreign"). O(claims held)."""
+        with self._lock:
+            held = [c for vm, c in self._claims.items()
+                    if c[0] == node and c[1] == lease and not self._in_cell(vm)]
+        return sum(c[2] for c in held), sum(c[3] for c in held), len(held)
 
     def usage(self, node: str, lease: int) -> tuple[int, int, int]:
         """(vcpus, ram_mb, vms) reserved by the claims ``node`` holds on
@@ -3457,23 +3739,28 @@ class Placement:
         self.policy = policy if policy in self.POLICIES else "spread"
         self.bins: dict[str, _Bin] = {}
         self._created: dict[str, tuple[int, str]] = {}
+        cell = snap.interest
         for name, host in snap.hosts.items():
             rec = snap.nodes.get(name)
-            if host.state == "ready" and not (rec is not None and rec.unschedulable):
+            if host.state == "ready" and not (rec is not None and rec.unschedulable) and in_cell(snap, name):
                 self.bins[name] = _Bin(name, host.vcpus, host.ram_mb, frozenset(n for n, _ in host.cannot))
         if use is not None:
             for name, b in self.bins.items():
                 b.cpu, b.ram = use.get(name, (0, 0))
-        for claim in snap.actual.values():
+        elif cell is not None:  # with cells: a node's claims outside the cell's shards, as it publishes them
+            for name, b in self.bins.items():
+                b.cpu, b.ram = snap.hosts[name].foreign[:2]
+        for vm, claim in snap.actual.items():
             b = self.bins.get(claim.host)
-            if b is not None:
+            if b is not None and (cell is None or cell.in_cell(vm)):
                 b.cpu += claim.vcpus
                 b.ram += claim.ram_mb
         if recent is None:
             oldest = min((self.created(n) for n in self.pending()), default=None)
             recent = [] if oldest is None else sorted(
                 (spec.generation, vm, c.host, c.vcpus, c.ram_mb) for vm, c in snap.actual.items()
-                if isinstance(spec := snap.desired.get(vm), DesiredVM) and (spec.generation, vm) > oldest)
+                if isinstance(spec := snap.desired.get(vm), DesiredVM) and (spec.generation, vm) > oldest
+                and (cell is None or cell.in_cell(vm)))
         self.recent = sorted(recent)
         for b in self.bins.values():
             b.rank_cpu, b.rank_ram = b.cpu, b.ram
@@ -3570,7 +3857,7 @@ class Placement:
                 upcoming = next(replay, None)
             resolved = resolve(snap.desired[name], snap)
             if isinstance(resolved, str):
-                ready = [n for n in snap.hosts if snap.hosts[n].state == "ready"]
+                ready = [n for n in snap.hosts if snap.hosts[n].state == "ready" and in_cell(snap, n)]
                 if ready:
                     out[name] = min(ready, key=lambda n: _order_key(n, name))
                 continue
@@ -3657,7 +3944,8 @@ class Placement:
             return []
         resolved = resolve(spec, self.snap)
         if isinstance(resolved, str):
-            return [n for n in nodes if n in self.snap.hosts and self.snap.hosts[n].state == "ready"]
+            return [n for n in nodes if n in self.snap.hosts and self.snap.hosts[n].state == "ready"
+                    and in_cell(self.snap, n)]
         vm, flav = resolved
         counts = self.members().get(vm.group, {}) if vm.group is not None else {}
         return [n for n in nodes if (b := self.bins.get(n)) is not None and self._allowed(b, name, vm, flav, counts)]
@@ -3842,7 +4130,7 @@ def plan(node: str, capacity: Capacity, snap: Snapshot, domains: Mapping[str, st
             actions.append(Action("kill", name, reason="no desired entry and no claim"))
         elif claim.host != node:
             actions.append(Action("kill", name, reason=f"claimed by {claim.host or 'an unknown owner'}"))
-    if snap.untrusted and snap.hosts and min(snap.hosts) == node:
+    if snap.untrusted and first_in_cell(snap) == node:
         for name, bogus in sorted(snap.untrusted.items()):
             if name not in claiming:
                 actions.append(Action("purge", name, reason=f"claim naming {bogus.host or 'nobody'} "
@@ -4244,6 +4532,9 @@ class Executor:
             key = self.keys.actual(vm)
             try:
                 entry = self.store.get(key)
+                if entry is None:
+                    key = self.keys.legacy_actual(vm)
+                    entry = self.store.get(key)
             except StoreUnavailable:
                 break
             if entry is not None:
@@ -4272,8 +4563,10 @@ class Executor:
             if spec.strict and spec.group is not None:
                 creates.append((self.keys.group_guard(spec.group, self.node), json.dumps({"vm": act.vm}).encode()))
             plus += self.events.entry(act.vm, "claimed", f"{act.vcpus} vcpus, {act.ram_mb} MiB reserved")
+        absent = [self.keys.legacy_actual(act.vm) for act in acts]  # a claim of the old layout blocks too
         try:
-            rev, _ = self.store.create(creates[0][0], creates[0][1], self._lease(), also=creates[1:], plus=plus)
+            rev, _ = self.store.create(creates[0][0], creates[0][1], self._lease(), also=creates[1:], plus=plus,
+                                       absent=absent)
         except LeaseNotFound:
             if not plus:
                 raise
@@ -4303,7 +4596,7 @@ class Executor:
             return
         writes, plus = [], []
         for vm, new, entry, history in held:
-            writes.append((self.keys.actual(vm), new.encode(), entry.mod_revision, self._lease()))
+            writes.append((self.view.claim(vm)[0], new.encode(), entry.mod_revision, self._lease()))
             if history is not None:
                 plus += self.events.entry(vm, *history)
         host = self.host_ride()
@@ -4333,8 +4626,7 @@ class Executor:
 
     def _do_purge(self, act: Action, snap: Snapshot, domains: Mapping[str, str]) -> str:
         """Delete a claim on no live lease, unless it changed since seen."""
-        key = self.keys.actual(act.vm)
-        entry = self.view.entry(key)
+        key, entry = self.view.claim(act.vm)
         if entry is None:
             return ""
         rev = self.store.delete_if(key, entry.mod_revision)
@@ -4648,7 +4940,7 @@ class Executor:
 
     def _own_claim(self, vm: str) -> Optional[ActualVM]:
         """Our claim of ``vm``: naming this node and on our current lease."""
-        entry = self.view.entry(self.keys.actual(vm))
+        _, entry = self.view.claim(vm)
         if entry is None or entry.lease != self._lease():
             return None
         claim = ActualVM.parse(entry.value)
@@ -4679,7 +4971,16 @@ class Executor:
     def _claim_txn(self, vm: str, value: ActualVM, snap: Optional[Snapshot],
                    plus: Sequence[tuple[str, bytes, int]]) -> bool:
         key = self.keys.actual(vm)
-        bogus = self.view.entry(key) if snap is not None and vm in snap.untrusted else None
+        held, bogus = self.view.claim(vm)
+        bogus = bogus if snap is not None and vm in snap.untrusted else None
+        if bogus is not None and held != key:  # on no live lease, in the old folder: moved to its shard
+            rev, _ = self.store.create(key, value.encode(), self._lease(), plus=plus,
+                                       supersede=(held, bogus.mod_revision))
+            if rev is not None:
+                log.warning("vm=%s replaced an untrusted claim naming %s", vm, snap.untrusted[vm].host or "nobody")
+                self.view.note(held, None, rev)
+                self.view.note(key, value.encode(), rev, self._lease())
+            return rev is not None
         if bogus is not None:
             rev = self.store.replace(key, value.encode(), bogus.mod_revision, self._lease(), plus)
             if rev is not None:
@@ -4691,7 +4992,8 @@ class Executor:
         if isinstance(spec, DesiredVM) and spec.strict and spec.group is not None:
             # strict anti-affinity: one VM of the group per node, decided by etcd, not by our view
             guards.append((self.keys.group_guard(spec.group, self.node), json.dumps({"vm": vm}).encode()))
-        rev, existing = self.store.create(key, value.encode(), self._lease(), also=guards, plus=plus)
+        rev, existing = self.store.create(key, value.encode(), self._lease(), also=guards, plus=plus,
+                                          absent=[self.keys.legacy_actual(vm)])
         if rev is not None:
             self.view.note(key, value.encode(), rev, self._lease())
             for gkey, gval in guards:
@@ -4710,8 +5012,7 @@ class Executor:
 
     def _delete_claim(self, vm: str) -> None:
         """Delete our claim (CAS on its last revision); never another node's."""
-        key = self.keys.actual(vm)
-        entry = self.view.entry(key)
+        key, entry = self.view.claim(vm)
         if entry is None or self._own_claim(vm) is None:
             return
         rev = self.store.delete_if(key, entry.mod_revision)
@@ -4726,8 +5027,7 @@ class Executor:
         meanwhile, nothing is written. ``history`` (event, detail) is
         recorded in the same transaction, or on its own if nothing else is
         written."""
-        key = self.keys.actual(vm)
-        entry = self.view.entry(key)
+        key, entry = self.view.claim(vm)
         if entry is None:
             return False
         current = ActualVM.parse(entry.value)
@@ -4815,7 +5115,7 @@ class Executor:
                         continue  # cannot tell what it wants: keep
                     if spec.identity == ident:
                         continue
-                claim = self.store.get(self.keys.actual(vm))
+                claim = self.store.get_claim(vm)
                 if claim is not None and ActualVM.parse(claim.value).disk == f"{pool}/{disk}":
                     continue
                 if self.storage.in_use(pool, disk):
@@ -5576,6 +5876,9 @@ class Agent:
         disks nobody wants any more (judged from this fresh listing) and
         lift fences that their nodes proved clean."""
         revision, entries = self.store.list_prefix(self.keys.all, until=self.keys.watched_end)
+        self.view.node = self.node
+        self.view.interest = self._interest_from(entries)
+        self.view.missed.clear()
         self.view.load(revision, entries)
         self._need_relist = False
         self._last_resync = time.monotonic()
@@ -5590,9 +5893,68 @@ class Agent:
                 if record.state == "clean" and node != self.node and node not in self._cannot_lift:
                     self._lift_fence(record)
 
+    def _cells(self, conf_entry: Optional[Entry]) -> int:
+        """The cluster config's cell count (1 when absent or malformed)."""
+        if conf_entry is None:
+            return 1
+        try:
+            return ClusterConfig.parse(conf_entry.value).cells
+        except SpecError:
+            return 1
+
+    def _interest_from(self, entries: Mapping[str, Entry]) -> Optional[Interest]:
+        """What this node's view keeps, from a full listing (None: all, with
+        one cell): the shards its cell serves by the CellMap of the listed
+        host records, plus the VMs it claims, that are pinned to it or
+        defined on its hypervisor, wherever their shard is."""
+        cells = self._cells(entries.get(self.keys.config))
+        if cells <= 1:
+            return None
+        cell = node_cell(self.node, cells, self.cfg.cell)
+        live = {cell}
+        extra: set[str] = set()
+        for key, entry in entries.items():
+            split = self.keys.split(key)
+            if split is None:
+                continue
+            kind, name = split
+            if kind == "hosts" and entry.lease and name != self.node:
+                with contextlib.suppress(SpecError):
+                    live.add(HostState.parse(entry.value).cell % cells)
+            elif kind == "actual" and ActualVM.parse(entry.value).host == self.node:
+                extra.add(name)
+            elif kind == "desired" and self.node.encode() in entry.value:
+                with contextlib.suppress(SpecError):
+                    if DesiredVM.parse(name, entry.value).host == self.node:
+                        extra.add(name)
+        with contextlib.suppress(HypervisorError):
+            extra.update(self.hv.domains())
+        shards = CellMap(cells, frozenset(live)).shards_of(cell)
+        interest = Interest(cell, shards, frozenset(vm for vm in extra if Keys.shard(vm) not in shards))
+        log.info("cell %d of %d: watching %d of %d shards and %d VM(s) of other cells", cell, cells, len(shards),
+                 Keys.SHARDS, len(interest.extra))
+        return interest
+
+    def _interest_stale(self, snap: Snapshot) -> bool:
+        """Whether the view keeps the wrong shards: the cell count or the
+        live cells changed (a cell's last node went or its first came), or
+        a VM of another cell was pinned to this node since the listing."""
+        cells = self._cluster_config[1].cells
+        interest = self.view.interest
+        if cells <= 1 or interest is None:
+            return (cells > 1) != (interest is not None)
+        cell = node_cell(self.node, cells, self.cfg.cell)
+        live = frozenset({cell} | {h.cell % cells for n, h in snap.hosts.items() if n != self.node})
+        return (cell != interest.cell or CellMap(cells, live).shards_of(cell) != interest.cell_shards
+                or bool(self.view.missed))
+
     def _rewatch(self) -> None:
         """Re-create the watch from the last revision seen; re-list if etcd
-        compacted that revision away."""
+        compacted that revision away. With cells (several watches, each at
+        its own revision): a re-list."""
+        if self.view.interest is not None:
+            self._resync()
+            return
         try:
             self._watch_from(self.view.revision + 1)
             log.info("watch re-created from revision %d", self.view.revision + 1)
@@ -5607,8 +5969,23 @@ class Agent:
         self._watch_dead.clear()
         self._store_trouble = False
         self._troubles_at_watch = self._keeper.troubles if self._keeper else 0
-        self._watch_cancel = self.store.watch_prefix(self.keys.all, revision, self._on_events, self._on_watch_error,
-                                                     until=self.keys.watched_end)
+        interest = self.view.interest
+        ranges = ([(self.keys.all, self.keys.watched_end)] if interest is None
+                  else [(self.keys.all, self.keys.shards)] + interest.ranges(self.keys))
+        cancels = []
+        try:
+            for start, end in ranges:
+                cancels.append(self.store.watch_prefix(start, revision, self._on_events, self._on_watch_error,
+                                                       until=end))
+        except BaseException:
+            for cancel in cancels:
+                cancel()
+            raise
+
+        def cancel_all() -> None:
+            for cancel in cancels:
+                cancel()
+        self._watch_cancel = cancel_all
 
     NOT_NEWS, NEW_WORK, NEWS = 0, 1, 2  # what a change means to this node (_concerns_us)
 
@@ -5688,7 +6065,7 @@ class Agent:
                 return self.NEWS
             return self.NOT_NEWS if HostState.same_offer(old.value, new.value) else self.NEW_WORK
         if kind == "desired":
-            claim = self.view.entry(self.keys.actual(name))
+            _, claim = self.view.claim(name)
             if claim is None:
                 return self.NEW_WORK
             return self.NEWS if claim.lease == lease else self.NOT_NEWS
@@ -5938,6 +6315,9 @@ class Agent:
         fenced = fence is not None or self.executor.ceph_refused
         self._ride_ok = not fenced
         self._apply_cluster_config()
+        if self._interest_stale(snap):
+            self._need_relist = True  # the next reconcile lists again, with the right shards
+            self.wake()
         cannot = self.executor.cannot(snap)
         rec = snap.nodes.get(self.node)
         held = self._held(snap)
@@ -6074,7 +6454,8 @@ class Agent:
         for vm, move in sorted(snap.moves.items()):
             claim = snap.actual.get(vm)
             done = claim is not None and claim.host == self.node and move.from_node != self.node
-            gone = vm not in snap.desired and snap.hosts and min(snap.hosts) == self.node
+            gone = (vm not in snap.desired and first_in_cell(snap) == self.node
+                    and (snap.interest is None or snap.interest.keeps(vm)))
             if not (done or gone):
                 continue
             key = self.keys.move(vm)
@@ -6205,11 +6586,17 @@ class Agent:
     def _host_state(self, fenced: bool = False, lease: Optional[int] = None) -> HostState:
         """This node's host record now: what it offers and what the claims
         on its lease (``lease``, default: the keeper's) reserve."""
-        cpu, ram, vms = self.view.usage(self.node, self.lease_id if lease is None else lease)
+        lease = self.lease_id if lease is None else lease
+        cpu, ram, vms = self.view.usage(self.node, lease)
         cannot = tuple(sorted(self.executor.gave_up_reasons().items()))
         state = ("fenced" if fenced else "recovering" if time.monotonic() < self._quiet_until
                  else "degraded" if self._libvirt_down else "ready")
-        return HostState(self.capacity.vcpus, self.capacity.ram_mb, cpu, ram, vms, state, self.cfg.address, cannot)
+        cell, foreign = 0, (0, 0, 0)
+        if self.view.interest is not None:
+            cell, foreign = self.view.interest.cell, self.view.foreign_use(self.node, lease)
+            cpu, ram, vms = cpu + foreign[0], ram + foreign[1], vms + foreign[2]
+        return HostState(self.capacity.vcpus, self.capacity.ram_mb, cpu, ram, vms, state, self.cfg.address, cannot,
+                         cell=cell, foreign=foreign)
 
     def _host_ride(self) -> list[tuple[str, bytes, int]]:
         """Our host record as (key, value, lease) if its content changed

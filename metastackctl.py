@@ -170,13 +170,8 @@ class Context:
 
     def listing(self, kind: str) -> dict[str, ms.Entry]:
         """name -> entry for every key of one kind (desired, actual, ...)."""
-        _, entries = self.call(self.store.list_prefix, self.keys.dir(kind))
-        out = {}
-        for key, entry in entries.items():
-            split = self.keys.split(key)
-            if split is not None and split[0] == kind:
-                out[split[1]] = entry
-        return out
+        _, entries = self.call(self.store.list_kind, kind)
+        return entries
 
 
 def name_arg(what: str) -> Callable[[click.Context, click.Parameter, Optional[str]], Optional[str]]:
@@ -356,7 +351,7 @@ def edit_desired(store: ms.Store, name: Any, change: Callable[[dict[str, Any]], 
 
 def _live_claim(store: ms.Store, name: str) -> Optional[ms.ActualVM]:
     """VM ``name``'s claim when it is trusted (on its host's live lease)."""
-    entry = store.get(store.keys.actual(name))
+    entry = store.get_claim(name)
     if entry is None:
         return None
     claim = ms.ActualVM.parse(entry.value)
@@ -810,7 +805,7 @@ def destroy(c: Context, name: str, yes: bool, wait: bool, timeout: float) -> Non
     click.echo(f"destroying {name}", err=True)
     if wait:
         end = time.monotonic() + timeout
-        while c.call(c.store.get, c.keys.actual(name)) is not None:
+        while c.call(c.store.get_claim, name) is not None:
             if time.monotonic() >= end:
                 raise TimedOut(f"{name} is not removed after {timeout:.0f}s")
             time.sleep(0.25)
@@ -884,7 +879,7 @@ def show(c: Context, name: str, output: str) -> None:
     desired entry also as a nested object (spec), null for what is not
     known."""
     desired = c.call(c.store.get, c.keys.desired(name))
-    actual = c.call(c.store.get, c.keys.actual(name))
+    actual = c.call(c.store.get_claim, name)
     if desired is None and actual is None:
         raise click.ClickException(f"no VM named {name!r}")
     parts = {kind: c.listing(kind) for kind in SNAPSHOT_KINDS if kind != "desired"}  # every claim: the hosts' use

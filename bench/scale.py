@@ -151,17 +151,18 @@ class Fleet:
     is stopped by its Popen handle."""
 
     def __init__(self, workdir: Path, etcd: EtcdServer, prefix: str, nodes: list[NodeSpec], per_process: int,
-                 watch: str = "auto", ttl: int = TTL, resync: float = 0.0) -> None:
+                 watch: str = "auto", ttl: int = TTL, resync: float = 0.0, cells: int = 1) -> None:
         self.dir = workdir
+        self.cells = cells
         self.watch = watch
         self.ttl = ttl
         self.resync = resync
         self.nodes = nodes
         self.per_process = per_process
         self.procs: list[tuple[subprocess.Popen, int, Path]] = []  # (process, agents in it, log)
-        self.inis = [self._ini(etcd, prefix, n) for n in nodes]
+        self.inis = [self._ini(etcd, prefix, n, i % cells) for i, n in enumerate(nodes)]
 
-    def _ini(self, etcd: EtcdServer, prefix: str, n: NodeSpec) -> Path:
+    def _ini(self, etcd: EtcdServer, prefix: str, n: NodeSpec, cell: int = 0) -> Path:
         uri = f"test://{node_xml(self.dir / f'{n.name}.xml', n.vcpus, n.ram_mb)}"
         path = self.dir / f"{n.name}.ini"
         path.write_text(textwrap.dedent(f"""\
@@ -175,6 +176,7 @@ class Fleet:
             state_dir = {self.dir}/state-{n.name}
             vcpus = {n.vcpus}
             ram_mb = {n.ram_mb}
+            {f"cell = {cell}" if self.cells > 1 else ""}
             [libvirt]
             uri = {uri}
             domain_type = test
@@ -268,7 +270,8 @@ class Fleet:
 def kind_of(keys: ms.Keys, key: str) -> str:
     if key.startswith(keys.dir("events")):
         return "history"
-    first = key[len(keys.all):].split("/", 1)[0] if key.startswith(keys.all) else ""
+    split = keys.split(key)
+    first = split[0] if split is not None else ""
     return {"actual": "claim+state", "hosts": "hosts", "desired": "desired"}.get(first, "other")
 
 
@@ -298,7 +301,6 @@ class Recorder:
 
     def _on(self, _rev: int, events: list[ms.KeyEvent]) -> None:
         now = time.perf_counter()
-        actual = self.keys.dir("actual")
         with self.lock:
             for ev in events:
                 seen = self.revs.setdefault(ev.mod_revision, (now, set()))
@@ -307,8 +309,9 @@ class Recorder:
                     self.kv.pop(ev.key, None)
                     continue
                 self.kv[ev.key] = ev.value
-                if ev.key.startswith(actual):
-                    vm = ev.key[len(actual):]
+                split = self.keys.split(ev.key)
+                if split is not None and split[0] == "actual":
+                    vm = split[1]
                     self.claimed.setdefault(vm, now)
                     if vm not in self.running and json.loads(ev.value).get("state") == "running":
                         self.running[vm] = now
@@ -333,9 +336,9 @@ class Recorder:
         return {k: out.get(k, 0) for k in ("total", "agents", "desired", "claim+state", "hosts", "history", "other")}
 
     def values(self, kind: str) -> dict[str, dict]:
-        d = self.keys.dir(kind)
         with self.lock:
-            return {k[len(d):]: json.loads(v) for k, v in self.kv.items() if k.startswith(d)}
+            return {split[1]: json.loads(v) for k, v in self.kv.items()
+                    if (split := self.keys.split(k)) is not None and split[0] == kind}
 
 
 class PendingSampler(threading.Thread):
@@ -464,11 +467,14 @@ def run_agents(etcd: EtcdServer, work: Path, tag: str, n_nodes: int, args: argpa
     casedir = work / tag
     casedir.mkdir()
     store = ms.Store(ms.EtcdConfig(endpoints=ms.parse_endpoints(etcd.endpoint), prefix=prefix, timeout=5.0))
-    fleet = Fleet(casedir, etcd, prefix, nodes, args.per_process, args.watch, args.ttl, args.resync)
+    cells = max(1, n_nodes // args.cell_size) if args.cell_size else 1
+    fleet = Fleet(casedir, etcd, prefix, nodes, args.per_process, args.watch, args.ttl, args.resync, cells)
     result: dict[str, Any] = {"nodes": n_nodes, "mode": mode, "vms": len(vms), "per_process": args.per_process,
-                              "mixed": args.mixed, "fill_vcpus": round(fill(nodes, vms), 3)}
+                              "mixed": args.mixed, "fill_vcpus": round(fill(nodes, vms), 3), "cells": cells}
     try:
         make_flavours(store)
+        if cells > 1:  # the cluster config an operator writes; each agent's ini names its cell (round robin)
+            store.put(store.keys.config, json.dumps({"cells": cells}).encode())
         t_boot = time.perf_counter()
         fleet.start()
 
@@ -689,6 +695,9 @@ def main() -> int:
                     help="the agents' lease_ttl in seconds (default %(default)s; more for many agents per core)")
     ap.add_argument("--resync", type=float, default=0.0, metavar="SECONDS",
                     help="the agents' resync_interval (default: the agent's own default)")
+    ap.add_argument("--cell-size", type=int, default=0, metavar="K",
+                    help="about K nodes per cell: the cluster config gets cells = nodes // K and each agent's ini "
+                         "a cell, round robin (default 0: no cells)")
     ap.add_argument("--json", metavar="FILE")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs) and print its path")
     args = ap.parse_args()
@@ -711,7 +720,8 @@ def main() -> int:
                     r["central"] = run_central(etcd, tag, n, args, mode)
                 results.append(r)
         kind = "mixed nodes/flavours" if args.mixed else f"equal nodes {EQUAL_NODE[0]} vcpus/{EQUAL_NODE[1]} MiB, small VMs"
-        print(f"\n{args.vms_per_node} VMs/node, {kind}, {args.per_process} agent(s)/process, watch {args.watch}, lease TTL {args.ttl}s, resync {args.resync or 'default'}, stream rate "
+        print(f"\n{args.vms_per_node} VMs/node, {kind}, cells of about {args.cell_size or 'all'} nodes, "
+              f"{args.per_process} agent(s)/process, watch {args.watch}, lease TTL {args.ttl}s, resync {args.resync or 'default'}, stream rate "
               f"{args.rate:g}/s, idle {args.idle:g}s; raw etcd txn/s: {raw['sequential']:.0f} seq, "
               f"{raw['threads_8']:.0f} with 8 threads")
         print_table(results)
