@@ -230,8 +230,8 @@ class Cluster:
         self.store.delete(self.keys.desired(vm))
 
     def _kind(self, kind: str) -> dict[str, dict]:
-        _, entries = self.store.list_prefix(self.keys.dir(kind))
-        return {k.rsplit("/", 1)[1]: json.loads(e.value) for k, e in entries.items()}
+        _, entries = self.store.list_kind(kind)
+        return {name: json.loads(e.value) for name, e in entries.items()}
 
     def actual(self) -> dict[str, dict]:
         return self._kind("actual")
@@ -240,9 +240,9 @@ class Cluster:
         """node -> its host record, with the use its trusted claims reserve
         (vcpus_used, ram_mb_used, vms), as metastackctl hosts shows it."""
         _, hosts = self.store.list_prefix(self.keys.dir("hosts"))
-        _, actual = self.store.list_prefix(self.keys.dir("actual"))
+        _, actual = self.store.list_kind("actual")
         hosts = {k.rsplit("/", 1)[1]: e for k, e in hosts.items()}
-        use = ms.claims_use(hosts, {k.rsplit("/", 1)[1]: e for k, e in actual.items()})
+        use = ms.claims_use(hosts, actual)
         return {name: {**json.loads(e.value), **dict(zip(("vcpus_used", "ram_mb_used", "vms"),
                                                          use.get(name, (0, 0, 0))))}
                 for name, e in hosts.items()}
@@ -268,8 +268,8 @@ class RunningWatch:
     def __init__(self, store: ms.Store) -> None:
         self.at: dict[str, float] = {}
         self.cond = threading.Condition()
-        rev, _ = store.list_prefix(store.keys.dir("actual"))
-        self.cancel = store.watch_prefix(store.keys.dir("actual"), rev + 1, self._on, lambda e: None)
+        rev, _ = store.list_prefix(store.keys.shards)
+        self.cancel = store.watch_prefix(store.keys.shards, rev + 1, self._on, lambda e: None)
 
     def _on(self, _rev: int, events: list[ms.KeyEvent]) -> None:
         now = time.perf_counter()

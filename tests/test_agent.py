@@ -30,9 +30,9 @@ class ClaimRecorder:
     def __init__(self, cluster: Cluster) -> None:
         self.owners: dict[str, list[str]] = {}
         self.deleted: Counter[str] = Counter()
-        rev, entries = cluster.store.list_prefix(cluster.keys.dir("actual"))
+        rev, entries = cluster.store.list_prefix(cluster.keys.shards)
         self._present = {k.rsplit("/", 1)[1] for k in entries}
-        self._cancel = cluster.store.watch_prefix(cluster.keys.dir("actual"), rev + 1, self._on, lambda e: None)
+        self._cancel = cluster.store.watch_prefix(cluster.keys.shards, rev + 1, self._on, lambda e: None)
 
     def _on(self, _rev: int, events: list[ms.KeyEvent]) -> None:
         for ev in events:

@@ -70,8 +70,8 @@ def test_drain_hands_vms_over_one_at_a_time_and_resumes_after_an_interruption(ct
             elif json.loads(ev.value)["host"] == "node2":
                 in_flight.discard(vm)
             most[0] = max(most[0], len(in_flight))
-    rev, _ = cluster.store.list_prefix(cluster.keys.dir("actual"))
-    cancel = cluster.store.watch_prefix(cluster.keys.dir("actual"), rev + 1, on_events, lambda exc: None)
+    rev, _ = cluster.store.list_prefix(cluster.keys.shards)
+    cancel = cluster.store.watch_prefix(cluster.keys.shards, rev + 1, on_events, lambda exc: None)
     # interrupted: nowhere to go yet, the first run gives up waiting (exit 4); nothing was stopped for nothing
     r = ctl("host", "drain", "node1", "--deadline", "2")
     assert r.exit_code == 4 and "4 to hand over" in r.output and "not handed over yet" in r.output, r.output

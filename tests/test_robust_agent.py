@@ -13,7 +13,7 @@ from harness import AgentProc, Cluster, wait_for
 def claims(cluster: Cluster) -> dict[str, dict]:
     """vm -> actual record, skipping values that are not JSON objects (the
     test itself plants one)."""
-    _, entries = cluster.store.list_prefix(cluster.keys.dir("actual"))
+    _, entries = cluster.store.list_prefix(cluster.keys.shards)
     out = {}
     for key, entry in entries.items():
         try:
