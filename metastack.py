@@ -1082,7 +1082,8 @@ class HostState:
         cell = obj.get("cell", 0)
         if isinstance(cell, bool) or not isinstance(cell, int) or not 0 <= cell < Keys.SHARDS:
             raise SpecError(f"host entry: 'cell' must be a whole number from 0 to {Keys.SHARDS - 1}, got {_show(cell)}")
-        foreign = obj.get("foreign") or {}
+        foreign = obj.get("foreign")
+        foreign = {} if foreign is None else foreign
         if not isinstance(foreign, dict):
             raise SpecError("host entry: 'foreign' must be an object")
         held = []
@@ -2616,6 +2617,15 @@ class ClusterView:
     def entry(self, key: str) -> Optional[Entry]:
         with self._lock:
             return self._entries.get(key)
+
+    def parsed_claim(self, vm: str) -> tuple[str, Optional[Entry], Optional["ActualVM"]]:
+        """``claim(vm)`` and its parsed value (parsed once per revision, shared: do not change it)."""
+        with self._lock:
+            found = self._claim_of(vm)
+            if found is None:
+                return self.keys.actual(vm), None, None
+            value = self._cached(found[0], found[1])[1]
+        return found[0], found[1], value if isinstance(value, ActualVM) else ActualVM.parse(found[1].value)
 
     def claim(self, vm: str) -> tuple[str, Optional[Entry]]:
         """(key, entry) of ``vm``'s claim as held: in its shard, else in the
@@ -4796,6 +4806,20 @@ class Executor:
             self._confirm_headroom([p.act.vm for p in pending])
         except LeaseUnconfirmed as exc:
             return out + [(p.act, str(exc)) for p in pending]
+        if len(pending) == 1:  # one start: on this thread, as a pool of one would have it
+            p = pending[0]
+            self._beat()
+            try:
+                started: Any = self.hv.ensure_running(p.spec)
+            except Exception as exc:  # noqa: BLE001 - handed to _guarded below, as fut.result() would raise it
+                started = exc
+
+            def result(p: PendingStart = p, started: Any = started) -> str:
+                if isinstance(started, Exception):
+                    raise started
+                return self._started(p, started)
+            self._beat()
+            return out + [(p.act, self._guarded(p.act, snap, domains, result))]
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(self.START_PARALLEL, len(pending)),
                                                    thread_name_prefix="start") as pool:
             futures = {pool.submit(self.hv.ensure_running, p.spec): p for p in pending}
@@ -4940,10 +4964,9 @@ class Executor:
 
     def _own_claim(self, vm: str) -> Optional[ActualVM]:
         """Our claim of ``vm``: naming this node and on our current lease."""
-        _, entry = self.view.claim(vm)
-        if entry is None or entry.lease != self._lease():
+        _, entry, claim = self.view.parsed_claim(vm)
+        if entry is None or claim is None or entry.lease != self._lease():
             return None
-        claim = ActualVM.parse(entry.value)
         return claim if claim.host == self.node else None
 
     def _create_claim(self, vm: str, value: ActualVM, snap: Optional[Snapshot] = None,
@@ -5027,10 +5050,9 @@ class Executor:
         meanwhile, nothing is written. ``history`` (event, detail) is
         recorded in the same transaction, or on its own if nothing else is
         written."""
-        key, entry = self.view.claim(vm)
-        if entry is None:
+        key, entry, current = self.view.parsed_claim(vm)
+        if entry is None or current is None:
             return False
-        current = ActualVM.parse(entry.value)
         if current.host != self.node or entry.lease != self._lease():
             return False
         new = self._value(state, reason, vcpus, ram_mb, disk or current.disk, current.generation, current.uuid)

@@ -144,6 +144,39 @@ def test_failover_fences_the_old_writer_and_reuses_the_disk(real_cluster: Cluste
     assert n2.alive()
 
 
+def test_cells_boot_a_guest_in_its_cell_and_another_cell_takes_it_over_when_its_cell_dies(
+        real_cluster: Cluster, guest: Path) -> None:
+    """Two cells, one node each: the guest boots from its RBD clone on the
+    node of its shard's cell, not on the other one; when that node's agent
+    dies, its cell has no live node, the other cell adopts the shard,
+    fences the old writer and boots the same disk."""
+    c = real_cluster
+    c.flavour("tiny", 1, 128)
+    import_tiny(c, guest)
+    c.store.put(c.keys.config, json.dumps({"cells": 2}).encode())
+    cmap = ms.CellMap(2, frozenset({0, 1}))
+    vm = next(f"cell{i}" for i in range(100) if cmap.home(ms.Keys.shard(f"cell{i}")) == 0)
+    for name, cell in (("node1", 0), ("node2", 1)):
+        proc = c.agent(name, vcpus=2, ram_mb=1024, start=False)
+        proc.config.write_text(proc.config.read_text().replace("[libvirt]", f"cell = {cell}\n[libvirt]", 1))
+        proc.start()
+    c.wait_hosts("node1", "node2")
+    assert ctl(c, "create", vm, "--flavour", "tiny", "--image", "tiny").exit_code == 0
+    wait_boot(c, vm, 1)
+    assert c.states()[vm] == ("running", "node1")
+    disk = c.actual()[vm]["disk"]
+    n1 = c.agents[0]
+    n1.signal(signal.SIGKILL)
+    n1.wait()
+    wait_for(lambda: c.states().get(vm) == ("running", "node2"), c.ttl + 30, what=f"{vm} on node2")
+    assert c.actual()[vm]["disk"] == disk and "fenced the disk's former writer" in c.actual()[vm]["reason"]
+    wait_boot(c, vm, 2)
+    assert json.loads(c.store.get(c.keys.fence("node1")).value)["by"] == "node2"
+    n1.start()  # comes back in its cell: removes its stale copy; the guest stays on node2
+    wait_for(lambda: f"{vm}.node1" not in virsh("list", "--all", "--name"), 30, what="stale copy removed")
+    assert c.states()[vm] == ("running", "node2")
+
+
 def test_crashed_guest_is_reported_and_restarted(real_cluster: Cluster, guest: Path) -> None:
     c = real_cluster
     setup(c, guest, "node1")

@@ -1,0 +1,231 @@
+"""Cells over sharded claims: the key layout, the cell map, what an agent's
+view keeps, and agents in two cells on a real etcd (libvirt test:/// hosts)."""
+from __future__ import annotations
+
+import json
+import zlib
+
+import pytest
+
+import metastack as ms
+from harness import Cluster, wait_for
+
+KEYS = ms.Keys("/ms")
+
+
+def vm_in(cells: int, cell: int, start: int = 0, prefix: str = "v") -> str:
+    """A VM name whose shard's home cell is ``cell`` (of ``cells``)."""
+    return next(f"{prefix}{i}" for i in range(start, 10000)
+                if ms.CellMap(cells, frozenset(range(cells))).home(ms.Keys.shard(f"{prefix}{i}")) == cell)
+
+
+# -- the key layout --------------------------------------------------------------
+
+def test_a_claim_lives_in_the_shard_of_its_name_and_the_old_folder_still_reads() -> None:
+    shard = zlib.crc32(b"web1") % 64  # documented: tools may compute it
+    assert ms.Keys.shard("web1") == shard
+    assert KEYS.actual("web1") == f"/ms/shards/{shard:02x}/actual/web1"
+    assert KEYS.split(KEYS.actual("web1")) == ("actual", "web1")
+    assert KEYS.split("/ms/actual/web1") == ("actual", "web1")  # the layout of before
+    wrong = (shard + 1) % 64
+    for key in (f"/ms/shards/{wrong:02x}/actual/web1", f"/ms/shards/{shard:02x}/desired/web1",
+                f"/ms/shards/{shard:02x}/actual/", f"/ms/shards/{shard:02x}/actual/a/b", f"/ms/shards/{shard}x/actual/web1"):
+        assert KEYS.split(key) is None, key
+
+
+def test_every_kind_an_agent_watches_sorts_before_the_shards() -> None:
+    """An agent in a cell watches [all, shards) and its shards: a kind that
+    sorted after "shards" would be missed."""
+    for kind in ms.Keys.KINDS:
+        if kind not in ms.Keys.SIDE_KINDS:
+            assert KEYS.dir(kind) < KEYS.shards, kind
+    assert KEYS.config < KEYS.shards and KEYS.group_guard("g", "n1") < KEYS.shards
+    assert KEYS.shards < KEYS.watched_end  # with one cell the single range holds the shards too
+    start, end = KEYS.shard_range(0, 64)
+    assert start.startswith(KEYS.shards) and all(start <= KEYS.actual(f"v{i}") < end for i in range(200))
+
+
+# -- the cell map --------------------------------------------------------------------
+
+def test_each_cell_serves_a_contiguous_range_and_a_cell_without_nodes_is_adopted() -> None:
+    full = ms.CellMap(4, frozenset(range(4)))
+    ranges = [sorted(full.shards_of(c)) for c in range(4)]
+    assert [len(r) for r in ranges] == [16, 16, 16, 16]
+    assert all(r == list(range(r[0], r[-1] + 1)) for r in ranges)
+    assert sorted(s for r in ranges for s in r) == list(range(64))
+    gap = ms.CellMap(4, frozenset({0, 1, 3}))  # cell 2 has no live node: cell 3 serves its shards too
+    assert gap.shards_of(3) == full.shards_of(2) | full.shards_of(3)
+    assert gap.shards_of(2) == frozenset()
+    wrap = ms.CellMap(4, frozenset({1}))
+    assert wrap.shards_of(1) == frozenset(range(64))
+    assert ms.CellMap(4, frozenset()).serving(0) is None
+
+
+def test_a_node_cell_comes_from_its_ini_or_a_hash_of_its_name() -> None:
+    assert ms.node_cell("n1", 1, 5) == 0
+    assert ms.node_cell("n1", 4, 5) == 1
+    assert ms.node_cell("n1", 4, None) == ms.node_cell("n1", 4, None) < 4
+    assert len({ms.node_cell(f"n{i}", 4, None) for i in range(40)}) == 4
+
+
+def test_hostile_cell_values_are_refused_with_their_reason() -> None:
+    for bad in (0, -1, 65, True, "2", 1.5):
+        with pytest.raises(ms.SpecError, match="'cells'"):
+            ms.ClusterConfig.parse(json.dumps({"cells": bad}).encode())
+    assert ms.ClusterConfig.parse(b'{"cells": 8}').cells == 8
+    for bad in ({"cell": -1}, {"cell": 64}, {"cell": "1"}, {"cell": False}, {"foreign": []},
+                {"foreign": {"vcpus": -2}}, {"foreign": {"vms": "x"}}):
+        with pytest.raises(ms.SpecError):
+            ms.HostState.parse(json.dumps({"vcpus": 4, "ram_mb": 1024, **bad}).encode())
+    host = ms.HostState(4, 1024, cell=3, foreign=(2, 512, 1))
+    again = ms.HostState.parse(host.encode())
+    assert (again.cell, again.foreign) == (3, (2, 512, 1))
+    assert b"cell" not in ms.HostState(4, 1024).encode()  # with no cells the record is as before
+
+
+# -- what a view keeps ----------------------------------------------------------------
+
+def _entry(value: dict, lease: int = 0, rev: int = 5) -> ms.Entry:
+    return ms.Entry(json.dumps(value).encode(), rev, lease, rev)
+
+
+def _cell_view(interest: ms.Interest, entries: dict[str, ms.Entry], node: str = "a1") -> ms.ClusterView:
+    view = ms.ClusterView(KEYS)
+    view.interest, view.node = interest, node
+    view.load(10, entries)
+    return view
+
+
+def test_a_view_in_a_cell_keeps_its_cells_vms_and_its_own_and_counts_only_its_cells_claims() -> None:
+    """Cell 0 of 2 (nodes a1, a2) and cell 1 (b1): a1's view keeps the VMs of
+    cell 0's shards and a1's own VM of cell 1, no other VM of cell 1; a2's
+    claims count for placement in the cell, a1's claim outside it only
+    through the "foreign" use its host record states."""
+    cmap = ms.CellMap(2, frozenset({0, 1}))
+    mine0, other0, theirs1, mine1 = vm_in(2, 0), vm_in(2, 0, 500), vm_in(2, 1), vm_in(2, 1, 500)
+    interest = ms.Interest(0, cmap.shards_of(0), frozenset({mine1}))
+    hosts = {"a1": ms.HostState(8, 16384, cell=0, foreign=(1, 1024, 1)), "a2": ms.HostState(8, 16384, cell=0),
+             "b1": ms.HostState(8, 16384, cell=1)}
+    entries = {KEYS.host(n): ms.Entry(h.encode(), 3, i + 1, 3) for i, (n, h) in enumerate(hosts.items())}
+    entries[KEYS.flavour("small")] = _entry({"vcpus": 1, "ram_mb": 1024})
+    for vm in (mine0, other0, theirs1, mine1):
+        entries[KEYS.desired(vm)] = _entry({"flavour": "small"})
+    entries[KEYS.actual(other0)] = _entry({"host": "a2", "state": "running", "vcpus": 1, "ram_mb": 1024}, lease=2)
+    entries[KEYS.actual(theirs1)] = _entry({"host": "b1", "state": "running", "vcpus": 1, "ram_mb": 1024}, lease=3)
+    entries[KEYS.actual(mine1)] = _entry({"host": "a1", "state": "running", "vcpus": 1, "ram_mb": 1024}, lease=1)
+    view = _cell_view(interest, entries)
+    snap = view.snapshot()
+    assert set(snap.desired) == {mine0, other0, mine1}
+    assert set(snap.actual) == {other0, mine1}
+    assert view.unclaimed() == {mine0}
+    assert view.usage("a2", 2) == (1, 1024, 1) and view.usage("a1", 1) == (0, 0, 0)  # mine1: outside the cell
+    assert view.foreign_use("a1", 1) == (1, 1024, 1)
+    assert (snap.hosts["a1"].vcpus_used, snap.hosts["a1"].vms) == (1, 1)  # through its record's "foreign"
+    placement = ms.Placement(snap)
+    assert set(placement.bins) == {"a1", "a2"}  # b1 is another cell's
+    assert (placement.bins["a1"].cpu, placement.bins["a2"].cpu) == (1, 1)
+    assert placement.assign() == {mine0: ms.Placement(snap).assign()[mine0]}
+    light, use = view.light()
+    assert use["a1"] == (1, 1024) and use["a2"] == (1, 1024)
+    recent = view.recent_claims(light.desired, light.hosts)
+    assert ms.Placement(light, use=use, recent=recent).assign() == placement.assign()
+
+
+def test_a_view_notes_a_vm_of_another_cell_pinned_to_its_node() -> None:
+    cmap = ms.CellMap(2, frozenset({0, 1}))
+    view = _cell_view(ms.Interest(0, cmap.shards_of(0), frozenset()), {})
+    away, pinned = vm_in(2, 1), vm_in(2, 1, 500)
+    changed = view.changes(20, [ms.KeyEvent(KEYS.desired(away), b'{"flavour": "small", "host": "b1"}', 20, 0, 20),
+                                ms.KeyEvent(KEYS.desired(pinned), b'{"flavour": "small", "host": "a1"}', 21, 0, 21)])
+    assert changed == [] and view.missed == {pinned}
+
+
+def test_a_claim_in_its_shard_wins_over_one_in_the_old_folder_and_counts_once() -> None:
+    view = ms.ClusterView(KEYS)
+    host = ms.HostState(8, 16384)
+    claim = {"host": "n1", "state": "running", "vcpus": 2, "ram_mb": 1024}
+    view.load(10, {KEYS.host("n1"): ms.Entry(host.encode(), 3, 7, 3), KEYS.desired("w"): _entry({"flavour": "s"}),
+                   KEYS.legacy_actual("w"): _entry({**claim, "state": "stopped"}, lease=7)})
+    assert view.snapshot().actual["w"].state == "stopped" and view.usage("n1", 7) == (2, 1024, 1)
+    view.note(KEYS.actual("w"), json.dumps(claim).encode(), 11, 7)
+    assert view.snapshot().actual["w"].state == "running" and view.usage("n1", 7) == (2, 1024, 1)
+    assert view.claim("w")[0] == KEYS.actual("w")
+    view.note(KEYS.actual("w"), None, 12)
+    assert view.snapshot().actual["w"].state == "stopped" and view.usage("n1", 7) == (2, 1024, 1)
+    view.note(KEYS.legacy_actual("w"), None, 13)
+    assert "w" not in view.snapshot().actual and view.usage("n1", 7) == (0, 0, 0)
+    assert view.unclaimed() == {"w"}
+
+
+# -- agents in two cells on a real etcd ---------------------------------------------
+
+def _agent_in_cell(cluster: Cluster, name: str, cell: int) -> None:
+    """An agent process whose ini names its cell ([node] cell)."""
+    proc = cluster.agent(name, start=False)
+    proc.config.write_text(proc.config.read_text().replace("[libvirt]", f"cell = {cell}\n[libvirt]", 1))
+    proc.start()
+
+
+def _cells(cluster: Cluster, cells: int) -> None:
+    cluster.store.put(cluster.keys.config, json.dumps({"cells": cells}).encode())
+
+
+def test_agents_place_each_vm_in_its_cell_and_a_pin_crosses_cells(cluster: Cluster) -> None:
+    """Two cells of two nodes: every VM is claimed by a node of the cell
+    its shard belongs to, and runs; a VM pinned to a node of the other
+    cell is claimed by that node, which states it as its foreign use."""
+    cluster.flavour("small", 1, 1024)
+    _cells(cluster, 2)
+    for name, cell in (("a1", 0), ("a2", 0), ("b1", 1), ("b2", 1)):
+        _agent_in_cell(cluster, name, cell)
+    cluster.wait_hosts("a1", "a2", "b1", "b2")
+    vms = [vm_in(2, c, 100 * i) for i in range(3) for c in (0, 1)]
+    for vm in vms:
+        cluster.desire(vm)
+    pinned = vm_in(2, 0, 900, "p")
+    cluster.desire(pinned, host="b2")
+    states = cluster.wait_running(vms + [pinned], 40)
+    for vm in vms:
+        cell = ms.CellMap(2, frozenset({0, 1})).home(ms.Keys.shard(vm))
+        assert states[vm][1][0] == "ab"[cell], (vm, states[vm])
+    assert states[pinned][1] == "b2"
+    wait_for(lambda: cluster.hosts()["b2"].get("foreign", {}).get("vms") == 1, 10, what="b2 states its foreign VM")
+    assert all(h.get("cell", 0) == (0 if n[0] == "a" else 1) for n, h in cluster.hosts().items())
+
+
+def test_a_cell_without_nodes_is_adopted_and_its_vms_stay_put_when_it_returns(cluster: Cluster) -> None:
+    """Cell 1 has no node: cell 0 serves its shards, so its VMs run. When
+    a node of cell 1 comes, new VMs of cell 1 go to it, and the VM cell 0
+    took stays where it runs (its claim untouched, stated as foreign)."""
+    cluster.flavour("small", 1, 1024)
+    _cells(cluster, 2)
+    _agent_in_cell(cluster, "a1", 0)
+    cluster.wait_hosts("a1")
+    early = vm_in(2, 1)
+    cluster.desire(early)
+    assert cluster.wait_running([early], 30)[early] == ("running", "a1")
+    before = cluster.store.get(cluster.keys.actual(early))
+    _agent_in_cell(cluster, "b1", 1)
+    cluster.wait_hosts("b1")
+    wait_for(lambda: cluster.hosts()["a1"].get("foreign", {}).get("vms") == 1, 15, what="a1 states its foreign VM")
+    late = vm_in(2, 1, 500)
+    cluster.desire(late)
+    assert cluster.wait_running([late], 30)[late] == ("running", "b1")
+    after = cluster.store.get(cluster.keys.actual(early))
+    assert after is not None and after.lease == before.lease and json.loads(after.value)["host"] == "a1"
+
+
+def test_a_claim_in_the_old_folder_on_no_live_lease_is_replaced_in_its_shard(cluster: Cluster) -> None:
+    """A claim written where claims lived before shards, naming a node that
+    is not there, holds nobody's VM: an agent claims the VM in its shard
+    and deletes the old key in the same transaction; metastackctl reads
+    claims from both places."""
+    cluster.flavour("small", 1, 1024)
+    cluster.store.put(cluster.keys.legacy_actual("old1"), json.dumps(
+        {"host": "gone", "state": "running", "vcpus": 1, "ram_mb": 1024}).encode())
+    assert cluster.store.get_claim("old1") is not None
+    cluster.desire("old1")
+    cluster.agent("n1")
+    wait_for(lambda: cluster.states().get("old1") == ("running", "n1"), 30, what="old1 runs on n1")
+    wait_for(lambda: cluster.store.get(cluster.keys.legacy_actual("old1")) is None, 10, what="old key gone")
+    assert json.loads(cluster.store.get_claim("old1").value)["host"] == "n1"
