@@ -531,15 +531,19 @@ class Keys:
     watches only that range and receives no history or console write of
     any node (a placement writes two history events)."""
 
-    KINDS = ("desired", "actual", "hosts", "flavours", "images", "console", "fences", "nodes", "moves")
+    KINDS = ("desired", "actual", "hosts", "flavours", "images", "console", "fences", "nodes", "moves", "pins")
+    SHARDED = ("desired", "actual")  # kinds kept per VM in shards: shards/<xx>/<kind>/<vm>
     SIDE_KINDS = ("console", "events")  # under <prefix>/~/
-    # Claims (actual/ records) live in SHARDS shards by a hash of the VM's
-    # name: ``shards/<xx>/actual/<vm>``, xx = two hex digits of SHARD_OF(vm).
-    # A node in a cell (ClusterConfig.cells > 1) lists and watches only its
-    # cell's shards and the rest of the prefix below ``shards/`` (every
-    # other kind sorts before "shards"): a claim or state write reaches the
-    # agents of one cell, not every agent. ``actual/<vm>`` (the layout of
-    # before) is still read: a claim found there counts like one in its shard.
+    # A VM's desired entry and its claim (actual record) live in one of
+    # SHARDS shards by a hash of its name: ``shards/<xx>/desired/<vm>`` and
+    # ``shards/<xx>/actual/<vm>``, xx = two hex digits of shard(vm). A node
+    # in a cell (ClusterConfig.cells > 1) lists and watches only its cell's
+    # shards and the rest of the prefix below ``shards/`` (every other kind
+    # sorts before "shards"): a VM's writes reach the agents of one cell,
+    # not every agent. ``desired/<vm>`` and ``actual/<vm>`` (the layout of
+    # before, and what an operator may write with etcdctl) are still read:
+    # every agent watches them, and an entry there counts like one in its
+    # shard (the shard's wins when both exist).
     SHARDS = 64
 
     def events(self, vm: str) -> str:
@@ -562,7 +566,18 @@ class Keys:
         return f"{self.prefix}/~"
 
     def desired(self, vm: str) -> str:
-        return f"{self.prefix}/desired/{vm}"
+        """``vm``'s desired entry: ``<prefix>/shards/<xx>/desired/<vm>``."""
+        return f"{self._all}shards/{self.shard(vm):02x}/desired/{vm}"
+
+    def legacy_desired(self, vm: str) -> str:
+        """``<prefix>/desired/<vm>``: where desired entries lived before
+        shards, still read (an operator may write one there with etcdctl)."""
+        return f"{self._all}desired/{vm}"
+
+    def pin_hint(self, node: str, vm: str) -> str:
+        """``pins/<node>/<vm>``: VM ``vm`` of another cell is pinned to
+        ``node`` (written by the VM's cell, read by ``node``; see CellMap)."""
+        return f"{self._all}pins/{node}/{vm}"
 
     @classmethod
     def shard(cls, vm: str) -> int:
@@ -629,16 +644,22 @@ class Keys:
         """``/metastack/desired/web1`` -> ("desired", "web1"),
         ``/metastack/~/console/web1`` -> ("console", "web1"),
         ``/metastack/shards/<xx>/actual/web1`` -> ("actual", "web1") when xx
-        is web1's shard, and so does the old ``/metastack/actual/web1``;
-        None if foreign."""
+        is web1's shard, and so does the old ``/metastack/actual/web1``
+        (likewise for desired), ``/metastack/pins/n1/web1`` -> ("pins",
+        "n1/web1"); None if foreign."""
         if not key.startswith(self._all):
             return None
         kind, sep, name = key[len(self._all):].partition("/")
-        if kind == "shards":  # shards/<xx>/actual/<vm>, in the shard of its name
+        if kind == "shards":  # shards/<xx>/<kind>/<vm>, in the shard of its name
             shard, _, rest = name.partition("/")
             kind, sep, name = rest.partition("/")
-            if (kind != "actual" or not sep or not name or "/" in name or len(shard) != 2
+            if (kind not in self.SHARDED or not sep or not name or "/" in name or len(shard) != 2
                     or shard != f"{self.shard(name):02x}"):
+                return None
+            return kind, name
+        if kind == "pins":  # pins/<node>/<vm>
+            node, sep, vm = name.partition("/")
+            if not sep or not node or not vm or "/" in vm:
                 return None
             return kind, name
         if kind == "~":
@@ -1725,22 +1746,38 @@ class Store:
         read. Claims ("actual") come from every shard and from the old
         ``actual/`` folder; a name in both keeps its shard's entry."""
         keys = self.keys
-        if kind != "actual":
+        if kind not in keys.SHARDED:
             revision, entries = self.list_prefix(keys.dir(kind))
             return revision, {split[1]: e for k, e in entries.items() if (split := keys.split(k)) is not None}
         revision, sharded = self.list_prefix(keys.shards)
-        _, legacy = self.list_prefix(keys.dir("actual"))
+        _, legacy = self.list_prefix(keys.dir(kind))
         out: dict[str, Entry] = {}
         for key, entry in [*legacy.items(), *sharded.items()]:
             split = keys.split(key)
-            if split is not None and split[0] == "actual":
+            if split is not None and split[0] == kind:
                 out[split[1]] = entry
         return revision, out
 
+    def find(self, kind: str, vm: str) -> tuple[str, Optional[Entry]]:
+        """(key, entry) of ``vm``'s record of a sharded kind (desired,
+        actual): in its shard, else in the old folder; (its shard's key,
+        None) when there is none."""
+        key = self.keys.actual(vm) if kind == "actual" else self.keys.desired(vm)
+        entry = self.get(key)
+        if entry is None:
+            old = self.keys.legacy_actual(vm) if kind == "actual" else self.keys.legacy_desired(vm)
+            entry = self.get(old)
+            if entry is not None:
+                return old, entry
+        return key, entry
+
     def get_claim(self, vm: str) -> Optional[Entry]:
         """``vm``'s claim: from its shard, else from the old ``actual/`` folder."""
-        entry = self.get(self.keys.actual(vm))
-        return entry if entry is not None else self.get(self.keys.legacy_actual(vm))
+        return self.find("actual", vm)[1]
+
+    def get_desired(self, vm: str) -> Optional[Entry]:
+        """``vm``'s desired entry: from its shard, else from the old ``desired/`` folder."""
+        return self.find("desired", vm)[1]
 
     # -- writes ------------------------------------------------------------
     def _txn(self, what: str, compare: list, success: list, failure: Optional[list] = None) -> tuple[bool, list]:
@@ -2391,7 +2428,14 @@ class ClusterView:
     def _claim_of(self, vm: str) -> Optional[tuple[str, Entry]]:
         """(key, entry) of ``vm``'s claim: in its shard, else in the old
         actual/ folder. Call with the lock held."""
-        for key in (self.keys.actual(vm), self.keys.legacy_actual(vm)):
+        return self._record_of("actual", vm)
+
+    def _record_of(self, kind: str, vm: str) -> Optional[tuple[str, Entry]]:
+        """(key, entry) of ``vm``'s record of a sharded kind: in its shard,
+        else in the old folder. Call with the lock held."""
+        keys = self.keys
+        for key in ((keys.actual(vm), keys.legacy_actual(vm)) if kind == "actual"
+                    else (keys.desired(vm), keys.legacy_desired(vm))):
             entry = self._entries.get(key)
             if entry is not None:
                 return key, entry
@@ -2427,8 +2471,8 @@ class ClusterView:
         kind, name = split
         if kind in self.LIGHT_KINDS and not (kind == "hosts" and self._same_offer(key, entry)):
             self._light_gens[kind] = self._light_gens.get(kind, 0) + 1
-        if kind == "actual":  # a VM's claim: from its shard, else from the old folder
-            found = self._claim_of(name)
+        if kind in self.keys.SHARDED:  # a VM's record: from its shard, else from the old folder
+            found = self._record_of(kind, name)
             key, entry = found if found is not None else (key, None)
         if entry is None:
             self._kinds.get(kind, {}).pop(name, None)
@@ -2627,6 +2671,12 @@ class ClusterView:
             value = self._cached(found[0], found[1])[1]
         return found[0], found[1], value if isinstance(value, ActualVM) else ActualVM.parse(found[1].value)
 
+    def record(self, kind: str, vm: str) -> Optional[Entry]:
+        """``vm``'s record of a sharded kind (desired, actual) as held: its shard's, else the old folder's."""
+        with self._lock:
+            found = self._record_of(kind, vm)
+        return found[1] if found is not None else None
+
     def claim(self, vm: str) -> tuple[str, Optional[Entry]]:
         """(key, entry) of ``vm``'s claim as held: in its shard, else in the
         old actual/ folder; (its shard's key, None) when there is none."""
@@ -2644,8 +2694,9 @@ class ClusterView:
         actual, hosts, ...), as ``list_prefix`` would give them; for
         readers that format records the way metastackctl does."""
         with self._lock:
-            if kind == "actual":
-                return {vm: found[1] for vm in self._claims if (found := self._claim_of(vm)) is not None}
+            if kind in self.keys.SHARDED:
+                names = self._claims if kind == "actual" else self._kinds.get("desired", {})
+                return {vm: found[1] for vm in names if (found := self._record_of(kind, vm)) is not None}
             prefix = self.keys.dir(kind)
             return {key[len(prefix):]: e for key, e in self._entries.items()
                     if key.startswith(prefix) and "/" not in key[len(prefix):]}
@@ -2707,8 +2758,8 @@ class ClusterView:
                 split = self.keys.split(key)
                 if split is None:
                     continue
-                if split[0] == "actual":  # the claim that counts: its shard's, else the old folder's
-                    found = self._claim_of(split[1])
+                if split[0] in self.keys.SHARDED:  # the record that counts: its shard's, else the old folder's
+                    found = self._record_of(split[0], split[1])
                     key, entry = found if found is not None else (key, None)
                 else:
                     entry = self._entries.get(key)
@@ -5128,7 +5179,7 @@ class Executor:
             for disk in orphan_disks(pool, self.storage.vm_disks(pool), snap):
                 self._beat()
                 vm, ident = parse_disk_name(disk) or ("", "")
-                desired = self.store.get(self.keys.desired(vm))
+                desired = self.store.get_desired(vm)
                 if desired is not None:
                     try:
                         spec = dataclasses.replace(DesiredVM.parse(vm, desired.value),
@@ -5949,6 +6000,8 @@ class Agent:
                 with contextlib.suppress(SpecError):
                     if DesiredVM.parse(name, entry.value).host == self.node:
                         extra.add(name)
+            elif kind == "pins" and name.startswith(f"{self.node}/"):
+                extra.add(name.partition("/")[2])
         with contextlib.suppress(HypervisorError):
             extra.update(self.hv.domains())
         shards = CellMap(cells, frozenset(live)).shards_of(cell)
@@ -5967,8 +6020,33 @@ class Agent:
             return (cells > 1) != (interest is not None)
         cell = node_cell(self.node, cells, self.cfg.cell)
         live = frozenset({cell} | {h.cell % cells for n, h in snap.hosts.items() if n != self.node})
-        return (cell != interest.cell or CellMap(cells, live).shards_of(cell) != interest.cell_shards
-                or bool(self.view.missed))
+        if cell != interest.cell or CellMap(cells, live).shards_of(cell) != interest.cell_shards or self.view.missed:
+            return True
+        hinted = self.view.entries_under(f"{self.keys.dir('pins')}{self.node}/")
+        return any(not interest.keeps(key.rsplit("/", 1)[1]) for key in hinted)
+
+    def _tend_pin_hints(self, snap: Snapshot) -> None:
+        """With cells, the first node of a cell keeps ``pins/<node>/<vm>``
+        in step with its cell's VMs pinned to a node outside the cell (that
+        node watches no shard of the cell: the hint makes it watch the VM),
+        and deletes the hints of its cell's VMs no longer pinned so.
+        Best effort, compare-and-swap."""
+        interest = snap.interest
+        if interest is None or first_in_cell(snap) != self.node:
+            return
+        want = {self.keys.pin_hint(spec.host, vm) for vm, spec in snap.desired.items()
+                if isinstance(spec, DesiredVM) and spec.host is not None and interest.in_cell(vm)
+                and not in_cell(snap, spec.host)}
+        have = self.view.entries_under(self.keys.dir("pins"))
+        for key in sorted(want - have.keys()):
+            rev, _ = self.store.create(key, b"{}")
+            if rev is not None:
+                self.view.note(key, b"{}", rev)
+        for key, entry in sorted(have.items()):
+            if key not in want and interest.in_cell(key.rsplit("/", 1)[1]):
+                rev = self.store.delete_if(key, entry.mod_revision)
+                if rev is not None:
+                    self.view.note(key, None, rev)
 
     def _rewatch(self) -> None:
         """Re-create the watch from the last revision seen; re-list if etcd
@@ -6086,6 +6164,8 @@ class Agent:
             if name == self.node or old is None or new is None:
                 return self.NEWS
             return self.NOT_NEWS if HostState.same_offer(old.value, new.value) else self.NEW_WORK
+        if kind == "pins":  # a VM of another cell pinned here: a re-list takes it in
+            return self.NEWS if name.startswith(f"{self.node}/") else self.NOT_NEWS
         if kind == "desired":
             _, claim = self.view.claim(name)
             if claim is None:
@@ -6395,7 +6475,7 @@ class Agent:
         # moves: from a snapshot taken now, with this tick's claims (a move
         # that this tick completed is finished now, not at the next reconcile)
         for chore in (lambda: self._record_lost(snap), lambda: self._finish_moves(self.view.snapshot()),
-                      self._tidy_group_guards):
+                      self._tidy_group_guards, lambda: self._tend_pin_hints(snap)):
             try:  # best effort, for operators: never in the way of publishing the host record
                 chore()
             except Exception:

@@ -251,15 +251,12 @@ def _names(store: ms.Store, kind: str) -> list[str]:
 
 def vms_using(store: ms.Store, field: str, name: str) -> list[str]:
     """VMs whose desired entry names ``name`` as its ``field`` (flavour or image)."""
-    _, entries = store.list_prefix(store.keys.dir("desired"))
+    _, entries = store.list_kind("desired")
     users = []
-    for key, d in sorted(entries.items()):
-        split = store.keys.split(key)
-        if split is None:
-            continue
+    for vm, d in sorted(entries.items()):
         try:
-            if getattr(ms.DesiredVM.parse(split[1], d.value), field) == name:
-                users.append(split[1])
+            if getattr(ms.DesiredVM.parse(vm, d.value), field) == name:
+                users.append(vm)
         except ms.SpecError:
             continue
     return users
@@ -298,7 +295,8 @@ def create_vm(store: ms.Store, name: Any, flavour: Any, host: Any = None, image:
         known = ", ".join(_names(store, "images")) or "none"
         raise AdminError("invalid", f"no image named {image!r} (known: {known})")
     spec = new_desired(name, flavour, host, image, state, group, strict)
-    rev, _ = store.create(store.keys.desired(name), json.dumps(spec.to_json()).encode())
+    rev, _ = store.create(store.keys.desired(name), json.dumps(spec.to_json()).encode(),
+                          absent=[store.keys.legacy_desired(name)])  # nor one written the old way
     if rev is None:
         raise AdminError("conflict", f"a VM named {name!r} already exists")
     return spec
@@ -307,11 +305,13 @@ def create_vm(store: ms.Store, name: Any, flavour: Any, host: Any = None, image:
 def destroy_vm(store: ms.Store, name: Any) -> None:
     """Delete VM ``name``'s desired entry (its owner then powers it off)."""
     check_name(name, "VM")
-    entry = store.get(store.keys.desired(name))
-    if entry is None:
+    found = [(key, entry) for key in (store.keys.desired(name), store.keys.legacy_desired(name))
+             if (entry := store.get(key)) is not None]  # in its shard, and one written the old way
+    if not found:
         raise AdminError("missing", f"no VM named {name!r}")
-    if store.delete_if(store.keys.desired(name), entry.mod_revision) is None:
-        raise AdminError("conflict", f"VM {name!r} changed while destroying it; try again")
+    for key, entry in found:
+        if store.delete_if(key, entry.mod_revision) is None:
+            raise AdminError("conflict", f"VM {name!r} changed while destroying it; try again")
 
 
 def set_vm_state(store: ms.Store, name: Any, state: str) -> bool:
@@ -332,7 +332,7 @@ def edit_desired(store: ms.Store, name: Any, change: Callable[[dict[str, Any]], 
     was nothing to do."""
     check_name(name, "VM")
     for _ in range(5):
-        entry = store.get(store.keys.desired(name))
+        key, entry = store.find("desired", name)
         if entry is None:
             raise AdminError("missing", f"no VM named {name!r}")
         try:
@@ -344,7 +344,7 @@ def edit_desired(store: ms.Store, name: Any, change: Callable[[dict[str, Any]], 
                                          f"fix it with etcdctl or destroy the VM") from None
         if not change(obj):
             return False
-        if store.replace(store.keys.desired(name), json.dumps(obj).encode(), entry.mod_revision):
+        if store.replace(key, json.dumps(obj).encode(), entry.mod_revision):
             return True
     raise AdminError("conflict", f"VM {name!r} keeps changing; try again")
 
@@ -422,7 +422,7 @@ def request_move(store: ms.Store, name: Any, by: str = "") -> ms.MoveRequest:
     ``moves/<vm>`` naming its current owner; that owner hands it over once
     another node has room, and the new owner deletes the request."""
     check_name(name, "VM")
-    entry = store.get(store.keys.desired(name))
+    entry = store.get_desired(name)
     if entry is None:
         raise AdminError("missing", f"no VM named {name!r}")
     claim = _live_claim(store, name)
@@ -796,7 +796,7 @@ def _report(name: str, claim: ms.ActualVM) -> None:
 def destroy(c: Context, name: str, yes: bool, wait: bool, timeout: float) -> None:
     """Destroy VM NAME: its owner powers it off and removes it. --wait:
     until its claim is gone (domain and disk removed)."""
-    entry = c.call(c.store.get, c.keys.desired(name))
+    entry = c.call(c.store.get_desired, name)
     if entry is None:
         raise click.ClickException(f"no VM named {name!r}")
     if not yes:
@@ -878,7 +878,7 @@ def show(c: Context, name: str, output: str) -> None:
     last updated (and, in the table, the age of that update). JSON: the
     desired entry also as a nested object (spec), null for what is not
     known."""
-    desired = c.call(c.store.get, c.keys.desired(name))
+    desired = c.call(c.store.get_desired, name)
     actual = c.call(c.store.get_claim, name)
     if desired is None and actual is None:
         raise click.ClickException(f"no VM named {name!r}")
@@ -1056,7 +1056,7 @@ def move(c: Context, name: str, to: Optional[str], wait: bool, timeout: float) -
     from the same disk). With --to NODE it is pinned to NODE; without, it
     goes to any other node with room (a request in moves/NAME that its
     owner acts on; the new owner deletes it)."""
-    entry = c.call(c.store.get, c.keys.desired(name))
+    entry = c.call(c.store.get_desired, name)
     want = ("running",)
     with contextlib.suppress(ms.SpecError):
         if entry is not None:
@@ -1138,13 +1138,13 @@ def console(c: Context, name: str, follow: bool, max_updates: int) -> None:
     at most every 2 s). --follow: then what it adds."""
     entry = c.call(c.store.get, c.keys.console(name))
     if entry is None and not follow:
-        if c.call(c.store.get, c.keys.desired(name)) is None:
+        if c.call(c.store.get_desired, name) is None:
             raise click.ClickException(f"no VM named {name!r}")
         raise click.ClickException(f"no console output published for {name!r} (is it running?)")
     if not follow:
         click.echo(entry.value.decode("utf-8", errors="replace"), nl=False)
         return
-    if c.call(c.store.get, c.keys.desired(name)) is None and entry is None:
+    if c.call(c.store.get_desired, name) is None and entry is None:
         raise click.ClickException(f"no VM named {name!r}")
     shown = ""
     for _ in c.follow(c.keys.console(name), max_updates):

@@ -371,7 +371,7 @@ class Catalog:
     def vm(self, name: str, hosts: Optional[dict[str, ms.Entry]] = None,
            gave_up: Optional[dict[str, dict[str, str]]] = None) -> Optional[dict[str, Any]]:
         keys = self.view.keys
-        desired, actual = self.view.entry(keys.desired(name)), self.view.claim(name)[1]
+        desired, actual = self.view.record("desired", name), self.view.claim(name)[1]
         if desired is None and actual is None:
             return None
         return ctl.vm_fields(name, desired, actual, hosts if hosts is not None else self.view.entries_of("hosts"),

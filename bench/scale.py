@@ -566,11 +566,13 @@ def run_central(etcd: EtcdServer, tag: str, n_nodes: int, args: argparse.Namespa
         free = {n.name: [n.vcpus, n.ram_mb] for n in nodes}
         cap = {n.name: (n.vcpus, n.ram_mb) for n in nodes}
         todo: queue.Queue = queue.Queue()
-        desired = store.keys.dir("desired")
-        # The placer learns of arrivals through its own watch on desired/,
-        # as a central scheduler would; it reads capacities it was given.
-        cancel = store.watch_prefix(desired, store.list_prefix(desired)[0] + 1,
-                                    lambda _r, evs: [todo.put(e) for e in evs if e.value is not None],
+        keys = store.keys
+        # The placer learns of arrivals through its own watch on the shards
+        # (desired entries), as a central scheduler would; it reads
+        # capacities it was given.
+        cancel = store.watch_prefix(keys.shards, store.list_prefix(keys.shards)[0] + 1,
+                                    lambda _r, evs: [todo.put(e) for e in evs if e.value is not None
+                                                     and (keys.split(e.key) or ("",))[0] == "desired"],
                                     lambda e: todo.put(None))
         unplaced: list[str] = []
 
@@ -579,7 +581,7 @@ def run_central(etcd: EtcdServer, tag: str, n_nodes: int, args: argparse.Namespa
                 ev = todo.get()
                 if ev is None:
                     return
-                vm = ev.key[len(desired):]
+                vm = ev.key.rsplit("/", 1)[1]
                 spec = ms.DesiredVM.parse(vm, ev.value)
                 vcpus, ram = FLAVOURS[spec.flavour]
                 fits = [n for n, (c, r) in free.items() if c >= vcpus and r >= ram]

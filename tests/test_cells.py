@@ -21,15 +21,20 @@ def vm_in(cells: int, cell: int, start: int = 0, prefix: str = "v") -> str:
 
 # -- the key layout --------------------------------------------------------------
 
-def test_a_claim_lives_in_the_shard_of_its_name_and_the_old_folder_still_reads() -> None:
+def test_a_vm_lives_in_the_shard_of_its_name_and_the_old_folders_still_read() -> None:
     shard = zlib.crc32(b"web1") % 64  # documented: tools may compute it
     assert ms.Keys.shard("web1") == shard
     assert KEYS.actual("web1") == f"/ms/shards/{shard:02x}/actual/web1"
+    assert KEYS.desired("web1") == f"/ms/shards/{shard:02x}/desired/web1"
     assert KEYS.split(KEYS.actual("web1")) == ("actual", "web1")
+    assert KEYS.split(KEYS.desired("web1")) == ("desired", "web1")
     assert KEYS.split("/ms/actual/web1") == ("actual", "web1")  # the layout of before
+    assert KEYS.split("/ms/desired/web1") == ("desired", "web1")
+    assert KEYS.split(KEYS.pin_hint("n1", "web1")) == ("pins", "n1/web1")
     wrong = (shard + 1) % 64
-    for key in (f"/ms/shards/{wrong:02x}/actual/web1", f"/ms/shards/{shard:02x}/desired/web1",
-                f"/ms/shards/{shard:02x}/actual/", f"/ms/shards/{shard:02x}/actual/a/b", f"/ms/shards/{shard}x/actual/web1"):
+    for key in (f"/ms/shards/{wrong:02x}/actual/web1", f"/ms/shards/{shard:02x}/hosts/web1",
+                f"/ms/shards/{shard:02x}/actual/", f"/ms/shards/{shard:02x}/actual/a/b",
+                f"/ms/shards/{shard}x/actual/web1", "/ms/pins/n1", "/ms/pins/n1/a/b"):
         assert KEYS.split(key) is None, key
 
 
@@ -166,6 +171,16 @@ def _agent_in_cell(cluster: Cluster, name: str, cell: int) -> None:
     proc.start()
 
 
+def _settled(cluster: Cluster, shards: int) -> None:
+    """Wait until every agent's last listing watched ``shards`` shards (each
+    saw the other cells live: no adoption left from start-up)."""
+    def last(a: object) -> str:
+        lines = [ln for ln in a.log().splitlines() if "shards and" in ln]  # type: ignore[attr-defined]
+        return lines[-1] if lines else ""
+    wait_for(lambda: all(f"watching {shards} of 64 shards" in last(a) for a in cluster.agents), 20,
+             what="every agent watches its own cell's shards")
+
+
 def _cells(cluster: Cluster, cells: int) -> None:
     cluster.store.put(cluster.keys.config, json.dumps({"cells": cells}).encode())
 
@@ -179,6 +194,7 @@ def test_agents_place_each_vm_in_its_cell_and_a_pin_crosses_cells(cluster: Clust
     for name, cell in (("a1", 0), ("a2", 0), ("b1", 1), ("b2", 1)):
         _agent_in_cell(cluster, name, cell)
     cluster.wait_hosts("a1", "a2", "b1", "b2")
+    _settled(cluster, 32)
     vms = [vm_in(2, c, 100 * i) for i in range(3) for c in (0, 1)]
     for vm in vms:
         cluster.desire(vm)
@@ -191,6 +207,15 @@ def test_agents_place_each_vm_in_its_cell_and_a_pin_crosses_cells(cluster: Clust
     assert states[pinned][1] == "b2"
     wait_for(lambda: cluster.hosts()["b2"].get("foreign", {}).get("vms") == 1, 10, what="b2 states its foreign VM")
     assert all(h.get("cell", 0) == (0 if n[0] == "a" else 1) for n, h in cluster.hosts().items())
+    hint = cluster.keys.pin_hint("b2", pinned)
+    assert cluster.store.get(hint) is not None  # cell 0 told b2, which watches no shard of cell 0
+    # written by hand the old way (etcdctl, <prefix>/desired/<vm>): placed by its cell as well
+    by_hand = vm_in(2, 1, 700, "h")
+    cluster.etcd.etcdctl("put", cluster.keys.legacy_desired(by_hand), '{"flavour": "small"}')
+    assert cluster.wait_running([by_hand], 30)[by_hand][1][0] == "b"
+    cluster.undesire(pinned)
+    wait_for(lambda: pinned not in cluster.states(), 20, what=f"{pinned} removed")
+    wait_for(lambda: cluster.store.get(hint) is None, 20, what="the pin hint deleted")
 
 
 def test_a_cell_without_nodes_is_adopted_and_its_vms_stay_put_when_it_returns(cluster: Cluster) -> None:

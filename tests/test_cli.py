@@ -107,12 +107,12 @@ def test_stop_start_keep_unknown_keys(ctl, store, etcd, prefix) -> None:
     etcd.etcdctl("put", f"{prefix}/flavours/small", '{"vcpus": 1, "ram_mb": 512}')
     etcd.etcdctl("put", f"{prefix}/desired/db1", '{"flavour": "small", "team": "blue"}')
     assert ctl("stop", "db1").exit_code == 0
-    assert json.loads(store.get(store.keys.desired("db1")).value) == {
+    assert json.loads(store.get_desired("db1").value) == {
         "flavour": "small", "team": "blue", "state": "stopped"}
     r = ctl("stop", "db1")
     assert r.exit_code == 0 and "already desired stopped" in r.output
     assert ctl("start", "db1").exit_code == 0
-    assert json.loads(store.get(store.keys.desired("db1")).value)["state"] == "running"
+    assert json.loads(store.get_desired("db1").value)["state"] == "running"
     etcd.etcdctl("put", f"{prefix}/desired/broken", "{nope")
     r = ctl("start", "broken")
     assert r.exit_code == 1 and "not a JSON object" in r.output

@@ -223,6 +223,8 @@ class WebEnv:
                        f"{self.prefix}-auth/users/"):
             _, entries = self.store.list_prefix(prefix)
             out.update({k: e.value for k, e in entries.items()})
+        _, sharded = self.store.list_prefix(self.keys.shards)  # desired entries in their shards
+        out.update({k: e.value for k, e in sharded.items() if (self.keys.split(k) or ("",))[0] == "desired"})
         return out
 
     def history(self, vm: str, micros: int, node: str, event: str, detail: str = "") -> None:
