@@ -1445,6 +1445,11 @@ def pending_reason(name: str, snap: "Snapshot") -> str:
             lost = f", lost since {rec.lost_at}" if rec.lost_at else ""
             return f"pinned to {vm.host}, which is not live{lost}"
         live = {vm.host: live[vm.host]}
+    elif snap.cells is not None:  # only the nodes of the cell that serves its shard place it
+        cell = snap.cells.serving(Keys.shard(name))
+        live = {n: h for n, h in live.items() if h.cell % snap.cells.cells == cell}
+        if not live:
+            return f"no live node in cell {cell} (its shard's)"
     members = group_members(snap).get(vm.group or "", {}) if vm.group is not None else {}
     why: dict[str, list[str]] = {}
     small: list[str] = []
@@ -2252,6 +2257,7 @@ class Snapshot:
     nodes: dict[str, NodeRecord] = dataclasses.field(default_factory=dict)
     moves: dict[str, MoveRequest] = dataclasses.field(default_factory=dict)
     interest: Optional["Interest"] = None  # the agent's cell, when its view holds only what its cell needs
+    cells: Optional["CellMap"] = None  # with cells (config "cells" > 1): who serves each shard now
 
 
 def in_cell(snap: Snapshot, node: str) -> bool:
@@ -2778,6 +2784,11 @@ class ClusterView:
         snap.interest = self.interest
         split_trusted(snap)
         self._fill_use(snap, use)
+        conf = self.entry(self.keys.config)
+        if conf is not None:
+            with contextlib.suppress(SpecError):
+                cells = ClusterConfig.parse(conf.value).cells
+                snap.cells = CellMap.of(cells, snap.hosts) if cells > 1 else None
         return snap
 
     def _fill_use(self, snap: Snapshot, use: Mapping[tuple[str, int], tuple[int, int, int]]) -> None:

@@ -140,7 +140,8 @@ class Context:
 
     def snapshot(self) -> ms.Snapshot:
         """The agents' parsed view of the cluster now (live hosts, trusted claims)."""
-        return snapshot_of(self.keys, {kind: self.listing(kind) for kind in SNAPSHOT_KINDS})
+        return snapshot_of(self.keys, {kind: self.listing(kind) for kind in SNAPSHOT_KINDS},
+                           self.call(self.store.get, self.keys.config))
 
     def follow(self, prefix: str, max_updates: int = 0) -> Any:
         """Yield now, then after every change under ``prefix`` (woken by an
@@ -547,12 +548,18 @@ VM_COLUMNS = ("NAME", "FLAVOUR", "DESIRED", "STATE", "HOST", "REASON")
 SNAPSHOT_KINDS = ("desired", "actual", "hosts", "flavours", "images", "nodes", "fences", "moves")
 
 
-def snapshot_of(keys: ms.Keys, parts: Mapping[str, Mapping[str, ms.Entry]]) -> ms.Snapshot:
+def snapshot_of(keys: ms.Keys, parts: Mapping[str, Mapping[str, ms.Entry]],
+                config: Optional[ms.Entry] = None) -> ms.Snapshot:
     """The agents' parsed view (ms.Snapshot: live hosts, trusted claims) of
     listings by kind ({"desired": {name: entry}, ...}, as
-    ``ClusterView.entries_of`` or ``Context.listing`` give them)."""
+    ``ClusterView.entries_of`` or ``Context.listing`` give them), and of
+    the cluster config (``config``: its cells decide which nodes may take
+    a VM)."""
     view = ms.ClusterView(keys)
-    view.load(0, {keys.dir(kind) + name: e for kind, entries in parts.items() for name, e in entries.items()})
+    entries = {keys.dir(kind) + name: e for kind, entries in parts.items() for name, e in entries.items()}
+    if config is not None:
+        entries[keys.config] = config
+    view.load(0, entries)
     return view.snapshot()
 
 
@@ -854,7 +861,7 @@ def list_(c: Context, output: str, watch: bool, max_updates: int) -> None:
     last = None
     for _ in (c.follow(c.keys.all, max_updates) if watch else [None]):
         parts = {kind: c.listing(kind) for kind in SNAPSHOT_KINDS}
-        snap = snapshot_of(c.keys, parts)
+        snap = snapshot_of(c.keys, parts, c.call(c.store.get, c.keys.config))
         desired, actual, hosts_ = parts["desired"], parts["actual"], parts["hosts"]
         rows = [vm_row(n, desired.get(n), actual.get(n), hosts_, snap) for n in sorted(set(desired) | set(actual))]
         if rows == last:
@@ -886,7 +893,8 @@ def show(c: Context, name: str, output: str) -> None:
     parts["desired"] = {name: desired} if desired is not None else {}
     if actual is not None:
         parts["actual"][name] = actual
-    fields = vm_fields(name, desired, actual, parts["hosts"], snap=snapshot_of(c.keys, parts))
+    fields = vm_fields(name, desired, actual, parts["hosts"],
+                       snap=snapshot_of(c.keys, parts, c.call(c.store.get, c.keys.config)))
     if output == "json":
         click.echo(json.dumps(fields, indent=2))
         return

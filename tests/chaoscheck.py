@@ -432,17 +432,20 @@ class Checker(Timeline, threading.Thread):
         if time.monotonic() < self.etcd_retry_at:
             return False, None, None, None, None
         try:
-            kinds = {}
-            for kind in ("desired", "actual", "fences", "hosts"):
-                p = f"{self.prefix}/{kind}/"
-                got = {}
+            kinds: dict[str, dict[str, Any]] = {kind: {} for kind in ("desired", "actual", "fences", "hosts")}
+            # desired and actual records live in shards/<xx>/<kind>/<vm> (and, written the old
+            # way, in <kind>/<vm>; the shard's wins)
+            for p in [f"{self.prefix}/{kind}/" for kind in kinds] + [f"{self.prefix}/shards/"]:
                 for value, meta in self.etcd.get_prefix(p):
-                    k = meta.key.decode()[len(p):]
+                    rest = meta.key.decode()[len(p):].split("/")
+                    kind, name = (rest[1], rest[2]) if p.endswith("/shards/") and len(rest) == 3 \
+                        else (p.rstrip("/").rsplit("/", 1)[1], rest[0])
+                    if kind not in kinds:
+                        continue
                     try:
-                        got[k] = json.loads(value)
+                        kinds[kind][name] = json.loads(value)
                     except ValueError:
-                        got[k] = {"_raw": value.decode(errors="replace")}
-                kinds[kind] = got
+                        kinds[kind][name] = {"_raw": value.decode(errors="replace")}
         except Exception:  # noqa: BLE001 - etcd down or frozen: try again in a second
             self.etcd_retry_at = time.monotonic() + 1.0
             return False, None, None, None, None

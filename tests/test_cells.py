@@ -254,3 +254,21 @@ def test_a_claim_in_the_old_folder_on_no_live_lease_is_replaced_in_its_shard(clu
     wait_for(lambda: cluster.states().get("old1") == ("running", "n1"), 30, what="old1 runs on n1")
     wait_for(lambda: cluster.store.get(cluster.keys.legacy_actual("old1")) is None, 10, what="old key gone")
     assert json.loads(cluster.store.get_claim("old1").value)["host"] == "n1"
+
+
+def test_why_a_vm_waits_names_only_the_nodes_of_its_cell() -> None:
+    """A reader (metastackctl list, the web page) with cells: a VM of cell
+    0 waits for room in cell 0, whatever room cell 1 has."""
+    vm = vm_in(2, 0)
+    entries = {KEYS.config: _entry({"cells": 2}), KEYS.flavour("big"): _entry({"vcpus": 8, "ram_mb": 1024}),
+               KEYS.desired(vm): _entry({"flavour": "big"}),
+               KEYS.host("a1"): ms.Entry(ms.HostState(4, 16384).encode(), 3, 1, 3),
+               KEYS.host("b1"): ms.Entry(ms.HostState(16, 16384, cell=1).encode(), 3, 2, 3)}
+    view = ms.ClusterView(KEYS)
+    view.load(10, entries)
+    snap = view.snapshot()
+    why = ms.pending_reason(vm, snap)
+    assert "too small: a1" in why and "b1" not in why, why
+    del entries[KEYS.host("a1")]  # cell 0 has no live node: cell 1 serves its shards
+    view.load(11, entries)
+    assert "has room" in ms.pending_reason(vm, view.snapshot()) and "b1" in ms.pending_reason(vm, view.snapshot())
