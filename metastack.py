@@ -2360,6 +2360,7 @@ class ClusterView:
         # node -> (revision, monotonic time) its host record vanished.
         self.vanished: dict[str, Vanished] = {}
         self.lapsed: dict[str, tuple[int, float]] = {}
+        self.lapsed_cells: dict[str, int] = {}  # node -> the cell its last host record named
         # The incremental index (see _index): kind -> name -> key; vm -> (host,
         # lease, vcpus, ram_mb) of its claim; (host, lease) -> [vcpus, ram_mb,
         # vms] reserved; desired VMs without any claim.
@@ -2394,6 +2395,8 @@ class ClusterView:
             self.vanished[name] = Vanished(ActualVM.parse(old.value).host, revision, time.monotonic())
         elif kind == "hosts":
             self.lapsed[name] = (revision, time.monotonic())
+            with contextlib.suppress(SpecError):
+                self.lapsed_cells[name] = HostState.parse(old.value).cell
 
     def departures(self, since: float) -> tuple[dict[str, "Vanished"], dict[str, tuple[int, float]]]:
         """Copies of (vanished claims, lapsed hosts) no older than ``since``
@@ -4917,11 +4920,13 @@ class Executor:
             if self.storage is None:
                 raise StorageError(f"VM needs image {vm.image!r} but {self.node} has no [ceph] storage configured")
             name = disk_name(vm.name, vm.identity)
-            if self.storage.ensure_disk(image.pool, name, image):
+            cloned = self.storage.ensure_disk(image.pool, name, image)
+            if cloned:
                 log.info("vm=%s cloned disk %s/%s from %s/%s@%s", vm.name, image.pool, name,
                          image.pool, image.image, image.snapshot)
             if fence:
-                for node in self._former_writers(vm.name, self.storage.watchers(image.pool, name), snap):
+                for node in self._former_writers(vm.name, self.storage.watchers(image.pool, name), snap,
+                                                 fresh=cloned):
                     fenced.append(f"node {node} ({self._fence_node(node, snap, vm.name)})")
                 fenced += self.storage.fence_disk(image.pool, name)
                 if fenced:
@@ -4939,16 +4944,22 @@ class Executor:
                           console=console)
         return spec, (f"{disk.pool}/{disk.name}" if disk else ""), fenced
 
-    def _former_writers(self, vm: str, watchers: Iterable[str], snap: Snapshot) -> list[str]:
+    def _former_writers(self, vm: str, watchers: Iterable[str], snap: Snapshot, fresh: bool = False) -> list[str]:
         """Nodes that may still write ``vm``'s disk and are not alive: the
         node whose claim of it vanished, and any node whose registered
         address has the disk open. Live nodes are left out: they see the
         new claim and kill their copy, and their open clients are fenced
-        one by one (Storage.fence_disk)."""
+        one by one (Storage.fence_disk). With cells, a claim that vanished
+        while this node did not watch its shard (its cell adopts the shard
+        of a cell whose last node died, or takes a VM pinned to it) left
+        no memory: for a disk that existed before (not ``fresh``), every
+        node seen to lapse lately and not back is a former writer."""
         targets: set[str] = set()
         gone = self.view.vanished.get(vm)
         if gone is not None and gone.host:
             targets.add(gone.host)
+        elif snap.interest is not None and not fresh:
+            targets.update(self.view.lapsed)
         ips = {watcher_ip(w) for w in watchers}
         targets.update(n for n, rec in snap.nodes.items() if rec.address and rec.address in ips)
         targets.discard(self.node)
@@ -5597,7 +5608,7 @@ class ClaimTurns:
     """
 
     PATIENCE = 10  # steps: the latest base, for a chosen node that claims other VMs but never this one
-    FORECAST = 8  # nodes per flavour first in line for the next arrivals (``expected``)
+    FORECAST = 3  # nodes per flavour first in line for the next arrivals (``expected``)
 
     def __init__(self, node: str, step: float) -> None:
         self.node = node

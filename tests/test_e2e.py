@@ -169,7 +169,8 @@ def test_cells_boot_a_guest_in_its_cell_and_another_cell_takes_it_over_when_its_
     n1.signal(signal.SIGKILL)
     n1.wait()
     wait_for(lambda: c.states().get(vm) == ("running", "node2"), c.ttl + 30, what=f"{vm} on node2")
-    assert c.actual()[vm]["disk"] == disk and "fenced the disk's former writer" in c.actual()[vm]["reason"]
+    assert c.actual()[vm]["disk"] == disk and "fenced the disk's former writer" in c.actual()[vm]["reason"], \
+        c.agents[1].log()[-3000:]
     wait_boot(c, vm, 2)
     assert json.loads(c.store.get(c.keys.fence("node1")).value)["by"] == "node2"
     n1.start()  # comes back in its cell: removes its stale copy; the guest stays on node2
