@@ -2414,7 +2414,7 @@ class ClusterView:
         split = self.keys.split(key)
         if split is None:
             return True
-        if split[0] in ("desired", "actual") and self.interest is not None:
+        if split[0] in self.keys.SHARDED and self.interest is not None:
             return self.interest.keeps(split[1])
         return split[0] not in self.IGNORED_KINDS
 

@@ -47,7 +47,9 @@ Options: --nodes LIST, --vms-per-node N, --mode burst|stream|both, --rate
 ARRIVALS/S (stream), --mixed (node sizes 16/32/48 vcpus and flavours
 small/medium/large), --per-process K (K agents per process, via
 bench/agents_host.py), --central/--no-central, --idle SECONDS, --watch auto|json|grpc (the agents' watch transport), --ttl
-SECONDS (the agents' lease_ttl, default 5), --json FILE,
+SECONDS (the agents' lease_ttl, default 5), --cell-size K (cells of about K
+nodes: the cluster config's "cells" and each agent's [node] cell, round
+robin; default: no cells), --json FILE,
 --keep (leave the work directory for the logs).
 """
 from __future__ import annotations
