@@ -469,7 +469,7 @@ def run_agents(etcd: EtcdServer, work: Path, tag: str, n_nodes: int, args: argpa
     casedir = work / tag
     casedir.mkdir()
     store = ms.Store(ms.EtcdConfig(endpoints=ms.parse_endpoints(etcd.endpoint), prefix=prefix, timeout=5.0))
-    cells = max(1, n_nodes // args.cell_size) if args.cell_size else 1
+    cells = max(1, round(n_nodes / args.cell_size)) if args.cell_size else 1
     fleet = Fleet(casedir, etcd, prefix, nodes, args.per_process, args.watch, args.ttl, args.resync, cells)
     result: dict[str, Any] = {"nodes": n_nodes, "mode": mode, "vms": len(vms), "per_process": args.per_process,
                               "mixed": args.mixed, "fill_vcpus": round(fill(nodes, vms), 3), "cells": cells}
@@ -700,7 +700,7 @@ def main() -> int:
     ap.add_argument("--resync", type=float, default=0.0, metavar="SECONDS",
                     help="the agents' resync_interval (default: the agent's own default)")
     ap.add_argument("--cell-size", type=int, default=0, metavar="K",
-                    help="about K nodes per cell: the cluster config gets cells = nodes // K and each agent's ini "
+                    help="about K nodes per cell: the cluster config gets cells = round(nodes / K) and each agent's ini "
                          "a cell, round robin (default 0: no cells)")
     ap.add_argument("--json", metavar="FILE")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs) and print its path")

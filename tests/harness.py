@@ -268,6 +268,7 @@ class RunningWatch:
     def __init__(self, store: ms.Store) -> None:
         self.at: dict[str, float] = {}
         self.cond = threading.Condition()
+        self.keys = store.keys
         rev, _ = store.list_prefix(store.keys.shards)
         self.cancel = store.watch_prefix(store.keys.shards, rev + 1, self._on, lambda e: None)
 
@@ -275,6 +276,8 @@ class RunningWatch:
         now = time.perf_counter()
         with self.cond:
             for ev in events:
+                if (self.keys.split(ev.key) or ("",))[0] != "actual":
+                    continue  # the shards hold desired entries too
                 if ev.value is not None and json.loads(ev.value).get("state") == "running":
                     self.at.setdefault(ev.key.rsplit("/", 1)[1], now)
             self.cond.notify_all()

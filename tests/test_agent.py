@@ -30,12 +30,15 @@ class ClaimRecorder:
     def __init__(self, cluster: Cluster) -> None:
         self.owners: dict[str, list[str]] = {}
         self.deleted: Counter[str] = Counter()
+        self.keys = cluster.keys
         rev, entries = cluster.store.list_prefix(cluster.keys.shards)
-        self._present = {k.rsplit("/", 1)[1] for k in entries}
+        self._present = {k.rsplit("/", 1)[1] for k in entries if (self.keys.split(k) or ("",))[0] == "actual"}
         self._cancel = cluster.store.watch_prefix(cluster.keys.shards, rev + 1, self._on, lambda e: None)
 
     def _on(self, _rev: int, events: list[ms.KeyEvent]) -> None:
         for ev in events:
+            if (self.keys.split(ev.key) or ("",))[0] != "actual":
+                continue  # the shards hold desired entries too
             vm = ev.key.rsplit("/", 1)[1]
             if ev.value is None:
                 self.deleted[vm] += 1
@@ -214,12 +217,12 @@ def test_malformed_entries_become_errors_and_others_keep_running(cluster: Cluste
     assert "'state' must be" in errs["badstate"]
     cluster.wait_running(["good1", "good2"])
     # Breaking a running VM's entry reports an error but leaves it alone.
-    cluster.etcd.etcdctl("put", f"{p}/desired/good1", "{broken")
+    cluster.etcd.etcdctl("put", cluster.keys.desired("good1"), "{broken")  # in its shard: where desire() wrote it
     wait_for(lambda: cluster.states().get("good1", ("",))[0] == "error", what="good1 error")
     assert "good1" in cluster.agents[0].log()
     # Fixing an entry makes it run.
     cluster.etcd.etcdctl("put", f"{p}/desired/noflavour", '{"flavour": "small"}')
-    cluster.etcd.etcdctl("put", f"{p}/desired/good1", '{"flavour": "small"}')
+    cluster.etcd.etcdctl("put", cluster.keys.desired("good1"), '{"flavour": "small"}')
     cluster.wait_running(["noflavour", "good1", "good2"])
     assert cluster.agents[0].alive()
 

@@ -16,6 +16,8 @@ def claims(cluster: Cluster) -> dict[str, dict]:
     _, entries = cluster.store.list_prefix(cluster.keys.shards)
     out = {}
     for key, entry in entries.items():
+        if (cluster.keys.split(key) or ("",))[0] != "actual":
+            continue  # the shards hold desired entries too
         try:
             obj = json.loads(entry.value)
         except (ValueError, RecursionError):
