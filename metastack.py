@@ -519,6 +519,7 @@ log = logging.getLogger("metastack")
 # ---------------------------------------------------------------------------
 
 VM_STATES = ("running", "stopped")
+LAYOUT = 2  # the key layout: 2 = desired entries and claims in shards (host records say which their agent reads)
 
 
 class Keys:
@@ -1081,6 +1082,7 @@ class HostState:
     lease: int = 0
     cell: int = 0
     foreign: tuple[int, int, int] = (0, 0, 0)  # (vcpus, ram_mb, vms) of claims outside its cell's shards
+    layout: int = LAYOUT  # the key layout its agent reads: 1 (absent) for agents of before the shards
 
     @classmethod
     def parse(cls, raw: bytes) -> "HostState":
@@ -1113,9 +1115,11 @@ class HostState:
             if isinstance(val, bool) or not isinstance(val, int) or not 0 <= val <= MAX_INT:
                 raise SpecError(f"host entry: 'foreign' {key!r} must be a non-negative integer, got {_show(val)}")
             held.append(val)
+        layout = obj.get("layout", 1)
+        layout = layout if isinstance(layout, int) and not isinstance(layout, bool) and 1 <= layout <= MAX_INT else 1
         return cls(**ints, state=obj.get("state", "ready"), address=obj.get("address", "") or "",
                    cannot=tuple(sorted((str(k), str(v)) for k, v in cannot.items())), cell=cell,
-                   foreign=(held[0], held[1], held[2]))
+                   foreign=(held[0], held[1], held[2]), layout=layout)
 
     def encode(self) -> bytes:
         """The record's value: the offer (no use, no lease)."""
@@ -1125,6 +1129,7 @@ class HostState:
             obj["cell"] = self.cell
         if any(self.foreign):
             obj["foreign"] = dict(zip(("vcpus", "ram_mb", "vms"), self.foreign))
+        obj["layout"] = self.layout
         return json.dumps(obj, sort_keys=True).encode()
 
     def with_use(self, vcpus: int, ram_mb: int, vms: int) -> "HostState":
@@ -1148,7 +1153,8 @@ class HostState:
     def offer(self) -> tuple[Any, ...]:
         """What the node offers, without what it uses: capacity, state,
         address, what it gave up on, and the lease it is live on."""
-        return (self.vcpus, self.ram_mb, self.state, self.address, self.cannot, self.cell, self.foreign, self.lease)
+        return (self.vcpus, self.ram_mb, self.state, self.address, self.cannot, self.cell, self.foreign, self.layout,
+                self.lease)
 
     def same_content(self, other: Optional["HostState"]) -> bool:
         """Whether ``other`` has the same value (offer) in etcd: a write would change nothing."""
@@ -2450,8 +2456,13 @@ class ClusterView:
                 return key, entry
         return None
 
-    def load(self, revision: int, entries: Mapping[str, Entry]) -> None:
+    def load(self, revision: int, entries: Mapping[str, Entry], interest: Any = "keep") -> None:
+        """Replace the content with a full listing at ``revision``; with
+        ``interest`` (an Interest, or None: everything), keep that from now
+        on (the VMs missed so far are forgotten: the listing has them)."""
         with self._lock:
+            if interest != "keep":
+                self.interest, self.missed = interest, set()
             for key, old in self._entries.items():
                 if key not in entries:  # went while we did not watch: remember who held it
                     self._gone(key, old, revision)
@@ -3719,11 +3730,14 @@ def resolve(spec: Union[DesiredVM, SpecError], snap: Snapshot) -> Union[tuple[De
 def room_elsewhere(node: str, name: str, flav: Flavour, snap: Snapshot) -> list[str]:
     """Live nodes other than ``node`` that could take VM ``name`` now, by
     what they publish: ready, not cordoned or draining, not given up on it,
-    enough free vcpus and RAM. Pure."""
+    enough free vcpus and RAM; with cells, only nodes of this node's cell.
+    Pure."""
     out = []
     for other, host in sorted(snap.hosts.items()):
         rec = snap.nodes.get(other)
         if other == node or host.state != "ready" or (rec is not None and rec.unschedulable):
+            continue
+        if not in_cell(snap, other):  # with cells: another cell never takes this cell's VMs (its room is unknown)
             continue
         if name in dict(host.cannot):
             continue
@@ -4952,14 +4966,17 @@ class Executor:
         one by one (Storage.fence_disk). With cells, a claim that vanished
         while this node did not watch its shard (its cell adopts the shard
         of a cell whose last node died, or takes a VM pinned to it) left
-        no memory: for a disk that existed before (not ``fresh``), every
-        node seen to lapse lately and not back is a former writer."""
+        no memory: for a disk that existed before (not ``fresh``) of a VM
+        outside this node's home cell, every node of the VM's home cell seen
+        to lapse lately and not back is a former writer."""
         targets: set[str] = set()
         gone = self.view.vanished.get(vm)
         if gone is not None and gone.host:
             targets.add(gone.host)
-        elif snap.interest is not None and not fresh:
-            targets.update(self.view.lapsed)
+        elif snap.interest is not None and snap.cells is not None and not fresh:
+            home = snap.cells.home(Keys.shard(vm))
+            if home != snap.interest.cell:  # adopted (or pinned here): its cell's nodes held it, unwatched
+                targets.update(n for n in self.view.lapsed if self.view.lapsed_cells.get(n) == home)
         ips = {watcher_ip(w) for w in watchers}
         targets.update(n for n, rec in snap.nodes.items() if rec.address and rec.address in ips)
         targets.discard(self.node)
@@ -5972,9 +5989,7 @@ class Agent:
         lift fences that their nodes proved clean."""
         revision, entries = self.store.list_prefix(self.keys.all, until=self.keys.watched_end)
         self.view.node = self.node
-        self.view.interest = self._interest_from(entries)
-        self.view.missed.clear()
-        self.view.load(revision, entries)
+        self.view.load(revision, entries, interest=self._interest_from(entries))
         self._need_relist = False
         self._last_resync = time.monotonic()
         self._watch_from(revision + 1)
@@ -6044,8 +6059,9 @@ class Agent:
         live = frozenset({cell} | {h.cell % cells for n, h in snap.hosts.items() if n != self.node})
         if cell != interest.cell or CellMap(cells, live).shards_of(cell) != interest.cell_shards or self.view.missed:
             return True
-        hinted = self.view.entries_under(f"{self.keys.dir('pins')}{self.node}/")
-        return any(not interest.keeps(key.rsplit("/", 1)[1]) for key in hinted)
+        hinted = [split[1].partition("/")[2] for key in self.view.entries_under(f"{self.keys.dir('pins')}{self.node}/")
+                  if (split := self.keys.split(key)) is not None]
+        return any(not interest.keeps(vm) for vm in hinted)
 
     def _tend_pin_hints(self, snap: Snapshot) -> None:
         """With cells, the first node of a cell keeps ``pins/<node>/<vm>``

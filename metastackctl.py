@@ -295,12 +295,25 @@ def create_vm(store: ms.Store, name: Any, flavour: Any, host: Any = None, image:
     if image is not None and store.get(store.keys.image(image)) is None:
         known = ", ".join(_names(store, "images")) or "none"
         raise AdminError("invalid", f"no image named {image!r} (known: {known})")
+    _, hosts = store.list_kind("hosts")
+    old = sorted(n for n, e in hosts.items() if e.lease and _layout(e.value) < ms.LAYOUT)
+    if old:  # it would not see a VM in a shard, and could take its disk for an orphan
+        raise AdminError("conflict", f"node(s) {', '.join(old[:5])} run an agent older than the sharded key "
+                                     f"layout: upgrade every agent before creating VMs")
     spec = new_desired(name, flavour, host, image, state, group, strict)
     rev, _ = store.create(store.keys.desired(name), json.dumps(spec.to_json()).encode(),
                           absent=[store.keys.legacy_desired(name)])  # nor one written the old way
     if rev is None:
         raise AdminError("conflict", f"a VM named {name!r} already exists")
     return spec
+
+
+def _layout(value: bytes) -> int:
+    """The key layout a host record says its agent reads (1 when it does not say, or is unusable)."""
+    try:
+        return ms.HostState.parse(value).layout
+    except ms.SpecError:
+        return ms.LAYOUT  # not a live agent's record: says nothing about its version
 
 
 def destroy_vm(store: ms.Store, name: Any) -> None:

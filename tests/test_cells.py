@@ -272,3 +272,23 @@ def test_why_a_vm_waits_names_only_the_nodes_of_its_cell() -> None:
     del entries[KEYS.host("a1")]  # cell 0 has no live node: cell 1 serves its shards
     view.load(11, entries)
     assert "has room" in ms.pending_reason(vm, view.snapshot()) and "b1" in ms.pending_reason(vm, view.snapshot())
+
+
+def test_create_is_refused_while_an_agent_of_before_the_shards_is_live(cluster: Cluster) -> None:
+    """An agent of before reads desired entries and claims only at the old
+    place: it would not see a VM made in a shard, and could take its disk
+    for an orphan. metastackctl create refuses while one is live, and
+    writes nothing."""
+    import metastackctl as ctl
+    cluster.flavour("small", 1, 1024)
+    lease = cluster.store.grant_lease(30)
+    try:
+        cluster.store.put(cluster.keys.host("old1"), b'{"vcpus": 4, "ram_mb": 4096, "state": "ready"}', lease)
+        with pytest.raises(ctl.AdminError, match="old1 run an agent older than the sharded key layout"):
+            ctl.create_vm(cluster.store, "new1", "small")
+        assert cluster.store.get_desired("new1") is None
+        cluster.store.put(cluster.keys.host("old1"), ms.HostState(4, 4096).encode(), lease)  # upgraded
+        ctl.create_vm(cluster.store, "new1", "small")
+        assert cluster.store.get(cluster.keys.desired("new1")) is not None
+    finally:
+        cluster.store.revoke_lease(lease)
