@@ -1845,6 +1845,13 @@ class Store:
                              + [self._tx.put(k, v, lease=ls or None) for k, v, ls in plus])
         return resp[0].response_put.header.revision if ok else None
 
+    def delete_all_if(self, items: Sequence[tuple[str, int]]) -> Optional[int]:
+        """Delete every (key, mod_revision) in one transaction, only if none
+        changed since; the revision, or None when one changed or went."""
+        ok, resp = self._txn("delete", [self._tx.mod(k) == rev for k, rev in items],
+                             [self._tx.delete(k) for k, _ in items])
+        return resp[0].response_delete_range.header.revision if ok else None
+
     def delete_if(self, key: str, mod_revision: int) -> Optional[int]:
         """Delete ``key`` only if unchanged since ``mod_revision``; returns
         the delete's revision or None when the key changed or vanished."""

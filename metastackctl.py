@@ -323,9 +323,8 @@ def destroy_vm(store: ms.Store, name: Any) -> None:
              if (entry := store.get(key)) is not None]  # in its shard, and one written the old way
     if not found:
         raise AdminError("missing", f"no VM named {name!r}")
-    for key, entry in found:
-        if store.delete_if(key, entry.mod_revision) is None:
-            raise AdminError("conflict", f"VM {name!r} changed while destroying it; try again")
+    if store.delete_all_if([(key, entry.mod_revision) for key, entry in found]) is None:  # both, or none
+        raise AdminError("conflict", f"VM {name!r} changed while destroying it; try again")
 
 
 def set_vm_state(store: ms.Store, name: Any, state: str) -> bool:

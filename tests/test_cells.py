@@ -292,3 +292,13 @@ def test_create_is_refused_while_an_agent_of_before_the_shards_is_live(cluster: 
         assert cluster.store.get(cluster.keys.desired("new1")) is not None
     finally:
         cluster.store.revoke_lease(lease)
+
+
+def test_destroy_deletes_the_entry_in_its_shard_and_one_written_the_old_way(cluster: Cluster) -> None:
+    import metastackctl as ctl
+    cluster.flavour("small", 1, 1024)
+    cluster.desire("twice")
+    cluster.store.put(cluster.keys.legacy_desired("twice"), b'{"flavour": "small"}')
+    ctl.destroy_vm(cluster.store, "twice")
+    assert cluster.store.get(cluster.keys.desired("twice")) is None
+    assert cluster.store.get(cluster.keys.legacy_desired("twice")) is None
