@@ -6360,11 +6360,13 @@ class Agent:
         arrivals costs a few revisions, not a few per VM). In a burst
         (more VMs unclaimed than live nodes) it waits GATHER_MAX[1]
         whatever arrives: latency is traded for fewer revisions that
-        every agent must read. A single waiting VM is claimed at once."""
+        every agent must read. A single waiting VM is claimed at once.
+        With cells, the VMs and nodes counted are the cell's (its view holds
+        only its cell's VMs)."""
         snap, _ = self.view.light()
         if len(snap.desired) <= 1:
             return  # one VM waits (a steady stream): nothing to gather, claim it now
-        burst = len(snap.desired) > len(snap.hosts)
+        burst = len(snap.desired) > sum(1 for n in snap.hosts if in_cell(snap, n))
         until = time.monotonic() + self.GATHER_MAX[1 if burst else 0]
         while not self._full_due and time.monotonic() < until:
             woken = self._waker.wait(min(self.GATHER_QUIET, until - time.monotonic()))

@@ -20,7 +20,9 @@ watch of its own. It reports:
     LeaseKeepAlive) before/after, per placement (these include the
     benchmark's own create txn per VM; the revisions are split so that
     desired/ shows it apart);
-  * VMs per node at the end (stddev, max/min) and the VMs left pending for
+  * VMs per node at the end (stddev, max/min), reserved vcpus per node as
+    a % of the node's vcpus (stddev, max/min: the spread that means
+    something with mixed node sizes), and the VMs left pending for
     more than 1 s while a live ready node had room for them (sampled every
     0.5 s from the watch-fed state);
   * per agent (JSON only, "agent_loops"): reconciles and looks for new
@@ -444,6 +446,16 @@ def spread(per_node: dict[str, int]) -> dict[str, float]:
     return {"stddev": statistics.pstdev(counts), "max": max(counts), "min": min(counts)}
 
 
+def utilisation(nodes: list[NodeSpec], claims: dict[str, dict]) -> dict[str, float]:
+    """Reserved vcpus per node as a % of its vcpus: stddev and max/min
+    (the spread that means something when node sizes differ)."""
+    used: Counter[str] = Counter()
+    for claim in claims.values():
+        used[claim.get("host", "")] += int(claim.get("vcpus", 0))
+    shares = [100.0 * used[n.name] / n.vcpus for n in nodes] or [0.0]
+    return {"stddev": statistics.pstdev(shares), "max": max(shares), "min": min(shares)}
+
+
 def fill(nodes: list[NodeSpec], vms: list[tuple[str, str]]) -> float:
     return sum(FLAVOURS[f][0] for _, f in vms) / sum(n.vcpus for n in nodes)
 
@@ -526,6 +538,7 @@ def run_agents(etcd: EtcdServer, work: Path, tag: str, n_nodes: int, args: argpa
             "writes": writes, "writes_per_placement": {k: v / per for k, v in writes.items()},
             "rpcs_per_placement": {m: round(v / per, 3) for m, v in rpcs.items()},
             "vms_per_node": spread({n.name: per_node.get(n.name, 0) for n in nodes}),
+            "vcpu_use_pct": utilisation(nodes, rec.values("actual")),
             "pending_while_capacity": len(sampler.vms), "pending_while_capacity_worst_sample": sampler.worst,
             "cpu_s": {"agents": round(busy1[0] - busy0[0], 2), "etcd": round(busy1[1] - busy0[1], 2),
                       "window_s": round(t1 - t0, 2)},
@@ -612,7 +625,8 @@ def run_central(etcd: EtcdServer, tag: str, n_nodes: int, args: argparse.Namespa
                 "placements_per_s": placed / max(last_claim - first_create, 1e-9),
                 "arrivals_s": round(max(rec.created.values(), default=t0) - first_create, 3),
                 "claimed_ms": dict(zip(("p50", "p99"), latency_ms(rec, rec.claimed))),
-                "vms_per_node": spread({n.name: per_node.get(n.name, 0) for n in nodes})}
+                "vms_per_node": spread({n.name: per_node.get(n.name, 0) for n in nodes}),
+                "vcpu_use_pct": utilisation(nodes, rec.values("actual"))}
     finally:
         store.close()
 
@@ -649,7 +663,11 @@ def raw_txn_rate(etcd: EtcdServer, seconds: float = 3.0) -> dict[str, float]:
 COLUMNS = ["nodes", "mode", "agents pl/s", "central pl/s", "ratio", "lost/pl",
            "writes/pl all (claim+state/hosts/history alone)", "create->claimed p50/p99 ms (agents | central)",
            "create->running p50/p99 ms",
-           "VMs/node sd", "max/min", "pending w/ room", "idle CPU %/agent", "RSS MB/proc"]
+           "VMs/node sd", "max/min", "vcpu use % sd (max/min) | central", "pending w/ room", "idle CPU %/agent", "RSS MB/proc"]
+
+
+def use_cell(u: dict[str, float]) -> str:
+    return f"{u['stddev']:.1f} ({u['max']:.0f}/{u['min']:.0f})"
 
 
 def row(r: dict) -> list[str]:
@@ -669,6 +687,7 @@ def row(r: dict) -> list[str]:
         f"{r['running_ms']['p50']:.0f}/{r['running_ms']['p99']:.0f}",
         f"{r['vms_per_node']['stddev']:.2f}",
         f"{r['vms_per_node']['max']}/{r['vms_per_node']['min']}",
+        use_cell(r["vcpu_use_pct"]) + (f" | {use_cell(c['vcpu_use_pct'])}" if c else ""),
         str(r["pending_while_capacity"]),
         f"{r['idle']['cpu_pct_per_agent']:.2f}",
         f"{r['idle']['rss_mb_per_process']:.0f}",
