@@ -2337,6 +2337,7 @@ class Vanished:
     host: str
     revision: int
     at: float  # monotonic time it was seen gone
+    lease: int = 0  # the lease the claim hung on
 
 
 class ClusterView:
@@ -2405,11 +2406,28 @@ class ClusterView:
             return
         kind, name = split
         if kind == "actual":
-            self.vanished[name] = Vanished(ActualVM.parse(old.value).host, revision, time.monotonic())
+            self.vanished[name] = Vanished(ActualVM.parse(old.value).host, revision, time.monotonic(), old.lease)
         elif kind == "hosts":
             self.lapsed[name] = (revision, time.monotonic())
             with contextlib.suppress(SpecError):
                 self.lapsed_cells[name] = HostState.parse(old.value).cell
+
+    def unconfirmed_departures(self) -> dict[str, Vanished]:
+        """The desired, unclaimed VMs whose claim vanished while the
+        holder's host record still hangs on the very lease the claim did
+        and is older than the claim's vanishing: either the holder deleted
+        its claim (a release, a hand-over) or the lease expired and the host
+        record's deletion has not come yet (with cells it comes on another
+        watch than the claim's)."""
+        with self._lock:
+            out = {}
+            for vm, gone in self.vanished.items():
+                if vm not in self._unclaimed or not gone.lease:
+                    continue
+                host = self._entries.get(self.keys.host(gone.host))
+                if host is not None and host.lease == gone.lease and host.mod_revision < gone.revision:
+                    out[vm] = gone
+            return out
 
     def departures(self, since: float) -> tuple[dict[str, "Vanished"], dict[str, tuple[int, float]]]:
         """Copies of (vanished claims, lapsed hosts) no older than ``since``
@@ -5781,6 +5799,8 @@ class Agent:
         self._cannot_lift: set[str] = set()  # fences we were refused the right to lift
         self._last_host: Optional[HostState] = None
         self._handed: dict[str, float] = {}  # VMs the drain released -> when (monotonic)
+        self._defined: frozenset[str] = frozenset()  # the domains defined here, as of the last listing with cells
+        self._departures_asked: dict[str, int] = {}  # vm -> the vanishing (revision) whose lease etcd was asked about
         self._seen_dead: set[str] = set()  # nodes whose death we logged
         self.last_decision = ""
         self.turns = ClaimTurns(self.node, cfg.claim_step)
@@ -5966,6 +5986,9 @@ class Agent:
         confirmed = time.monotonic()  # before the grant: etcd's own expiry is never earlier
         lease = self.store.grant_lease(self.cfg.lease_ttl)
         host = self._host_state(lease=lease)
+        if self.view.interest is None and not self.view.synced:  # the first record, before any listing
+            cells = self._cells(self.store.get(self.keys.config))  # name the right cell at once
+            host = dataclasses.replace(host, cell=node_cell(self.node, cells, self.cfg.cell))
         deadline = time.monotonic() + wait_for_stale
         while True:
             self.beat()
@@ -6023,7 +6046,8 @@ class Agent:
         """What this node's view keeps, from a full listing (None: all, with
         one cell): the shards its cell serves by the CellMap of the listed
         host records, plus the VMs it claims, that are pinned to it or
-        defined on its hypervisor, wherever their shard is."""
+        defined on its hypervisor, wherever their shard is (when libvirt
+        fails, the domains of the last listing that it answered)."""
         cells = self._cells(entries.get(self.keys.config))
         if cells <= 1:
             return None
@@ -6046,9 +6070,15 @@ class Agent:
                         extra.add(name)
             elif kind == "pins" and name.startswith(f"{self.node}/"):
                 extra.add(name.partition("/")[2])
-        with contextlib.suppress(HypervisorError):
-            extra.update(self.hv.domains())
         shards = CellMap(cells, frozenset(live)).shards_of(cell)
+        try:
+            defined = frozenset(self.hv.domains())
+        except HypervisorError as exc:  # keep the domains known before: a listing must not forget them
+            log.warning("listing: libvirt error (%s); keeping the %d domain(s) known to be defined here",
+                        exc, len(self._defined))
+            defined = self._defined
+        self._defined = defined
+        extra |= defined
         interest = Interest(cell, shards, frozenset(vm for vm in extra if Keys.shard(vm) not in shards))
         log.info("cell %d of %d: watching %d of %d shards and %d VM(s) of other cells", cell, cells, len(shards),
                  Keys.SHARDS, len(interest.extra))
@@ -6457,6 +6487,7 @@ class Agent:
               or self._keeper.troubles != self._troubles_at_watch):
             self._rewatch()  # after trouble with etcd the stream may be dead or stuck
         self._looking()
+        self._confirm_departures()
         snap = self.view.snapshot()
         domains = self.hv.domains()
         self._libvirt_down = False  # libvirt answers: the host record says ready again below
@@ -6652,6 +6683,35 @@ class Agent:
                 self.view.note(key, new.encode(), rev)
                 if node != self.node:
                     log.info("lost=%s: lost_at recorded in its node record", node)
+
+    def _confirm_departures(self) -> None:
+        """With more than one watch (cells), a lease's expiry reaches this
+        agent in pieces: the claims on their shards' watches, the host
+        record on the base range's, and a reconcile may run in between.
+        Then the holder of a vanished claim still looks alive, and its loss
+        would be taken for a release: no hold for its owner after a
+        correlated loss (_held), no fence of it as a former writer. For
+        each VM of ClusterView.unconfirmed_departures, ask etcd once per
+        vanishing whether the claim's lease still exists; when it does not,
+        fold in the host record's deletion at the claim's revision, as the
+        watch will bring it (etcd deletes a lease's keys in one revision).
+        An etcd error leaves it to the watch."""
+        pending = self.view.unconfirmed_departures()
+        self._departures_asked = {vm: r for vm, r in self._departures_asked.items() if vm in pending}
+        for vm, gone in sorted(pending.items()):
+            if self._departures_asked.get(vm) == gone.revision:
+                continue
+            try:
+                remaining, _ = self.store.lease_ttl(gone.lease)
+            except StoreUnavailable as exc:
+                log.warning("vm=%s: could not ask etcd whether lease %x of %s still exists: %s",
+                            vm, gone.lease, gone.host, exc)
+                return
+            self._departures_asked[vm] = gone.revision
+            if remaining <= 0:
+                log.info("vm=%s node=%s: its claim vanished with lease %x, which has expired: the node "
+                         "lapsed (its host record's deletion is on its way)", vm, gone.host, gone.lease)
+                self.view.note(self.keys.host(gone.host), None, gone.revision)
 
     def _held(self, snap: Snapshot) -> set[str]:
         """VMs whose owner lost its lease in a correlated loss (etcd

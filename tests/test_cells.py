@@ -302,3 +302,86 @@ def test_destroy_deletes_the_entry_in_its_shard_and_one_written_the_old_way(clus
     ctl.destroy_vm(cluster.store, "twice")
     assert cluster.store.get(cluster.keys.desired("twice")) is None
     assert cluster.store.get(cluster.keys.legacy_desired("twice")) is None
+
+
+def test_a_lapse_seen_in_pieces_is_confirmed_with_etcd(cluster: Cluster) -> None:
+    """With cells a lease's expiry comes on two watches: the claim's shard
+    and the host record's base range. An agent that saw only the claim go
+    asks etcd whether the claim's lease still exists: gone, it folds in
+    the host record's deletion at the claim's revision (the holder lapsed,
+    so it is fenced and held as after a lease expiry); alive, the claim was
+    deleted by its holder, which stays."""
+    cluster.flavour("small", 1, 1024)
+    _cells(cluster, 2)
+    proc = cluster.agent("n1", start=False)
+    agent = ms.Agent(ms.load_config(str(proc.config)))  # never started: the test feeds its view
+    try:
+        leases = {n: cluster.store.grant_lease(30) for n in ("dead", "alive")}
+        for node, lease in leases.items():
+            vm = f"{node}-vm"
+            cluster.desire(vm)
+            cluster.store.put(cluster.keys.host(node), ms.HostState(8, 16384).encode(), lease)
+            cluster.store.put(cluster.keys.actual(vm), ms.ActualVM(host=node, state="running", vcpus=1,
+                                                                   ram_mb=1024).encode(), lease)
+        rev, entries = cluster.store.list_prefix(cluster.keys.all)
+        agent.view.load(rev, entries, interest=None)
+        cluster.store.revoke_lease(leases["dead"])  # etcd deletes its host record and claim in one revision
+        at = {"dead-vm": cluster.store.list_prefix(cluster.keys.config)[0]}  # nothing else writes meanwhile
+        cluster.store.delete(cluster.keys.actual("alive-vm"))  # a release: the holder's lease lives on
+        at["alive-vm"] = cluster.store.list_prefix(cluster.keys.config)[0]
+        for vm, revision in at.items():  # only the claims' watch has delivered: the host records look live
+            agent.view.apply(revision, [ms.KeyEvent(cluster.keys.actual(vm), None, revision)])
+        assert set(agent.view.unconfirmed_departures()) == {"dead-vm", "alive-vm"}
+        asked: list[int] = []
+        lease_ttl = agent.store.lease_ttl  # the real etcd call, counted
+        agent.store.lease_ttl = lambda lease: asked.append(lease) or lease_ttl(lease)  # type: ignore[method-assign]
+        agent._confirm_departures()
+        assert sorted(asked) == sorted(leases.values())
+        assert agent.view.entry(cluster.keys.host("dead")) is None
+        assert agent.view.lapsed["dead"][0] == agent.view.vanished["dead-vm"].revision
+        assert agent.view.entry(cluster.keys.host("alive")) is not None
+        assert "dead" not in agent.view.snapshot().hosts and "alive" in agent.view.snapshot().hosts
+        assert agent.view.unconfirmed_departures() == {"alive-vm": agent.view.vanished["alive-vm"]}
+        agent._confirm_departures()  # etcd is asked once per vanishing
+        assert len(asked) == 2
+    finally:
+        agent.store.close()
+        cluster.store.revoke_lease(leases["alive"])
+
+
+def test_a_nodes_first_host_record_names_its_cell(cluster: Cluster) -> None:
+    """The host record an agent creates at start-up, before it lists the
+    prefix, already names the cell of its ini (readers compute the cell
+    map from it)."""
+    _cells(cluster, 2)
+    _agent_in_cell(cluster, "b1", 1)
+    cluster.wait_hosts("b1")
+    created = cluster.store.get(cluster.keys.host("b1")).create_revision
+    first = cluster.etcd.etcdctl("get", cluster.keys.host("b1"), f"--rev={created}", "--print-value-only")
+    assert json.loads(first.stdout)["cell"] == 1
+
+
+def test_a_listing_while_libvirt_fails_keeps_the_vms_defined_here(cluster: Cluster) -> None:
+    """A VM of another cell defined on this node's hypervisor stays in the
+    agent's interest when libvirt fails during a re-list (its claim would
+    otherwise drop out of the view while its domain runs here)."""
+    _cells(cluster, 2)
+    proc = cluster.agent("a1", start=False)
+    proc.config.write_text(proc.config.read_text().replace("[libvirt]", "cell = 0\n[libvirt]", 1))
+    agent = ms.Agent(ms.load_config(str(proc.config)))  # never started: the test lists for it
+    lease = cluster.store.grant_lease(30)
+    try:
+        cluster.store.put(cluster.keys.host("b1"), ms.HostState(8, 16384, cell=1).encode(), lease)  # cell 1 is live
+        there = vm_in(2, 1)
+        assert agent.hv.ensure_running(ms.DomainSpec(vm=there, node="a1", domain_type="test", vcpus=1,
+                                                     ram_mb=64, flavour="small"))
+        _, entries = cluster.store.list_prefix(cluster.keys.all)
+        assert agent._interest_from(entries).extra == frozenset({there})
+        agent.hv.close()
+        agent.hv._uri = f"test://{proc.config.parent}/no-such-node.xml"  # libvirt cannot be reached now
+        with pytest.raises(ms.HypervisorError):
+            agent.hv.domains()
+        assert agent._interest_from(entries).extra == frozenset({there})
+    finally:
+        agent.store.close()
+        cluster.store.revoke_lease(lease)
