@@ -2375,6 +2375,7 @@ class ClusterView:
         self.vanished: dict[str, Vanished] = {}
         self.lapsed: dict[str, tuple[int, float]] = {}
         self.lapsed_cells: dict[str, int] = {}  # node -> the cell its last host record named
+        self._lapse_folded: dict[str, str] = {}  # host key -> node: a lapse folded in before its watch event
         # The incremental index (see _index): kind -> name -> key; vm -> (host,
         # lease, vcpus, ram_mb) of its claim; (host, lease) -> [vcpus, ram_mb,
         # vms] reserved; desired VMs without any claim.
@@ -2412,6 +2413,11 @@ class ClusterView:
             with contextlib.suppress(SpecError):
                 self.lapsed_cells[name] = HostState.parse(old.value).cell
 
+    def lapsed_in_cell(self, cell: int) -> list[str]:
+        """The lapsed nodes (still remembered) whose last host record named ``cell``."""
+        with self._lock:
+            return [n for n in self.lapsed if self.lapsed_cells.get(n) == cell]
+
     def unconfirmed_departures(self) -> dict[str, Vanished]:
         """The desired, unclaimed VMs whose claim vanished while the
         holder's host record still hangs on the very lease the claim did
@@ -2421,8 +2427,10 @@ class ClusterView:
         watch than the claim's)."""
         with self._lock:
             out = {}
-            for vm, gone in self.vanished.items():
-                if vm not in self._unclaimed or not gone.lease:
+            few = self._unclaimed if len(self._unclaimed) < len(self.vanished) else self.vanished
+            for vm in few:
+                gone = self.vanished.get(vm)
+                if gone is None or vm not in self._unclaimed or not gone.lease:
                     continue
                 host = self._entries.get(self.keys.host(gone.host))
                 if host is not None and host.lease == gone.lease and host.mod_revision < gone.revision:
@@ -2493,6 +2501,7 @@ class ClusterView:
                     self._gone(key, old, revision)
             self._entries = {k: e for k, e in entries.items() if self._kept(k)}
             self._seen = {k: e.mod_revision for k, e in self._entries.items()}
+            self._lapse_folded.clear()
             self._parsed = {k: p for k, p in self._parsed.items()
                             if k in self._entries and p[0] == self._entries[k].mod_revision}
             self._list_revision = revision
@@ -2670,9 +2679,14 @@ class ClusterView:
             old = self._entries.pop(key, None)
             if old is not None:
                 self._gone(key, old, revision)
+            elif key in self._lapse_folded:  # the watch brings a lapse folded in before (Agent._confirm_departures)
+                name = self._lapse_folded.pop(key)
+                if name in self.lapsed:
+                    self.lapsed[name] = (revision, self.lapsed[name][1])
             self._parsed.pop(key, None)
             self._index(key, None)
         else:
+            self._lapse_folded.pop(key, None)
             old = self._entries.get(key)
             created = created or (old.create_revision if old is not None else revision)
             self._entries[key] = Entry(value, revision, lease, created)
@@ -2695,6 +2709,16 @@ class ClusterView:
                     out.append(Change(ev.key, old, self._entries.get(ev.key)))
             self.revision = max(self.revision, header_revision)
         return out
+
+    def fold_lapse(self, node: str, revision: int) -> None:
+        """Fold in the deletion of ``node``'s host record at ``revision``,
+        known before the watch brings it (a lease found expired, at the
+        revision of the last of its claims seen to vanish); when the watch
+        brings it, at its own revision, the lapse is dated by that one."""
+        key = self.keys.host(node)
+        with self._lock:
+            if self._note(key, None, revision, 0):
+                self._lapse_folded[key] = node
 
     def note(self, key: str, value: Optional[bytes], revision: int, lease: int = 0) -> None:
         """Fold in what this client wrote (``revision`` from the write's
@@ -5001,7 +5025,7 @@ class Executor:
         elif snap.interest is not None and snap.cells is not None and not fresh:
             home = snap.cells.home(Keys.shard(vm))
             if home != snap.interest.cell:  # adopted (or pinned here): its cell's nodes held it, unwatched
-                targets.update(n for n in self.view.lapsed if self.view.lapsed_cells.get(n) == home)
+                targets.update(self.view.lapsed_in_cell(home))
         ips = {watcher_ip(w) for w in watchers}
         targets.update(n for n, rec in snap.nodes.items() if rec.address and rec.address in ips)
         targets.discard(self.node)
@@ -5800,6 +5824,7 @@ class Agent:
         self._last_host: Optional[HostState] = None
         self._handed: dict[str, float] = {}  # VMs the drain released -> when (monotonic)
         self._defined: frozenset[str] = frozenset()  # the domains defined here, as of the last listing with cells
+        self._domains_unlisted = False  # the last listing could not ask libvirt for them
         self._departures_asked: dict[str, int] = {}  # vm -> the vanishing (revision) whose lease etcd was asked about
         self._seen_dead: set[str] = set()  # nodes whose death we logged
         self.last_decision = ""
@@ -5984,11 +6009,13 @@ class Agent:
 
     def _acquire_lease(self, wait_for_stale: float) -> None:
         confirmed = time.monotonic()  # before the grant: etcd's own expiry is never earlier
+        cell: Optional[int] = None
+        if self.view.interest is None and not self.view.synced:  # the first record, before any listing:
+            cell = node_cell(self.node, self._cells(self.store.get(self.keys.config)), self.cfg.cell)  # its cell
         lease = self.store.grant_lease(self.cfg.lease_ttl)
         host = self._host_state(lease=lease)
-        if self.view.interest is None and not self.view.synced:  # the first record, before any listing
-            cells = self._cells(self.store.get(self.keys.config))  # name the right cell at once
-            host = dataclasses.replace(host, cell=node_cell(self.node, cells, self.cfg.cell))
+        if cell is not None:
+            host = dataclasses.replace(host, cell=cell)
         deadline = time.monotonic() + wait_for_stale
         while True:
             self.beat()
@@ -6077,6 +6104,9 @@ class Agent:
             log.warning("listing: libvirt error (%s); keeping the %d domain(s) known to be defined here",
                         exc, len(self._defined))
             defined = self._defined
+            self._domains_unlisted = True  # list again once libvirt answers
+        else:
+            self._domains_unlisted = False
         self._defined = defined
         extra |= defined
         interest = Interest(cell, shards, frozenset(vm for vm in extra if Keys.shard(vm) not in shards))
@@ -6491,6 +6521,9 @@ class Agent:
         snap = self.view.snapshot()
         domains = self.hv.domains()
         self._libvirt_down = False  # libvirt answers: the host record says ready again below
+        if self._domains_unlisted:  # the last listing did without them: list again, with them
+            self._domains_unlisted, self._need_relist = False, True
+            self.wake()
         fence = snap.fences.get(self.node)
         fenced = fence is not None or self.executor.ceph_refused
         self._ride_ok = not fenced
@@ -6685,33 +6718,43 @@ class Agent:
                     log.info("lost=%s: lost_at recorded in its node record", node)
 
     def _confirm_departures(self) -> None:
-        """With more than one watch (cells), a lease's expiry reaches this
-        agent in pieces: the claims on their shards' watches, the host
-        record on the base range's, and a reconcile may run in between.
-        Then the holder of a vanished claim still looks alive, and its loss
+        """With cells an agent has several watches, and a lease's expiry
+        reaches it in pieces: the claims on their shards' watches, the host
+        record on the base range's; a reconcile may run in between. Then
+        the holder of a vanished claim still looks alive, and its loss
         would be taken for a release: no hold for its owner after a
-        correlated loss (_held), no fence of it as a former writer. For
-        each VM of ClusterView.unconfirmed_departures, ask etcd once per
-        vanishing whether the claim's lease still exists; when it does not,
-        fold in the host record's deletion at the claim's revision, as the
-        watch will bring it (etcd deletes a lease's keys in one revision).
-        An etcd error leaves it to the watch."""
-        pending = self.view.unconfirmed_departures()
+        correlated loss (_held), no fence of it as a former writer. For the
+        VMs of ClusterView.unconfirmed_departures, ask etcd once per lease
+        (and vanishing) whether the claims' lease still exists; when it does
+        not, fold in the host record's deletion at the revision of the last
+        of its claims seen to vanish (etcd deletes a lease's keys in one
+        revision, and the expiry is at least as late as any release on
+        it), as the watch will bring it. With one watch (no cells) nothing
+        comes in pieces: nothing to do. An etcd error leaves it to the
+        watch."""
+        if self.view.interest is None:
+            return
+        pending = {vm: gone for vm, gone in self.view.unconfirmed_departures().items() if gone.host != self.node}
         self._departures_asked = {vm: r for vm, r in self._departures_asked.items() if vm in pending}
+        by_lease: dict[tuple[str, int], list[tuple[str, Vanished]]] = {}
         for vm, gone in sorted(pending.items()):
-            if self._departures_asked.get(vm) == gone.revision:
-                continue
+            if self._departures_asked.get(vm) != gone.revision:
+                by_lease.setdefault((gone.host, gone.lease), []).append((vm, gone))
+        for (host, lease), claims in sorted(by_lease.items()):
             try:
-                remaining, _ = self.store.lease_ttl(gone.lease)
+                remaining, _ = self.store.lease_ttl(lease)
+            except LeaseNotFound:
+                remaining = 0
             except StoreUnavailable as exc:
-                log.warning("vm=%s: could not ask etcd whether lease %x of %s still exists: %s",
-                            vm, gone.lease, gone.host, exc)
+                log.warning("node=%s: could not ask etcd whether lease %x still exists: %s", host, lease, exc)
                 return
-            self._departures_asked[vm] = gone.revision
+            for vm, gone in claims:
+                self._departures_asked[vm] = gone.revision
             if remaining <= 0:
-                log.info("vm=%s node=%s: its claim vanished with lease %x, which has expired: the node "
-                         "lapsed (its host record's deletion is on its way)", vm, gone.host, gone.lease)
-                self.view.note(self.keys.host(gone.host), None, gone.revision)
+                log.info("node=%s: the claims of %s vanished with lease %x, which has expired: the node lapsed "
+                         "(its host record's deletion is on its way)", host,
+                         ", ".join(vm for vm, _ in claims[:5]) + (", ..." if len(claims) > 5 else ""), lease)
+                self.view.fold_lapse(host, max(gone.revision for _, gone in claims))
 
     def _held(self, snap: Snapshot) -> set[str]:
         """VMs whose owner lost its lease in a correlated loss (etcd

@@ -448,7 +448,8 @@ def spread(per_node: dict[str, int]) -> dict[str, float]:
 
 def utilisation(nodes: list[NodeSpec], claims: dict[str, dict]) -> dict[str, float]:
     """Reserved vcpus per node as a % of its vcpus: stddev and max/min
-    (the spread that means something when node sizes differ)."""
+    (the spread that means something when node sizes differ), over every
+    claim at the end of the run (all trusted there: no node died)."""
     used: Counter[str] = Counter()
     for claim in claims.values():
         used[claim.get("host", "")] += int(claim.get("vcpus", 0))
@@ -667,7 +668,7 @@ COLUMNS = ["nodes", "mode", "agents pl/s", "central pl/s", "ratio", "lost/pl",
 
 
 def use_cell(u: dict[str, float]) -> str:
-    return f"{u['stddev']:.1f} ({u['max']:.0f}/{u['min']:.0f})"
+    return f"{u['stddev']:.1f} ({u['max']:.0f}%/{u['min']:.0f}%)"
 
 
 def row(r: dict) -> list[str]:

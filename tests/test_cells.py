@@ -3,6 +3,7 @@ view keeps, and agents in two cells on a real etcd (libvirt test:/// hosts)."""
 from __future__ import annotations
 
 import json
+import time
 import zlib
 
 import pytest
@@ -305,45 +306,54 @@ def test_destroy_deletes_the_entry_in_its_shard_and_one_written_the_old_way(clus
 
 
 def test_a_lapse_seen_in_pieces_is_confirmed_with_etcd(cluster: Cluster) -> None:
-    """With cells a lease's expiry comes on two watches: the claim's shard
-    and the host record's base range. An agent that saw only the claim go
-    asks etcd whether the claim's lease still exists: gone, it folds in
-    the host record's deletion at the claim's revision (the holder lapsed,
-    so it is fenced and held as after a lease expiry); alive, the claim was
-    deleted by its holder, which stays."""
+    """With cells a lease's expiry comes on two watches: the claims' shards
+    and the host record's base range. An agent that saw only the claims go
+    asks etcd, once per lease, whether their lease still exists: gone, it
+    folds in the host record's deletion at the revision of the last claim
+    seen to vanish (the expiry's), so after a correlated loss the node's
+    VMs are held for it, as with one watch; alive, the claim was deleted by
+    its holder (a release), which stays."""
     cluster.flavour("small", 1, 1024)
     _cells(cluster, 2)
     proc = cluster.agent("n1", start=False)
     agent = ms.Agent(ms.load_config(str(proc.config)))  # never started: the test feeds its view
+    leases = {n: cluster.store.grant_lease(30) for n in ("dead", "alive")}
     try:
-        leases = {n: cluster.store.grant_lease(30) for n in ("dead", "alive")}
+        claims = {"dead-1": "dead", "dead-2": "dead", "dead-released": "dead", "alive-released": "alive"}
         for node, lease in leases.items():
-            vm = f"{node}-vm"
-            cluster.desire(vm)
             cluster.store.put(cluster.keys.host(node), ms.HostState(8, 16384).encode(), lease)
+        for vm, node in claims.items():
+            cluster.desire(vm)
             cluster.store.put(cluster.keys.actual(vm), ms.ActualVM(host=node, state="running", vcpus=1,
-                                                                   ram_mb=1024).encode(), lease)
+                                                                   ram_mb=1024).encode(), leases[node])
         rev, entries = cluster.store.list_prefix(cluster.keys.all)
-        agent.view.load(rev, entries, interest=None)
-        cluster.store.revoke_lease(leases["dead"])  # etcd deletes its host record and claim in one revision
-        at = {"dead-vm": cluster.store.list_prefix(cluster.keys.config)[0]}  # nothing else writes meanwhile
-        cluster.store.delete(cluster.keys.actual("alive-vm"))  # a release: the holder's lease lives on
-        at["alive-vm"] = cluster.store.list_prefix(cluster.keys.config)[0]
+        agent.view.load(rev, entries, interest=ms.Interest(0, frozenset(range(64)), frozenset()))
+        at = {}
+        for vm in ("dead-released", "alive-released"):  # releases: their holders' leases live on
+            cluster.store.delete(cluster.keys.actual(vm))
+            at[vm] = cluster.store.list_prefix(cluster.keys.config)[0]  # nothing else writes meanwhile
+        cluster.store.revoke_lease(leases["dead"])  # etcd deletes its host record and claims in one revision
+        expiry = at["dead-1"] = at["dead-2"] = cluster.store.list_prefix(cluster.keys.config)[0]
         for vm, revision in at.items():  # only the claims' watch has delivered: the host records look live
             agent.view.apply(revision, [ms.KeyEvent(cluster.keys.actual(vm), None, revision)])
-        assert set(agent.view.unconfirmed_departures()) == {"dead-vm", "alive-vm"}
+        assert set(agent.view.unconfirmed_departures()) == set(claims)
         asked: list[int] = []
         lease_ttl = agent.store.lease_ttl  # the real etcd call, counted
         agent.store.lease_ttl = lambda lease: asked.append(lease) or lease_ttl(lease)  # type: ignore[method-assign]
         agent._confirm_departures()
-        assert sorted(asked) == sorted(leases.values())
+        assert sorted(asked) == sorted(leases.values())  # once per lease
         assert agent.view.entry(cluster.keys.host("dead")) is None
-        assert agent.view.lapsed["dead"][0] == agent.view.vanished["dead-vm"].revision
-        assert agent.view.entry(cluster.keys.host("alive")) is not None
-        assert "dead" not in agent.view.snapshot().hosts and "alive" in agent.view.snapshot().hosts
-        assert agent.view.unconfirmed_departures() == {"alive-vm": agent.view.vanished["alive-vm"]}
-        agent._confirm_departures()  # etcd is asked once per vanishing
+        assert agent.view.lapsed["dead"][0] == expiry  # the expiry's revision, not the earlier release's
+        snap = agent.view.snapshot()
+        assert "dead" not in snap.hosts and "alive" in snap.hosts
+        assert set(agent.view.unconfirmed_departures()) == {"alive-released"}
+        agent._confirm_departures()  # nothing new vanished: etcd is not asked again
         assert len(asked) == 2
+        agent._doubt = [[time.monotonic() - 1.0, time.monotonic()]]  # our own lease was in doubt: a correlated loss
+        assert agent._held(snap) == {"dead-1", "dead-2"}  # held for their owner; a release is not
+        # the watch brings the host record's deletion: nothing changes
+        assert not agent.view.apply(expiry, [ms.KeyEvent(cluster.keys.host("dead"), None, expiry)])
+        assert agent.view.lapsed["dead"][0] == expiry
     finally:
         agent.store.close()
         cluster.store.revoke_lease(leases["alive"])
