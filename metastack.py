@@ -1329,19 +1329,25 @@ class CellMap:
     Shard s belongs to cell ``s * cells // SHARDS`` (contiguous ranges of
     near-equal size). A cell with no live node (no host record on a lease)
     is adopted by the next cell that has one, so no VM waits for a cell
-    that is gone; when it comes back it serves its shards again. The nodes
+    that is gone; when it comes back it serves its shards again. A node
+    counts for its cell only while it takes work (``takes_work``: on a
+    lease, ready or recovering, not cordoned or draining): a cell whose
+    nodes are all cordoned, draining, fenced or degraded is adopted too, so
+    its VMs can be drained or placed elsewhere. The nodes
     of the serving cell are the only ones that place and claim a shard's
     VMs (but for VMs pinned to a node of another cell, which that node
     claims), so each agent watches the claims of its cell's shards only.
     With one cell (the default) every node serves every shard."""
 
     cells: int
-    live: frozenset[int]  # cells with at least one live node
+    live: frozenset[int]  # cells with at least one node that takes work
 
     @classmethod
-    def of(cls, cells: int, hosts: Mapping[str, "HostState"]) -> "CellMap":
-        """From the config's cell count and the host records (live: on a lease)."""
-        return cls(cells, frozenset(h.cell % cells for h in hosts.values() if h.lease))
+    def of(cls, cells: int, hosts: Mapping[str, "HostState"],
+           nodes: Mapping[str, "NodeRecord"]) -> "CellMap":
+        """From the config's cell count, the host records and the node
+        records (cordon, drain)."""
+        return cls(cells, frozenset(h.cell % cells for n, h in hosts.items() if takes_work(h, nodes.get(n))))
 
     def home(self, shard: int) -> int:
         return shard * self.cells // Keys.SHARDS
@@ -1358,6 +1364,13 @@ class CellMap:
     def shards_of(self, cell: int) -> frozenset[int]:
         """The shards ``cell`` serves now (its own and those it adopted)."""
         return frozenset(s for s in range(Keys.SHARDS) if self.serving(s) == cell)
+
+
+def takes_work(host: "HostState", rec: Optional["NodeRecord"]) -> bool:
+    """Whether a node makes its cell live (CellMap): its host record is on
+    a lease and says ready or recovering (a lease lost a moment ago: it
+    comes back), and its node record says neither cordon nor drain."""
+    return bool(host.lease) and host.state in ("ready", "recovering") and not (rec is not None and rec.unschedulable)
 
 
 def node_cell(node: str, cells: int, configured: Optional[int]) -> int:
@@ -1453,7 +1466,8 @@ def pending_reason(name: str, snap: "Snapshot") -> str:
         live = {vm.host: live[vm.host]}
     elif snap.cells is not None:  # only the nodes of the cell that serves its shard place it
         cell = snap.cells.serving(Keys.shard(name))
-        live = {n: h for n, h in live.items() if h.cell % snap.cells.cells == cell}
+        if cell is not None:  # else no node takes work in any cell: every live node says why
+            live = {n: h for n, h in live.items() if h.cell % snap.cells.cells == cell}
         if not live:
             return f"no live node in cell {cell} (its shard's)"
     members = group_members(snap).get(vm.group or "", {}) if vm.group is not None else {}
@@ -2279,6 +2293,21 @@ def in_cell(snap: Snapshot, node: str) -> bool:
     return snap.interest is None or (host is not None and host.cell == snap.interest.cell)
 
 
+def places(snap: Snapshot, node: str, vm: str) -> bool:
+    """Whether ``node`` is of the cell that places VM ``vm`` now (always,
+    with no cells): the cell that serves the VM's shard by ``snap.cells``
+    (its own cell's, or the adopting one's when no node of that cell takes
+    work), else, without a cell map, the snapshot's own cell."""
+    if snap.interest is None:
+        return True
+    host = snap.hosts.get(node)
+    if host is None:
+        return False
+    if snap.cells is not None:
+        return host.cell % snap.cells.cells == snap.cells.serving(Keys.shard(vm))
+    return host.cell == snap.interest.cell
+
+
 def first_in_cell(snap: Snapshot) -> Optional[str]:
     """The live node first by name among those of the snapshot's cell:
     who does the chores nobody owns (purging bogus claims, finished moves)."""
@@ -2851,7 +2880,7 @@ class ClusterView:
         if conf is not None:
             with contextlib.suppress(SpecError):
                 cells = ClusterConfig.parse(conf.value).cells
-                snap.cells = CellMap.of(cells, snap.hosts) if cells > 1 else None
+                snap.cells = CellMap.of(cells, snap.hosts, snap.nodes) if cells > 1 else None
         return snap
 
     def _fill_use(self, snap: Snapshot, use: Mapping[tuple[str, int], tuple[int, int, int]]) -> None:
@@ -3779,14 +3808,14 @@ def resolve(spec: Union[DesiredVM, SpecError], snap: Snapshot) -> Union[tuple[De
 def room_elsewhere(node: str, name: str, flav: Flavour, snap: Snapshot) -> list[str]:
     """Live nodes other than ``node`` that could take VM ``name`` now, by
     what they publish: ready, not cordoned or draining, not given up on it,
-    enough free vcpus and RAM; with cells, only nodes of this node's cell.
-    Pure."""
+    enough free vcpus and RAM; with cells, only nodes of the cell that
+    places the VM now (``places``). Pure."""
     out = []
     for other, host in sorted(snap.hosts.items()):
         rec = snap.nodes.get(other)
         if other == node or host.state != "ready" or (rec is not None and rec.unschedulable):
             continue
-        if not in_cell(snap, other):  # with cells: another cell never takes this cell's VMs (its room is unknown)
+        if not places(snap, other, name):  # with cells: no other cell takes the VM
             continue
         if name in dict(host.cannot):
             continue
@@ -6079,16 +6108,20 @@ class Agent:
         if cells <= 1:
             return None
         cell = node_cell(self.node, cells, self.cfg.cell)
-        live = {cell}
+        hosts: dict[str, HostState] = {}
+        records: dict[str, NodeRecord] = {}
         extra: set[str] = set()
         for key, entry in entries.items():
             split = self.keys.split(key)
             if split is None:
                 continue
             kind, name = split
-            if kind == "hosts" and entry.lease and name != self.node:
+            if kind == "hosts" and entry.lease:
                 with contextlib.suppress(SpecError):
-                    live.add(HostState.parse(entry.value).cell % cells)
+                    hosts[name] = dataclasses.replace(HostState.parse(entry.value), lease=entry.lease)
+            elif kind == "nodes":
+                with contextlib.suppress(SpecError):
+                    records[name] = NodeRecord.parse(name, entry.value)
             elif kind == "actual" and ActualVM.parse(entry.value).host == self.node:
                 extra.add(name)
             elif kind == "desired" and self.node.encode() in entry.value:
@@ -6097,7 +6130,7 @@ class Agent:
                         extra.add(name)
             elif kind == "pins" and name.startswith(f"{self.node}/"):
                 extra.add(name.partition("/")[2])
-        shards = CellMap(cells, frozenset(live)).shards_of(cell)
+        shards = CellMap(cells, self._live_cells(cells, hosts, records)).shards_of(cell)
         try:
             defined = frozenset(self.hv.domains())
         except HypervisorError as exc:  # keep the domains known before: a listing must not forget them
@@ -6114,6 +6147,19 @@ class Agent:
                  Keys.SHARDS, len(interest.extra))
         return interest
 
+    def _live_cells(self, cells: int, hosts: Mapping[str, HostState],
+                    records: Mapping[str, NodeRecord]) -> frozenset[int]:
+        """The cells with a node that takes work (``takes_work``: CellMap.of,
+        as every agent computes it), from live host records and node
+        records. This node counts by its own host record, or, while it has
+        none on a lease (a moment after losing its lease), by its node
+        record alone."""
+        live = {h.cell % cells for n, h in hosts.items() if n != self.node and takes_work(h, records.get(n))}
+        own, rec = hosts.get(self.node), records.get(self.node)
+        if (takes_work(own, rec) if own is not None and own.lease else not (rec is not None and rec.unschedulable)):
+            live.add(node_cell(self.node, cells, self.cfg.cell))
+        return frozenset(live)
+
     def _interest_stale(self, snap: Snapshot) -> bool:
         """Whether the view keeps the wrong shards: the cell count or the
         live cells changed (a cell's last node went or its first came), or
@@ -6123,7 +6169,7 @@ class Agent:
         if cells <= 1 or interest is None:
             return (cells > 1) != (interest is not None)
         cell = node_cell(self.node, cells, self.cfg.cell)
-        live = frozenset({cell} | {h.cell % cells for n, h in snap.hosts.items() if n != self.node})
+        live = self._live_cells(cells, snap.hosts, snap.nodes)
         if cell != interest.cell or CellMap(cells, live).shards_of(cell) != interest.cell_shards or self.view.missed:
             return True
         hinted = [split[1].partition("/")[2] for key in self.view.entries_under(f"{self.keys.dir('pins')}{self.node}/")

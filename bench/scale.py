@@ -727,6 +727,7 @@ def main() -> int:
     args = ap.parse_args()
     counts = [int(x) for x in args.nodes.split(",") if x.strip()]
     modes = ["burst", "stream"] if args.mode == "both" else [args.mode]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill by pid still stops our agents and etcd
     work = Path(tempfile.mkdtemp(prefix="metastack-scale-"))
     etcd = EtcdServer(work)
     etcd.start()

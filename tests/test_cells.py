@@ -395,3 +395,49 @@ def test_a_listing_while_libvirt_fails_keeps_the_vms_defined_here(cluster: Clust
     finally:
         agent.store.close()
         cluster.store.revoke_lease(lease)
+
+
+def test_a_cell_whose_nodes_take_no_work_is_adopted() -> None:
+    """A cell counts as live only through a node that takes work: on a
+    lease, ready or recovering, neither cordoned nor draining."""
+    def host(cell: int, state: str = "ready", lease: int = 7) -> ms.HostState:
+        return ms.HostState(8, 16384, state=state, cell=cell, lease=lease)
+    hosts = {"a1": host(0), "b1": host(1), "c1": host(2, "recovering"), "d1": host(3, "fenced"),
+             "e1": host(4, "degraded"), "f1": host(5, lease=0), "g1": host(6), "h1": host(7)}
+    nodes = {"g1": ms.NodeRecord(cordon=True), "h1": ms.NodeRecord(drain=True), "b1": ms.NodeRecord(address="x")}
+    assert ms.CellMap.of(8, hosts, nodes).live == frozenset({0, 1, 2})
+    assert ms.CellMap.of(8, hosts, {}).live == frozenset({0, 1, 2, 6, 7})
+
+
+def test_draining_the_only_node_of_a_cell_hands_its_vms_to_the_adopting_cell(cluster: Cluster, etcd, prefix) -> None:
+    """Cells of one node each: draining b1 leaves cell 1 without a node
+    that takes work, so cell 0 adopts its shards, and the drain hands b1's
+    VMs to a1 one by one; a VM of cell 1 created meanwhile goes to a1 too.
+    Once b1 is uncordoned, cell 1 serves its shards again."""
+    from click.testing import CliRunner
+    from metastackctl import cli
+
+    def ctl(*args: str):
+        return CliRunner().invoke(cli, ["--endpoints", etcd.endpoint, "--prefix", prefix, *args])
+    cluster.flavour("small", 1, 1024)
+    _cells(cluster, 2)
+    _agent_in_cell(cluster, "a1", 0)
+    _agent_in_cell(cluster, "b1", 1)
+    cluster.wait_hosts("a1", "b1")
+    _settled(cluster, 32)
+    vms = [vm_in(2, 1, 100 * i) for i in range(2)]
+    for vm in vms:
+        cluster.desire(vm)
+    assert set(cluster.wait_running(vms, 30).values()) == {("running", "b1")}
+    r = ctl("host", "drain", "b1", "--deadline", "60")
+    assert r.exit_code == 0, r.output
+    assert all(cluster.states()[vm] == ("running", "a1") for vm in vms)
+    late = vm_in(2, 1, 500)
+    cluster.desire(late)
+    assert cluster.wait_running([late], 30)[late] == ("running", "a1")
+    assert ctl("host", "uncordon", "b1").exit_code == 0
+    _settled(cluster, 32)
+    newer = vm_in(2, 1, 700)
+    cluster.desire(newer)
+    assert cluster.wait_running([newer], 30)[newer] == ("running", "b1")
+    assert all(cluster.states()[vm] == ("running", "a1") for vm in vms + [late])  # what moved stays put
