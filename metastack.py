@@ -1206,8 +1206,10 @@ class NodeRecord:
     """``/metastack/nodes/<node>``: a node as known to the cluster, whether
     or not it lives now; no lease. JSON: {"address", "first_seen"} written
     by the node's agent (created on first start), plus the operator's
-    cordon/drain state {"cordon": bool, "drain": bool, "reason", "by",
-    "since"} (``metastackctl host cordon|drain|uncordon``) and ``lost_at``
+    cordon/drain/evacuate state {"cordon": bool, "drain": bool, "evacuate":
+    bool, "reason", "by", "since"} (``metastackctl host
+    cordon|drain|evacuate|uncordon``; evacuate: see Agent._tend_evacuations)
+    and ``lost_at``
     (when a live node first saw the node's host record vanish; cleared when
     it registers again). Every writer changes only its own fields, by
     compare-and-swap, and keeps unknown keys (``extra``). Takers read the
@@ -1218,6 +1220,7 @@ class NodeRecord:
     first_seen: str = ""
     cordon: bool = False
     drain: bool = False
+    evacuate: bool = False
     reason: str = ""
     by: str = ""
     since: str = ""
@@ -1225,7 +1228,7 @@ class NodeRecord:
     extra: tuple[tuple[str, Any], ...] = ()
 
     TEXT = ("address", "first_seen", "reason", "by", "since", "lost_at")
-    FLAGS = ("cordon", "drain")
+    FLAGS = ("cordon", "drain", "evacuate")
 
     @classmethod
     def parse(cls, name: str, raw: bytes) -> "NodeRecord":
@@ -1237,8 +1240,8 @@ class NodeRecord:
 
     @property
     def unschedulable(self) -> bool:
-        """Cordoned or draining: claims nothing new."""
-        return self.cordon or self.drain
+        """Cordoned, draining or evacuated: claims nothing new."""
+        return self.cordon or self.drain or self.evacuate
 
     def encode(self) -> bytes:
         obj: dict[str, Any] = dict(self.extra)
@@ -1331,9 +1334,10 @@ class CellMap:
     is adopted by the next cell that has one, so no VM waits for a cell
     that is gone; when it comes back it serves its shards again. A node
     counts for its cell only while it takes work (``takes_work``: on a
-    lease, ready or recovering, not cordoned or draining): a cell whose
-    nodes are all cordoned, draining, fenced or degraded is adopted too, so
-    its VMs can be drained or placed elsewhere. The nodes
+    lease, not fenced, not cordoned, draining or evacuated): a cell whose
+    nodes all take no work is adopted too, so its VMs can be drained or
+    placed elsewhere; its nodes then watch the adopting cell's shards
+    (``watched_by``). The nodes
     of the serving cell are the only ones that place and claim a shard's
     VMs (but for VMs pinned to a node of another cell, which that node
     claims), so each agent watches the claims of its cell's shards only.
@@ -1361,6 +1365,19 @@ class CellMap:
                 return cell
         return None
 
+    def watched_by(self, cell: int) -> frozenset[int]:
+        """The shards the nodes of ``cell`` keep in their views (and count
+        the use of): those their cell serves; when their cell has no node
+        that takes work, those of the cell that adopted its shards (they
+        hand their VMs to that cell, so must see its nodes' use, and they
+        keep the memory of their own shards); when no cell has one, their
+        own cell's shards."""
+        if cell in self.live:
+            return self.shards_of(cell)
+        home = [s for s in range(Keys.SHARDS) if self.home(s) == cell]
+        adopter = self.serving(home[0]) if home else None
+        return frozenset(home) if adopter is None else self.shards_of(adopter)
+
     def shards_of(self, cell: int) -> frozenset[int]:
         """The shards ``cell`` serves now (its own and those it adopted)."""
         return frozenset(s for s in range(Keys.SHARDS) if self.serving(s) == cell)
@@ -1368,9 +1385,11 @@ class CellMap:
 
 def takes_work(host: "HostState", rec: Optional["NodeRecord"]) -> bool:
     """Whether a node makes its cell live (CellMap): its host record is on
-    a lease and says ready or recovering (a lease lost a moment ago: it
-    comes back), and its node record says neither cordon nor drain."""
-    return bool(host.lease) and host.state in ("ready", "recovering") and not (rec is not None and rec.unschedulable)
+    a lease and does not say fenced, and its node record says neither
+    cordon, drain nor evacuate. "degraded" (libvirt failing a moment) and
+    "recovering" (a lease lost a moment ago) still count: a cell is not
+    handed to another, with the re-lists that costs, for a passing fault."""
+    return bool(host.lease) and host.state != "fenced" and not (rec is not None and rec.unschedulable)
 
 
 def node_cell(node: str, cells: int, configured: Optional[int]) -> int:
@@ -1483,6 +1502,8 @@ def pending_reason(name: str, snap: "Snapshot") -> str:
             why.setdefault("fenced", []).append(node)
         elif host.state != "ready":  # "recovering": it lost its lease and takes back only its own VMs for now
             why.setdefault(host.state, []).append(node)
+        elif rec is not None and rec.evacuate:
+            why.setdefault("evacuated", []).append(node + (f" ({rec.reason})" if rec.reason else ""))
         elif rec is not None and rec.drain:
             why.setdefault("draining", []).append(node + (f" ({rec.reason})" if rec.reason else ""))
         elif rec is not None and rec.cordon:
@@ -2310,7 +2331,11 @@ def places(snap: Snapshot, node: str, vm: str) -> bool:
 
 def first_in_cell(snap: Snapshot) -> Optional[str]:
     """The live node first by name among those of the snapshot's cell:
-    who does the chores nobody owns (purging bogus claims, finished moves)."""
+    who does the chores nobody owns (purging bogus claims, finished moves,
+    pin hints). None when the cell serves no shard (its nodes take no work:
+    the adopting cell's first node does them)."""
+    if snap.interest is not None and snap.cells is not None and snap.interest.cell not in snap.cells.live:
+        return None
     return min((n for n in snap.hosts if in_cell(snap, n)), default=None)
 
 
@@ -5060,6 +5085,10 @@ class Executor:
         targets.discard(self.node)
         return sorted(t for t in targets if t not in snap.hosts)
 
+    def fence_node(self, node: str, snap: Snapshot) -> str:
+        """Fence ``node`` now, for no VM in particular (an evacuation): see _fence_node."""
+        return self._fence_node(node, snap)
+
     def _fence_node(self, node: str, snap: Snapshot, vm_of_fence: str = "") -> str:
         """Record that ``node`` is fenced (``fences/<node>``, first writer
         wins) and, when its address is its own (no other node registered
@@ -6086,7 +6115,8 @@ class Agent:
             except StorageError as exc:
                 log.warning("disk clean-up skipped: %s", exc)
             for node, record in snap.fences.items():
-                if record.state == "clean" and node != self.node and node not in self._cannot_lift:
+                evacuated = node in snap.nodes and snap.nodes[node].evacuate  # fenced until uncordoned
+                if record.state == "clean" and node != self.node and node not in self._cannot_lift and not evacuated:
                     self._lift_fence(record)
 
     def _cells(self, conf_entry: Optional[Entry]) -> int:
@@ -6130,7 +6160,7 @@ class Agent:
                         extra.add(name)
             elif kind == "pins" and name.startswith(f"{self.node}/"):
                 extra.add(name.partition("/")[2])
-        shards = CellMap(cells, self._live_cells(cells, hosts, records)).shards_of(cell)
+        shards = CellMap(cells, self._live_cells(cells, hosts, records)).watched_by(cell)
         try:
             defined = frozenset(self.hv.domains())
         except HypervisorError as exc:  # keep the domains known before: a listing must not forget them
@@ -6170,7 +6200,7 @@ class Agent:
             return (cells > 1) != (interest is not None)
         cell = node_cell(self.node, cells, self.cfg.cell)
         live = self._live_cells(cells, snap.hosts, snap.nodes)
-        if cell != interest.cell or CellMap(cells, live).shards_of(cell) != interest.cell_shards or self.view.missed:
+        if cell != interest.cell or CellMap(cells, live).watched_by(cell) != interest.cell_shards or self.view.missed:
             return True
         hinted = [split[1].partition("/")[2] for key in self.view.entries_under(f"{self.keys.dir('pins')}{self.node}/")
                   if (split := self.keys.split(key)) is not None]
@@ -6472,8 +6502,9 @@ class Agent:
         snap, _ = self.view.light()
         if len(snap.desired) <= 1:
             return  # one VM waits (a steady stream): nothing to gather, claim it now
+        now = time.monotonic()
         burst = len(snap.desired) > sum(1 for n in snap.hosts if in_cell(snap, n))
-        until = time.monotonic() + self.GATHER_MAX[1 if burst else 0]
+        until = now + self.GATHER_MAX[1 if burst else 0]
         while not self._full_due and time.monotonic() < until:
             woken = self._waker.wait(min(self.GATHER_QUIET, until - time.monotonic()))
             if not (woken or burst):
@@ -6631,7 +6662,8 @@ class Agent:
                 done.append(note)
         # moves: from a snapshot taken now, with this tick's claims (a move
         # that this tick completed is finished now, not at the next reconcile)
-        for chore in (lambda: self._record_lost(snap), lambda: self._finish_moves(self.view.snapshot()),
+        for chore in (lambda: self._tend_evacuations(snap),
+                      lambda: self._record_lost(snap), lambda: self._finish_moves(self.view.snapshot()),
                       self._tidy_group_guards, lambda: self._tend_pin_hints(snap)):
             try:  # best effort, for operators: never in the way of publishing the host record
                 chore()
@@ -6824,6 +6856,37 @@ class Agent:
         self._hold_ends = min(ends) if held and ends else None  # reconcile again when a hold ends
         return held
 
+    def _tend_evacuations(self, snap: Snapshot) -> None:
+        """``metastackctl host evacuate NODE`` (NODE's node record says
+        evacuate, and cordon): the first node by name that takes work
+        (``takes_work``) fences NODE at the storage layer (Executor.fence_node:
+        a fence record, and every Ceph client from NODE's address blocklisted
+        when that address is its own), then revokes the lease NODE's host
+        record and claims hang on. etcd deletes them in one revision, as if
+        NODE had died, and every agent fails NODE's VMs over as after a
+        death (the new owner blocklists the disk's open clients before it
+        boots it), whether or not NODE's agent still answers. Its agent, if
+        it runs, registers again, finds itself fenced, kills what it still
+        runs and claims nothing; it stays fenced and cordoned until
+        ``metastackctl host uncordon NODE``. Once per registration: a host
+        record NODE created after its fence record is left alone. Nothing
+        is revoked unless the fence succeeded (a Ceph error: next reconcile)."""
+        evacuated = {n for n, rec in snap.nodes.items() if rec.evacuate}
+        if not evacuated or min((n for n, h in snap.hosts.items() if takes_work(h, snap.nodes.get(n))),
+                                default=None) != self.node:
+            return
+        for node in sorted(evacuated & set(snap.hosts)):
+            host = self.view.entry(self.keys.host(node))
+            fence = self.view.entry(self.keys.fence(node))
+            if host is None or not host.lease or (fence is not None and fence.create_revision > 0
+                                                   and host.create_revision > fence.create_revision):
+                continue  # gone meanwhile, or registered again after its fence: done
+            how = self.executor.fence_node(node, snap)
+            log.warning("node=%s evacuate: fenced (%s); revoking its lease %x: its VMs fail over now",
+                        node, how, host.lease)
+            with contextlib.suppress(LeaseNotFound):
+                self.store.revoke_lease(host.lease)
+
     def _while_fenced(self, fence: Optional[FenceRecord], snap: Snapshot) -> str:
         """Our node is fenced: once no domain of ours runs, mark the fence
         record clean, and lift it if this node may (else whoever can does:
@@ -6853,6 +6916,9 @@ class Agent:
             self.view.note(key, clean.encode(), rev)
             log.warning("fenced: no stale domain runs here any more; fence record marked clean")
             fence = clean
+        rec = snap.nodes.get(self.node)
+        if rec is not None and rec.evacuate:
+            return "fenced (evacuated): stale domains gone; fenced until metastackctl host uncordon"
         if self.node not in self._cannot_lift and self._lift_fence(fence):
             self.executor.ceph_refused = False
             return "unfenced: stale domains gone, fence lifted"

@@ -383,11 +383,13 @@ def _node_record(store: ms.Store, node: str) -> tuple[Optional[ms.Entry], Option
 
 
 def set_node_schedule(store: ms.Store, node: Any, cordon: bool, drain: bool = False,
-                      reason: Optional[str] = None, by: str = "") -> ms.NodeRecord:
-    """Cordon (no new VMs), drain (cordon and hand every VM over) or
-    uncordon (both off) ``node``: its node record's cordon/drain fields, by
-    compare-and-swap so the agent's own updates are kept. A reason given
-    replaces the old one; ``since`` is when it became unschedulable."""
+                      reason: Optional[str] = None, by: str = "", evacuate: bool = False) -> ms.NodeRecord:
+    """Cordon (no new VMs), drain (cordon and hand every VM over), evacuate
+    (cordon, fence it and fail its VMs over: ms.Agent._tend_evacuations) or
+    uncordon (all off) ``node``: its node record's cordon/drain/evacuate
+    fields, by compare-and-swap so the agent's own updates are kept. A
+    reason given replaces the old one; ``since`` is when it became
+    unschedulable."""
     check_name(node, "node")
     if reason is not None and (not isinstance(reason, str) or len(reason) > 200):
         raise AdminError("invalid", "the reason must be text of at most 200 characters")
@@ -396,11 +398,11 @@ def set_node_schedule(store: ms.Store, node: Any, cordon: bool, drain: bool = Fa
         if entry is None or rec is None:
             known = ", ".join(_names(store, "nodes")) or "none"
             raise AdminError("missing", f"no node named {node!r} (known: {known})")
-        cordon = cordon or drain
+        cordon = cordon or drain or evacuate
         if not cordon:
-            new = dataclasses.replace(rec, cordon=False, drain=False, reason="", by="", since="")
+            new = dataclasses.replace(rec, cordon=False, drain=False, evacuate=False, reason="", by="", since="")
         else:
-            new = dataclasses.replace(rec, cordon=True, drain=drain,
+            new = dataclasses.replace(rec, cordon=True, drain=drain, evacuate=evacuate or rec.evacuate,
                                       reason=rec.reason if reason is None else reason,
                                       by=by or rec.by, since=rec.since if rec.unschedulable else ms.utc_now())
         if new == rec:
@@ -677,7 +679,8 @@ def scheduling(rec: Optional[ms.NodeRecord]) -> Optional[dict[str, Any]]:
     when it takes new VMs."""
     if rec is None or not rec.unschedulable:
         return None
-    return {"cordon": rec.cordon, "drain": rec.drain, "reason": rec.reason or None, "by": rec.by or None,
+    return {"cordon": rec.cordon, "drain": rec.drain, "evacuate": rec.evacuate, "reason": rec.reason or None,
+            "by": rec.by or None,
             "since": rec.since or None}
 
 
@@ -989,7 +992,8 @@ def host_cordon(c: Context, node: str, reason: Optional[str]) -> None:
 @click.argument("node", callback=name_arg("node"))
 @pass_ctx
 def host_uncordon(c: Context, node: str) -> None:
-    """Uncordon NODE (ends a cordon or a drain): it takes new VMs again."""
+    """Uncordon NODE (ends a cordon, a drain or an evacuation): it takes new
+    VMs again (an evacuated node first lifts its own clean fence)."""
     c.admin(set_node_schedule, c.store, node, False)
     click.echo(f"uncordoned {node}", err=True)
 
@@ -1006,7 +1010,8 @@ def _pinned_to(snap: ms.Snapshot, vm: str, node: str) -> bool:
 def _stays(snap: ms.Snapshot, vm: str, node: str) -> Optional[str]:
     """Why a drain leaves VM ``vm`` on ``node``, or None when it moves."""
     if _pinned_to(snap, vm, node):
-        return "stays: pinned here"
+        rec = snap.nodes.get(node)
+        return "stays: pinned here" + (" (stopped while it is evacuated)" if rec is not None and rec.evacuate else "")
     spec = snap.desired.get(vm)
     if spec is not None and isinstance(ms.resolve(spec, snap), str):
         return "stays: its desired entry cannot run anywhere (see list)"
@@ -1059,10 +1064,96 @@ def host_drain(c: Context, node: str, deadline: float, reason: Optional[str]) ->
     _drain_report(node, moved, left, snap)
 
 
-def _drain_report(node: str, moved: Mapping[str, str], left: Mapping[str, ms.ActualVM], snap: ms.Snapshot) -> None:
+@host.command("evacuate")
+@click.argument("node", callback=name_arg("node"))
+@click.option("--deadline", type=click.FloatRange(min=0), default=300, show_default=True,
+              help="Seconds to wait until its VMs are claimed elsewhere (the evacuation goes on after that).")
+@click.option("--reason", help="Why (shown by hosts and in pending VMs' reasons).")
+@click.option("--force", is_flag=True, help="Evacuate even when the other nodes lack room for some of its VMs "
+                                            "(those wait, stopped, until room appears).")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@pass_ctx
+def host_evacuate(c: Context, node: str, deadline: float, reason: Optional[str], force: bool, yes: bool) -> None:
+    """Evacuate NODE at once, without its help: for a node that is broken or
+    must go now (use `host drain` for a clean hand-over). NODE is cordoned
+    and marked evacuate; the first node that takes work fences it at the
+    storage layer (its Ceph clients blocklisted) and revokes its lease, so
+    its VMs fail over as after a death: each restarts on another node from
+    its own disk, without a clean shutdown. VMs pinned to NODE wait,
+    stopped. Refused (nothing written) when the other nodes lack room for
+    its VMs, unless --force. Waits until they are claimed elsewhere or the
+    deadline passes (exit 4). NODE stays fenced and cordoned until `host
+    uncordon NODE`."""
+    snap = c.snapshot()
+    if node not in snap.nodes and node not in snap.hosts:
+        known = ", ".join(sorted(snap.nodes)) or "none"
+        raise click.ClickException(f"no node named {node!r} (known: {known})")
+    first = _on_node(snap, node)
+    leaving = {vm: a for vm, a in first.items() if not _pinned_to(snap, vm, node)}
+    short = evacuation_shortfall(snap, node, leaving)
+    if short and not force:
+        raise click.ClickException(
+            f"the other nodes lack room for {len(short)} of the {len(leaving)} VM(s) on {node} "
+            f"({', '.join(short[:5])}{' ...' if len(short) > 5 else ''}): they would wait, stopped. "
+            f"Nothing was changed; use --force to evacuate anyway, or add room first")
+    if not yes:
+        click.confirm(f"Evacuate {node}: fence it and restart its {len(leaving)} VM(s) elsewhere from their "
+                      f"disks, without a clean shutdown?", abort=True, err=True)
+    c.admin(set_node_schedule, c.store, node, True, False, reason, operator(), True)
+    if node not in snap.hosts:
+        click.echo(f"{node} is not live: its VMs fail over by themselves; it is fenced if it comes back", err=True)
+    click.echo(f"evacuating {node}: {len(leaving)} VM(s) to restart elsewhere", err=True)
+    moved: dict[str, str] = {}
+    end = time.monotonic() + deadline
+    while True:
+        for vm in sorted(leaving):
+            claim = snap.actual.get(vm)
+            if vm not in moved and claim is not None and claim.host != node:
+                moved[vm] = claim.host
+                click.echo(f"  {vm} -> {claim.host} ({claim.state})", err=True)
+        waiting = sorted(vm for vm in leaving if vm in snap.desired and vm not in moved)
+        if not waiting:
+            break
+        if time.monotonic() >= end:
+            _drain_report(node, moved, {vm: leaving[vm] for vm in waiting}, snap, "not restarted elsewhere yet")
+            raise TimedOut(f"evacuation of {node} not finished after {deadline:.0f}s (it goes on): "
+                           f"{len(waiting)} VM(s) not claimed elsewhere yet")
+        time.sleep(0.5)
+        snap = c.snapshot()
+    _drain_report(node, moved, {vm: a for vm, a in first.items() if vm not in moved}, snap)
+    fence = snap.fences.get(node)
+    click.echo(f"{node}: " + (f"fenced by {fence.by} ({fence.mode}, {fence.state})" if fence else
+                              "not fenced yet (it is fenced as soon as it is live)"), err=True)
+
+
+def evacuation_shortfall(snap: ms.Snapshot, node: str, leaving: Mapping[str, ms.ActualVM]) -> list[str]:
+    """The VMs of ``leaving`` (those of ``node`` that may go elsewhere) that
+    would find no room on the other nodes that take work, placed largest
+    first, each on the node with the most free vcpus among those of the
+    cell that would serve its shard once ``node`` is out; [] when all fit.
+    An estimate from what the nodes publish, not a reservation."""
+    others = {n: h for n, h in snap.hosts.items() if n != node}
+    cmap = ms.CellMap.of(snap.cells.cells, others, snap.nodes) if snap.cells is not None else None
+    free = {n: list(ms.free_capacity(h)) for n, h in others.items() if ms.takes_work(h, snap.nodes.get(n))}
+    short = []
+    for vm, a in sorted(leaving.items(), key=lambda kv: (-kv[1].vcpus, -kv[1].ram_mb, kv[0])):
+        cell = cmap.serving(ms.Keys.shard(vm)) if cmap is not None else None
+        fits = [n for n, f in free.items() if f[0] >= a.vcpus and f[1] >= a.ram_mb
+                and (cmap is None or others[n].cell % cmap.cells == cell)]
+        if not fits:
+            short.append(vm)
+            continue
+        best = max(fits, key=lambda n: (free[n][0], free[n][1], n))
+        free[best][0] -= a.vcpus
+        free[best][1] -= a.ram_mb
+    return sorted(short)
+
+
+def _drain_report(node: str, moved: Mapping[str, str], left: Mapping[str, ms.ActualVM], snap: ms.Snapshot,
+                  waiting: str = "not handed over yet") -> None:
     rows = [[vm, node, to, (snap.actual[vm].state if vm in snap.actual else "pending")] for vm, to in sorted(moved.items())]
     for vm in sorted(left):
-        rows.append([vm, node, None, _stays(snap, vm, node) or "not handed over yet"])
+        rows.append([vm, node, None, _stays(snap, vm, node) or waiting])
     print_output(("VM", "FROM", "TO", "STATE"), rows, "table")
 
 

@@ -2,6 +2,7 @@
 view keeps, and agents in two cells on a real etcd (libvirt test:/// hosts)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import zlib
@@ -399,21 +400,35 @@ def test_a_listing_while_libvirt_fails_keeps_the_vms_defined_here(cluster: Clust
 
 def test_a_cell_whose_nodes_take_no_work_is_adopted() -> None:
     """A cell counts as live only through a node that takes work: on a
-    lease, ready or recovering, neither cordoned nor draining."""
+    lease, not fenced, neither cordoned, draining nor evacuated (a node
+    degraded or recovering for a moment still counts). The nodes of a cell
+    that is not live watch the shards of the cell that adopted theirs, and
+    leave the chores to that cell."""
     def host(cell: int, state: str = "ready", lease: int = 7) -> ms.HostState:
         return ms.HostState(8, 16384, state=state, cell=cell, lease=lease)
     hosts = {"a1": host(0), "b1": host(1), "c1": host(2, "recovering"), "d1": host(3, "fenced"),
              "e1": host(4, "degraded"), "f1": host(5, lease=0), "g1": host(6), "h1": host(7)}
     nodes = {"g1": ms.NodeRecord(cordon=True), "h1": ms.NodeRecord(drain=True), "b1": ms.NodeRecord(address="x")}
-    assert ms.CellMap.of(8, hosts, nodes).live == frozenset({0, 1, 2})
-    assert ms.CellMap.of(8, hosts, {}).live == frozenset({0, 1, 2, 6, 7})
+    assert ms.CellMap.of(8, hosts, nodes).live == frozenset({0, 1, 2, 4})
+    assert ms.CellMap.of(8, hosts, {}).live == frozenset({0, 1, 2, 4, 6, 7})
+    assert ms.CellMap.of(8, hosts, {"a1": ms.NodeRecord(evacuate=True)}).live == frozenset({1, 2, 4, 6, 7})
+    cmap = ms.CellMap(4, frozenset({0, 1}))  # cells 2 and 3 take no work: cell 0 serves their shards
+    assert cmap.watched_by(0) == frozenset(range(16)) | frozenset(range(32, 64)) == cmap.watched_by(2)
+    assert cmap.watched_by(1) == frozenset(range(16, 32))
+    assert ms.CellMap(4, frozenset()).watched_by(3) == frozenset(range(48, 64))  # no cell serves: its own
+    snap = ms.Snapshot({}, {}, {}, {"d2": ms.HostState(8, 16384, cell=2, lease=7)},
+                       interest=ms.Interest(2, cmap.watched_by(2), frozenset()), cells=cmap)
+    assert ms.first_in_cell(snap) is None  # cell 0's first node does the chores of the shards
+    assert ms.first_in_cell(dataclasses.replace(snap, cells=ms.CellMap(4, frozenset({2})))) == "d2"
 
 
 def test_draining_the_only_node_of_a_cell_hands_its_vms_to_the_adopting_cell(cluster: Cluster, etcd, prefix) -> None:
-    """Cells of one node each: draining b1 leaves cell 1 without a node
-    that takes work, so cell 0 adopts its shards, and the drain hands b1's
-    VMs to a1 one by one; a VM of cell 1 created meanwhile goes to a1 too.
-    Once b1 is uncordoned, cell 1 serves its shards again."""
+    """Cell 1 has one node, b1: draining it leaves cell 1 without a node
+    that takes work, so cell 0 adopts its shards and b1 watches cell 0's.
+    While cell 0's only node is full, b1 sees that and releases nothing;
+    once a2 joins cell 0, the drain hands b1's VMs to it, and a VM of cell
+    1 created meanwhile goes there too. Once b1 is uncordoned, cell 1
+    serves its shards again: a new VM of cell 1 goes to b1."""
     from click.testing import CliRunner
     from metastackctl import cli
 
@@ -421,23 +436,32 @@ def test_draining_the_only_node_of_a_cell_hands_its_vms_to_the_adopting_cell(clu
         return CliRunner().invoke(cli, ["--endpoints", etcd.endpoint, "--prefix", prefix, *args])
     cluster.flavour("small", 1, 1024)
     _cells(cluster, 2)
-    _agent_in_cell(cluster, "a1", 0)
+    proc = cluster.agent("a1", vcpus=1, ram_mb=4096, start=False)
+    proc.config.write_text(proc.config.read_text().replace("[libvirt]", "cell = 0\n[libvirt]", 1))
+    proc.start()
     _agent_in_cell(cluster, "b1", 1)
     cluster.wait_hosts("a1", "b1")
     _settled(cluster, 32)
+    filler = vm_in(2, 0, 0, "f")
     vms = [vm_in(2, 1, 100 * i) for i in range(2)]
-    for vm in vms:
+    for vm in [filler] + vms:
         cluster.desire(vm)
-    assert set(cluster.wait_running(vms, 30).values()) == {("running", "b1")}
+    states = cluster.wait_running([filler] + vms, 30)
+    assert states[filler] == ("running", "a1") and all(states[vm] == ("running", "b1") for vm in vms)
+    r = ctl("host", "drain", "b1", "--deadline", "5")
+    assert r.exit_code == 4 and "2 to hand over" in r.output, r.output
+    assert all(cluster.states()[vm] == ("running", "b1") for vm in vms)  # a1 is full: nothing was stopped
+    _agent_in_cell(cluster, "a2", 0)
+    cluster.wait_hosts("a2")
     r = ctl("host", "drain", "b1", "--deadline", "60")
     assert r.exit_code == 0, r.output
-    assert all(cluster.states()[vm] == ("running", "a1") for vm in vms)
+    assert set(cluster.wait_running(vms, 30)[vm] for vm in vms) == {("running", "a2")}
     late = vm_in(2, 1, 500)
     cluster.desire(late)
-    assert cluster.wait_running([late], 30)[late] == ("running", "a1")
+    assert cluster.wait_running([late], 30)[late] == ("running", "a2")
     assert ctl("host", "uncordon", "b1").exit_code == 0
     _settled(cluster, 32)
     newer = vm_in(2, 1, 700)
     cluster.desire(newer)
     assert cluster.wait_running([newer], 30)[newer] == ("running", "b1")
-    assert all(cluster.states()[vm] == ("running", "a1") for vm in vms + [late])  # what moved stays put
+    assert all(cluster.states()[vm] == ("running", "a2") for vm in vms + [late])  # what moved stays put

@@ -178,6 +178,37 @@ def test_cells_boot_a_guest_in_its_cell_and_another_cell_takes_it_over_when_its_
     assert c.states()[vm] == ("running", "node2")
 
 
+def test_evacuate_fences_the_node_and_its_guest_boots_elsewhere_from_its_disk(real_cluster: Cluster,
+                                                                              guest: Path) -> None:
+    """`host evacuate node1` while its agent still runs: node2 fences node1
+    and revokes its lease; the guest boots on node2 from the same RBD disk
+    (its boot counter goes on) after the disk's open clients were
+    blocklisted; node1 registers again, kills its stale copy and stays
+    fenced and cordoned until uncordoned."""
+    c = real_cluster
+    setup(c, guest, "node1")
+    assert ctl(c, "create", "evac", "--flavour", "tiny", "--image", "tiny").exit_code == 0
+    wait_boot(c, "evac", 1)
+    disk = c.actual()["evac"]["disk"]
+    c.agent("node2", vcpus=2, ram_mb=1024)
+    c.wait_hosts("node2")
+    n1 = c.agents[0]
+    mark = len(n1.log())
+    r = ctl(c, "host", "evacuate", "node1", "--yes", "--reason", "test", "--deadline", "60")
+    assert r.exit_code == 0, r.output
+    wait_for(lambda: c.states().get("evac") == ("running", "node2"), 60, what="evac on node2")
+    assert c.actual()["evac"]["disk"] == disk
+    wait_boot(c, "evac", 2)  # the same disk: its counter goes on
+    fence = json.loads(c.store.get(c.keys.fence("node1")).value)
+    assert fence["by"] == "node2"
+    wait_for(lambda: "fenced (evacuated)" in n1.log()[mark:], 30, what="node1 to stay fenced")
+    assert "evac.node1" not in virsh("list", "--all", "--name")
+    assert c.hosts()["node1"]["state"] == "fenced" and c.states()["evac"] == ("running", "node2")
+    assert ctl(c, "host", "uncordon", "node1").exit_code == 0
+    wait_for(lambda: c.store.get(c.keys.fence("node1")) is None, 30, what="node1 lifts its clean fence")
+    assert c.states()["evac"] == ("running", "node2")
+
+
 def test_crashed_guest_is_reported_and_restarted(real_cluster: Cluster, guest: Path) -> None:
     c = real_cluster
     setup(c, guest, "node1")

@@ -3,6 +3,7 @@ drain interrupted then resumed), move, resize, driven by metastackctl."""
 from __future__ import annotations
 
 import json
+import signal
 from collections import Counter
 
 import pytest
@@ -272,3 +273,62 @@ def test_syslog_lines_name_the_vm_and_the_node_and_a_node_seen_dead(ctl, cluster
         stop.set()
         t.join(2)
         sock.close()
+
+
+def test_evacuate_fences_a_stuck_node_and_its_vms_restart_elsewhere(ctl, cluster: Cluster, store) -> None:
+    """An agent that no longer answers (SIGSTOP) holds its VMs as long as
+    its lease lives (60 s here). `host evacuate` does not wait for it: it
+    is refused while the other nodes lack room (nothing written); then the
+    first node that takes work fences node1 and revokes its lease, and its
+    VMs restart on the others well before that lease could lapse; the VM
+    pinned to node1 waits. node1, once it answers again, registers anew,
+    finds itself fenced, kills its stale copies and claims nothing; it stays
+    fenced and cordoned until `host uncordon`."""
+    cluster.flavour("small", 1, 512)
+    n1 = cluster.agent("node1", start=False)
+    n1.config.write_text(n1.config.read_text().replace(f"lease_ttl = {cluster.ttl}", "lease_ttl = 60"))
+    n1.start()
+    cluster.wait_hosts("node1")
+    vms = ["e0", "e1", "e2"]
+    for vm in vms + ["pin"]:
+        assert ctl("create", vm, "--flavour", "small", *(["--host", "node1"] if vm == "pin" else [])).exit_code == 0
+    cluster.wait_running(vms + ["pin"])
+    cluster.agent("node2", vcpus=2, ram_mb=4096)  # room for 2 of the 3
+    cluster.wait_hosts("node2")
+    before = node_record(store, "node1")
+    r = ctl("host", "evacuate", "node1", "--yes")
+    assert r.exit_code == 1 and "lack room for 1 of the 3 VM(s) on node1" in r.output, r.output
+    assert node_record(store, "node1") == before
+    cluster.agent("node3", vcpus=8, ram_mb=16384)
+    cluster.wait_hosts("node3")
+    lease = cluster.store.get(cluster.keys.host("node1")).lease
+    n1.signal(signal.SIGSTOP)
+    try:
+        r = ctl("host", "evacuate", "node1", "--yes", "--reason", "bad DIMM", "--deadline", "30")
+        assert r.exit_code == 0, r.output
+        states = cluster.states()
+        assert all(states[vm][0] == "running" and states[vm][1] in ("node2", "node3") for vm in vms), states
+        assert "pin" not in cluster.actual()
+        assert cluster.store.lease_ttl(lease)[0] <= 0  # revoked: not waiting out its 60 s
+        fence = json.loads(cluster.store.get(cluster.keys.fence("node1")).value)
+        assert fence["by"] == "node2", fence
+        assert "stays: pinned here (stopped while it is evacuated)" in r.output and "fenced by node2" in r.output
+        rec = node_record(store, "node1")
+        assert rec["evacuate"] is True and rec["cordon"] is True and rec["reason"] == "bad DIMM"
+        hosts = {h["node"]: h for h in json.loads(ctl("hosts", "-o", "json").stdout)}
+        assert hosts["node1"]["scheduling"]["evacuate"] is True
+    finally:
+        n1.signal(signal.SIGCONT)
+    mark = len(n1.log())
+    cluster.wait_hosts("node1")  # registered again, with a new lease
+    wait_for(lambda: "fenced (evacuated)" in n1.log()[mark:], 30, what="node1 to kill its stale copies and stay fenced")
+    assert all(f"vm={vm} decision=kill: killed local domain" in n1.log()[mark:] for vm in vms + ["pin"]), n1.log()[mark:]
+    assert "claimed" not in n1.log()[mark:]
+    assert json.loads(cluster.store.get(cluster.keys.fence("node1")).value)["state"] == "clean"
+    assert cluster.hosts()["node1"]["state"] == "fenced"
+    assert all(cluster.states()[vm][1] in ("node2", "node3") for vm in vms)
+    assert ctl("host", "uncordon", "node1").exit_code == 0
+    wait_for(lambda: cluster.store.get(cluster.keys.fence("node1")) is None, 30, what="node1 lifts its clean fence")
+    # back in service: after its lease loss it claims nothing new for its grace, then its pinned VM
+    wait_for(lambda: cluster.hosts()["node1"]["state"] == "recovering", 30, what="node1 no longer fenced")
+    assert node_record(store, "node1").get("evacuate") is None
