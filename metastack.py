@@ -2333,8 +2333,10 @@ def first_in_cell(snap: Snapshot) -> Optional[str]:
     """The live node first by name among those of the snapshot's cell:
     who does the chores nobody owns (purging bogus claims, finished moves,
     pin hints). None when the cell serves no shard (its nodes take no work:
-    the adopting cell's first node does them)."""
-    if snap.interest is not None and snap.cells is not None and snap.interest.cell not in snap.cells.live:
+    the adopting cell's first node does them); when no cell takes work,
+    each cell's first node does its own cell's."""
+    if (snap.interest is not None and snap.cells is not None and snap.cells.live
+            and snap.interest.cell not in snap.cells.live):
         return None
     return min((n for n in snap.hosts if in_cell(snap, n)), default=None)
 
@@ -5883,6 +5885,7 @@ class Agent:
         self._handed: dict[str, float] = {}  # VMs the drain released -> when (monotonic)
         self._defined: frozenset[str] = frozenset()  # the domains defined here, as of the last listing with cells
         self._domains_unlisted = False  # the last listing could not ask libvirt for them
+        self._evacuating: set[str] = set()  # evacuated nodes fenced, their lease not yet revoked (logged once)
         self._departures_asked: dict[str, int] = {}  # vm -> the vanishing (revision) whose lease etcd was asked about
         self._seen_dead: set[str] = set()  # nodes whose death we logged
         self.last_decision = ""
@@ -6463,7 +6466,8 @@ class Agent:
                 decision = f"libvirt error: {exc}"
                 self._libvirt_down = True
                 with contextlib.suppress(MetaStackError):  # say so, so nobody places new work here meanwhile
-                    self._publish_host()
+                    self._publish_host(self.view.entry(self.keys.fence(self.node)) is not None
+                                       or self.executor.ceph_refused)
             except Exception:  # a bug must not kill the agent while VMs run
                 failures += 1
                 log.exception("unexpected error in reconcile")
@@ -6596,6 +6600,10 @@ class Agent:
         self._looking()
         self._confirm_departures()
         snap = self.view.snapshot()
+        self._apply_cluster_config()
+        if self._interest_stale(snap):  # the wrong shards (a cell came or went): plan from the right ones
+            self._resync()
+            snap = self.view.snapshot()
         domains = self.hv.domains()
         self._libvirt_down = False  # libvirt answers: the host record says ready again below
         if self._domains_unlisted:  # the last listing did without them: list again, with them
@@ -6604,10 +6612,6 @@ class Agent:
         fence = snap.fences.get(self.node)
         fenced = fence is not None or self.executor.ceph_refused
         self._ride_ok = not fenced
-        self._apply_cluster_config()
-        if self._interest_stale(snap):
-            self._need_relist = True  # the next reconcile lists again, with the right shards
-            self.wake()
         cannot = self.executor.cannot(snap)
         rec = snap.nodes.get(self.node)
         held = self._held(snap)
@@ -6865,12 +6869,18 @@ class Agent:
         record and claims hang on. etcd deletes them in one revision, as if
         NODE had died, and every agent fails NODE's VMs over as after a
         death (the new owner blocklists the disk's open clients before it
-        boots it), whether or not NODE's agent still answers. Its agent, if
-        it runs, registers again, finds itself fenced, kills what it still
-        runs and claims nothing; it stays fenced and cordoned until
-        ``metastackctl host uncordon NODE``. Once per registration: a host
-        record NODE created after its fence record is left alone. Nothing
-        is revoked unless the fence succeeded (a Ceph error: next reconcile)."""
+        boots it), whether or not NODE's agent still kills them. The revoke
+        waits until it is safe: at once when every Ceph client from NODE's
+        address is blocklisted (a QEMU that NODE's agent starts late cannot
+        write), else until NODE's host record says fenced (its agent has
+        seen the fence: it starts nothing any more, and no start of its is
+        still on its way); an agent that never says so is stuck, and its
+        lease lapses by itself, as after a death. NODE's agent, if it runs,
+        registers again, finds itself fenced, kills what it still runs and
+        claims nothing; it stays fenced and cordoned until ``metastackctl
+        host uncordon NODE``. Once per registration: a host record NODE
+        created after its fence record is left alone. Nothing is revoked
+        unless the fence succeeded (a Ceph error: the next reconcile)."""
         evacuated = {n for n, rec in snap.nodes.items() if rec.evacuate}
         if not evacuated or min((n for n, h in snap.hosts.items() if takes_work(h, snap.nodes.get(n))),
                                 default=None) != self.node:
@@ -6882,6 +6892,17 @@ class Agent:
                                                    and host.create_revision > fence.create_revision):
                 continue  # gone meanwhile, or registered again after its fence: done
             how = self.executor.fence_node(node, snap)
+            record = FenceRecord.parse(node, self.view.entry(self.keys.fence(node)).value)
+            if not (record.mode == "range" and record.address) and snap.hosts[node].state != "fenced":
+                # No blocklist of its address: only its agent's own word that it starts nothing
+                # more (its host record says fenced) makes the revoke safe; an agent that never
+                # says so is stuck, and its lease lapses by itself, as after a death.
+                if node not in self._evacuating:
+                    self._evacuating.add(node)
+                    log.warning("node=%s evacuate: fenced (%s); waiting for it to say so before its lease is "
+                                "revoked (or for its lease to lapse)", node, how)
+                continue
+            self._evacuating.discard(node)
             log.warning("node=%s evacuate: fenced (%s); revoking its lease %x: its VMs fail over now",
                         node, how, host.lease)
             with contextlib.suppress(LeaseNotFound):

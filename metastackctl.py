@@ -950,6 +950,10 @@ def host_unfence(c: Context, node: str, force: bool, yes: bool) -> None:
     entry = c.call(c.store.get, c.keys.fence(node))
     if entry is None:
         raise click.ClickException(f"node {node!r} is not fenced")
+    _, record = c.call(_node_record, c.store, node)
+    if record is not None and record.evacuate and not force:
+        raise click.ClickException(f"node {node!r} is evacuated: its fence stays until `host uncordon {node}` "
+                                   f"(lifting it now would only see it fenced again); or use --force")
     try:
         rec = ms.FenceRecord.parse(node, entry.value)
     except ms.SpecError as exc:
@@ -1077,7 +1081,9 @@ def host_evacuate(c: Context, node: str, deadline: float, reason: Optional[str],
     """Evacuate NODE at once, without its help: for a node that is broken or
     must go now (use `host drain` for a clean hand-over). NODE is cordoned
     and marked evacuate; the first node that takes work fences it at the
-    storage layer (its Ceph clients blocklisted) and revokes its lease, so
+    storage layer (its Ceph clients blocklisted) and revokes its lease once
+    that is safe (at once when its address is blocklisted, else once its
+    agent says it is fenced; a stuck agent's lease lapses by itself), so
     its VMs fail over as after a death: each restarts on another node from
     its own disk, without a clean shutdown. VMs pinned to NODE wait,
     stopped. Refused (nothing written) when the other nodes lack room for
@@ -1090,6 +1096,7 @@ def host_evacuate(c: Context, node: str, deadline: float, reason: Optional[str],
         raise click.ClickException(f"no node named {node!r} (known: {known})")
     first = _on_node(snap, node)
     leaving = {vm: a for vm, a in first.items() if not _pinned_to(snap, vm, node)}
+    pinned = sorted(vm for vm in snap.desired if _pinned_to(snap, vm, node))  # claimed there or not
     short = evacuation_shortfall(snap, node, leaving)
     if short and not force:
         raise click.ClickException(
@@ -1097,12 +1104,14 @@ def host_evacuate(c: Context, node: str, deadline: float, reason: Optional[str],
             f"({', '.join(short[:5])}{' ...' if len(short) > 5 else ''}): they would wait, stopped. "
             f"Nothing was changed; use --force to evacuate anyway, or add room first")
     if not yes:
+        stop = f"; {len(pinned)} pinned to it stop and wait ({', '.join(pinned[:5])})" if pinned else ""
         click.confirm(f"Evacuate {node}: fence it and restart its {len(leaving)} VM(s) elsewhere from their "
-                      f"disks, without a clean shutdown?", abort=True, err=True)
+                      f"disks, without a clean shutdown{stop}?", abort=True, err=True)
     c.admin(set_node_schedule, c.store, node, True, False, reason, operator(), True)
     if node not in snap.hosts:
         click.echo(f"{node} is not live: its VMs fail over by themselves; it is fenced if it comes back", err=True)
-    click.echo(f"evacuating {node}: {len(leaving)} VM(s) to restart elsewhere", err=True)
+    click.echo(f"evacuating {node}: {len(leaving)} VM(s) to restart elsewhere"
+               + (f", {len(pinned)} pinned to it" if pinned else ""), err=True)
     moved: dict[str, str] = {}
     end = time.monotonic() + deadline
     while True:
@@ -1120,10 +1129,11 @@ def host_evacuate(c: Context, node: str, deadline: float, reason: Optional[str],
                            f"{len(waiting)} VM(s) not claimed elsewhere yet")
         time.sleep(0.5)
         snap = c.snapshot()
-    _drain_report(node, moved, {vm: a for vm, a in first.items() if vm not in moved}, snap)
+    _drain_report(node, moved, {vm: None for vm in sorted(set(first) | set(pinned)) if vm not in moved}, snap)
     fence = snap.fences.get(node)
     click.echo(f"{node}: " + (f"fenced by {fence.by} ({fence.mode}, {fence.state})" if fence else
-                              "not fenced yet (it is fenced as soon as it is live)"), err=True)
+                              "not fenced yet (the first node that takes work fences it while it is live)"),
+               err=True)
 
 
 def evacuation_shortfall(snap: ms.Snapshot, node: str, leaving: Mapping[str, ms.ActualVM]) -> list[str]:
@@ -1134,7 +1144,8 @@ def evacuation_shortfall(snap: ms.Snapshot, node: str, leaving: Mapping[str, ms.
     An estimate from what the nodes publish, not a reservation."""
     others = {n: h for n, h in snap.hosts.items() if n != node}
     cmap = ms.CellMap.of(snap.cells.cells, others, snap.nodes) if snap.cells is not None else None
-    free = {n: list(ms.free_capacity(h)) for n, h in others.items() if ms.takes_work(h, snap.nodes.get(n))}
+    free = {n: list(ms.free_capacity(h)) for n, h in others.items()
+            if h.state == "ready" and ms.takes_work(h, snap.nodes.get(n))}
     short = []
     for vm, a in sorted(leaving.items(), key=lambda kv: (-kv[1].vcpus, -kv[1].ram_mb, kv[0])):
         cell = cmap.serving(ms.Keys.shard(vm)) if cmap is not None else None
@@ -1149,7 +1160,7 @@ def evacuation_shortfall(snap: ms.Snapshot, node: str, leaving: Mapping[str, ms.
     return sorted(short)
 
 
-def _drain_report(node: str, moved: Mapping[str, str], left: Mapping[str, ms.ActualVM], snap: ms.Snapshot,
+def _drain_report(node: str, moved: Mapping[str, str], left: Mapping[str, Optional[ms.ActualVM]], snap: ms.Snapshot,
                   waiting: str = "not handed over yet") -> None:
     rows = [[vm, node, to, (snap.actual[vm].state if vm in snap.actual else "pending")] for vm, to in sorted(moved.items())]
     for vm in sorted(left):

@@ -50,8 +50,8 @@ ARRIVALS/S (stream), --mixed (node sizes 16/32/48 vcpus and flavours
 small/medium/large), --per-process K (K agents per process, via
 bench/agents_host.py), --central/--no-central, --idle SECONDS, --watch auto|json|grpc (the agents' watch transport), --ttl
 SECONDS (the agents' lease_ttl, default 5), --cell-size K (cells of about K
-nodes: the cluster config's "cells" and each agent's [node] cell, round
-robin; default: no cells), --json FILE,
+nodes: the cluster config's "cells" and each agent's [node] cell, dealt
+round robin in order of node size; default: no cells), --json FILE,
 --keep (leave the work directory for the logs).
 """
 from __future__ import annotations
@@ -164,7 +164,7 @@ class Fleet:
         self.nodes = nodes
         self.per_process = per_process
         self.procs: list[tuple[subprocess.Popen, int, Path]] = []  # (process, agents in it, log)
-        self.inis = [self._ini(etcd, prefix, n, i % cells) for i, n in enumerate(nodes)]
+        self.inis = [self._ini(etcd, prefix, n, c) for n, c in zip(nodes, balanced_cells(nodes, cells))]
 
     def _ini(self, etcd: EtcdServer, prefix: str, n: NodeSpec, cell: int = 0) -> Path:
         uri = f"test://{node_xml(self.dir / f'{n.name}.xml', n.vcpus, n.ram_mb)}"
@@ -446,6 +446,17 @@ def spread(per_node: dict[str, int]) -> dict[str, float]:
     return {"stddev": statistics.pstdev(counts), "max": max(counts), "min": min(counts)}
 
 
+def balanced_cells(nodes: list[NodeSpec], cells: int) -> list[int]:
+    """Each node's cell, dealt round robin in order of size, so that every
+    cell gets about the same capacity, as an operator would configure them
+    (cells of unequal capacity get equal shares of the VMs, by the hash of
+    their names); with equal nodes, plain round robin."""
+    out = [0] * len(nodes)
+    for pos, i in enumerate(sorted(range(len(nodes)), key=lambda i: (nodes[i].vcpus, i))):
+        out[i] = pos % max(1, cells)
+    return out
+
+
 def utilisation(nodes: list[NodeSpec], claims: dict[str, dict]) -> dict[str, float]:
     """Reserved vcpus per node as a % of its vcpus: stddev and max/min
     (the spread that means something when node sizes differ), over every
@@ -721,7 +732,7 @@ def main() -> int:
                     help="the agents' resync_interval (default: the agent's own default)")
     ap.add_argument("--cell-size", type=int, default=0, metavar="K",
                     help="about K nodes per cell: the cluster config gets cells = round(nodes / K) and each agent's ini "
-                         "a cell, round robin (default 0: no cells)")
+                         "a cell, dealt round robin in order of node size (default 0: no cells)")
     ap.add_argument("--json", metavar="FILE")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs) and print its path")
     args = ap.parse_args()

@@ -275,15 +275,16 @@ def test_syslog_lines_name_the_vm_and_the_node_and_a_node_seen_dead(ctl, cluster
         sock.close()
 
 
-def test_evacuate_fences_a_stuck_node_and_its_vms_restart_elsewhere(ctl, cluster: Cluster, store) -> None:
-    """An agent that no longer answers (SIGSTOP) holds its VMs as long as
-    its lease lives (60 s here). `host evacuate` does not wait for it: it
-    is refused while the other nodes lack room (nothing written); then the
-    first node that takes work fences node1 and revokes its lease, and its
-    VMs restart on the others well before that lease could lapse; the VM
-    pinned to node1 waits. node1, once it answers again, registers anew,
-    finds itself fenced, kills its stale copies and claims nothing; it stays
-    fenced and cordoned until `host uncordon`."""
+def test_evacuate_fences_a_node_and_revokes_its_lease_only_once_it_says_so(ctl, cluster: Cluster, store) -> None:
+    """`host evacuate node1` is refused while the other nodes lack room
+    (nothing written). With room, node2 (the first node that takes work)
+    fences node1; node1's address is not its own here (no blocklist of it),
+    so while node1's agent is stuck (SIGSTOP; its lease lives 60 s) node2
+    waits and nothing moves: a stuck agent may still be starting a VM.
+    Once node1 answers, it sees its fence, kills its copies and says it is
+    fenced; node2 revokes its lease and its VMs restart on the others (the
+    one pinned to node1 waits). node1 stays fenced and cordoned (unfence is
+    refused) until `host uncordon`."""
     cluster.flavour("small", 1, 512)
     n1 = cluster.agent("node1", start=False)
     n1.config.write_text(n1.config.read_text().replace(f"lease_ttl = {cluster.ttl}", "lease_ttl = 60"))
@@ -293,7 +294,7 @@ def test_evacuate_fences_a_stuck_node_and_its_vms_restart_elsewhere(ctl, cluster
     for vm in vms + ["pin"]:
         assert ctl("create", vm, "--flavour", "small", *(["--host", "node1"] if vm == "pin" else [])).exit_code == 0
     cluster.wait_running(vms + ["pin"])
-    cluster.agent("node2", vcpus=2, ram_mb=4096)  # room for 2 of the 3
+    n2 = cluster.agent("node2", vcpus=2, ram_mb=4096)  # room for 2 of the 3
     cluster.wait_hosts("node2")
     before = node_record(store, "node1")
     r = ctl("host", "evacuate", "node1", "--yes")
@@ -304,31 +305,39 @@ def test_evacuate_fences_a_stuck_node_and_its_vms_restart_elsewhere(ctl, cluster
     lease = cluster.store.get(cluster.keys.host("node1")).lease
     n1.signal(signal.SIGSTOP)
     try:
-        r = ctl("host", "evacuate", "node1", "--yes", "--reason", "bad DIMM", "--deadline", "30")
-        assert r.exit_code == 0, r.output
-        states = cluster.states()
-        assert all(states[vm][0] == "running" and states[vm][1] in ("node2", "node3") for vm in vms), states
-        assert "pin" not in cluster.actual()
-        assert cluster.store.lease_ttl(lease)[0] <= 0  # revoked: not waiting out its 60 s
-        fence = json.loads(cluster.store.get(cluster.keys.fence("node1")).value)
-        assert fence["by"] == "node2", fence
-        assert "stays: pinned here (stopped while it is evacuated)" in r.output and "fenced by node2" in r.output
+        r = ctl("host", "evacuate", "node1", "--yes", "--reason", "bad DIMM", "--deadline", "2")
+        assert r.exit_code == 4 and "3 VM(s) not claimed elsewhere yet" in r.output, r.output
+        wait_for(lambda: "node=node1 evacuate: fenced" in n2.log() and "waiting for it to say so" in n2.log(), 15,
+                 what="node2 to fence node1 and wait")
+        assert json.loads(cluster.store.get(cluster.keys.fence("node1")).value)["by"] == "node2"
+        assert cluster.store.lease_ttl(lease)[0] > 0  # not revoked while node1 cannot say it is fenced
+        assert all(cluster.states()[vm][1] == "node1" for vm in vms)
         rec = node_record(store, "node1")
         assert rec["evacuate"] is True and rec["cordon"] is True and rec["reason"] == "bad DIMM"
         hosts = {h["node"]: h for h in json.loads(ctl("hosts", "-o", "json").stdout)}
         assert hosts["node1"]["scheduling"]["evacuate"] is True
+        mark = len(n1.log())
     finally:
         n1.signal(signal.SIGCONT)
-    mark = len(n1.log())
-    cluster.wait_hosts("node1")  # registered again, with a new lease
-    wait_for(lambda: "fenced (evacuated)" in n1.log()[mark:], 30, what="node1 to kill its stale copies and stay fenced")
-    assert all(f"vm={vm} decision=kill: killed local domain" in n1.log()[mark:] for vm in vms + ["pin"]), n1.log()[mark:]
-    assert "claimed" not in n1.log()[mark:]
-    assert json.loads(cluster.store.get(cluster.keys.fence("node1")).value)["state"] == "clean"
-    assert cluster.hosts()["node1"]["state"] == "fenced"
-    assert all(cluster.states()[vm][1] in ("node2", "node3") for vm in vms)
+    def moved() -> dict:
+        s = cluster.states()
+        return s if all(s.get(vm, ("", ""))[0] == "running" and s[vm][1] in ("node2", "node3") for vm in vms) else {}
+    states = wait_for(moved, 30, what="node1's VMs running on node2 and node3")
+    assert "pin" not in states
+    wait_for(lambda: "fenced (evacuated)" in n1.log()[mark:], 30, what="node1 to kill its copies and stay fenced")
+    assert all(f"vm={vm} decision=" in n1.log()[mark:] for vm in vms + ["pin"]), n1.log()[mark:]
+    assert "decision=claim" not in n1.log()[mark:]
+    wait_for(lambda: "revoking its lease" in n2.log(), 15, what="node2 to revoke node1's lease")
+    assert cluster.store.lease_ttl(lease)[0] <= 0
+    r = ctl("host", "evacuate", "node1", "--yes", "--deadline", "5")  # re-run: follows, reports
+    assert r.exit_code == 0 and "stays: pinned here (stopped while it is evacuated)" in r.output, r.output
+    wait_for(lambda: json.loads(cluster.store.get(cluster.keys.fence("node1")).value)["state"] == "clean", 15,
+             what="node1 to mark its fence clean")
+    wait_for(lambda: cluster.hosts().get("node1", {}).get("state") == "fenced", 30,
+             what="node1 registered again, fenced")
+    r = ctl("host", "unfence", "node1", "--yes")
+    assert r.exit_code == 1 and "is evacuated" in r.output, r.output
     assert ctl("host", "uncordon", "node1").exit_code == 0
     wait_for(lambda: cluster.store.get(cluster.keys.fence("node1")) is None, 30, what="node1 lifts its clean fence")
-    # back in service: after its lease loss it claims nothing new for its grace, then its pinned VM
-    wait_for(lambda: cluster.hosts()["node1"]["state"] == "recovering", 30, what="node1 no longer fenced")
+    wait_for(lambda: cluster.hosts()["node1"]["state"] != "fenced", 30, what="node1 no longer fenced")
     assert node_record(store, "node1").get("evacuate") is None
