@@ -5087,9 +5087,19 @@ class Executor:
         targets.discard(self.node)
         return sorted(t for t in targets if t not in snap.hosts)
 
-    def fence_node(self, node: str, snap: Snapshot) -> str:
-        """Fence ``node`` now, for no VM in particular (an evacuation): see _fence_node."""
-        return self._fence_node(node, snap)
+    def fence_node(self, node: str, snap: Snapshot) -> tuple[FenceRecord, str]:
+        """Fence ``node`` now, for no VM in particular (an evacuation): see
+        _fence_node. Returns the fence record in force and how it fenced."""
+        how = self._fence_node(node, snap)
+        entry = self.view.entry(self.keys.fence(node))
+        if entry is None:  # another node's record won the create: read it
+            entry = self.store.get(self.keys.fence(node))
+        if entry is None:
+            raise StorageError(f"the fence record of {node} vanished meanwhile")
+        try:
+            return FenceRecord.parse(node, entry.value), how
+        except SpecError as exc:
+            raise StorageError(f"the fence record of {node} is malformed: {exc}") from None
 
     def _fence_node(self, node: str, snap: Snapshot, vm_of_fence: str = "") -> str:
         """Record that ``node`` is fenced (``fences/<node>``, first writer
@@ -5885,7 +5895,7 @@ class Agent:
         self._handed: dict[str, float] = {}  # VMs the drain released -> when (monotonic)
         self._defined: frozenset[str] = frozenset()  # the domains defined here, as of the last listing with cells
         self._domains_unlisted = False  # the last listing could not ask libvirt for them
-        self._evacuating: set[str] = set()  # evacuated nodes fenced, their lease not yet revoked (logged once)
+        self._evacuating: set[str] = set()  # evacuated nodes fenced whose agent must release its VMs (logged once)
         self._departures_asked: dict[str, int] = {}  # vm -> the vanishing (revision) whose lease etcd was asked about
         self._seen_dead: set[str] = set()  # nodes whose death we logged
         self.last_decision = ""
@@ -6598,6 +6608,10 @@ class Agent:
               or self._keeper.troubles != self._troubles_at_watch):
             self._rewatch()  # after trouble with etcd the stream may be dead or stuck
         self._looking()
+        left = self.executor.take_deferred()
+        if left:  # claimed by a reconcile that failed before it started them: this one decides again
+            log.info("dropping %d start(s) left by an interrupted reconcile (%s); deciding again",
+                     len(left), ", ".join(a.vm for a in left[:5]))
         self._confirm_departures()
         snap = self.view.snapshot()
         self._apply_cluster_config()
@@ -6865,23 +6879,27 @@ class Agent:
         evacuate, and cordon): the first node by name that takes work
         (``takes_work``) fences NODE at the storage layer (Executor.fence_node:
         a fence record, and every Ceph client from NODE's address blocklisted
-        when that address is its own), then revokes the lease NODE's host
-        record and claims hang on. etcd deletes them in one revision, as if
-        NODE had died, and every agent fails NODE's VMs over as after a
-        death (the new owner blocklists the disk's open clients before it
-        boots it), whether or not NODE's agent still kills them. The revoke
-        waits until it is safe: at once when every Ceph client from NODE's
-        address is blocklisted (a QEMU that NODE's agent starts late cannot
-        write), else until NODE's host record says fenced (its agent has
-        seen the fence: it starts nothing any more, and no start of its is
-        still on its way); an agent that never says so is stuck, and its
-        lease lapses by itself, as after a death. NODE's agent, if it runs,
-        registers again, finds itself fenced, kills what it still runs and
-        claims nothing; it stays fenced and cordoned until ``metastackctl
-        host uncordon NODE``. Once per registration: a host record NODE
-        created after its fence record is left alone. Nothing is revoked
-        unless the fence succeeded (a Ceph error: the next reconcile)."""
+        when that address is its own: a range fence).
+
+        With a range fence it then revokes the lease NODE's host record and
+        claims hang on: etcd deletes them in one revision, as if NODE had
+        died, and every agent fails NODE's VMs over as after a death (the
+        new owner also blocklists the disk's open clients before it boots
+        it), whether or not NODE's agent still answers; a QEMU that agent
+        starts late cannot write. Without one (NODE's address is shared or
+        unknown) nothing guards the disks against a late start while NODE's
+        lease lives, so nothing is revoked: NODE's agent releases its VMs
+        itself once it sees its fence (as any fenced node does: each domain
+        removed before its claim is deleted), and a stuck agent's lease
+        lapses by itself, as after a death.
+
+        NODE's agent, if it runs, kills what it still runs and claims
+        nothing; it stays fenced and cordoned until ``metastackctl host
+        uncordon NODE``. Once per registration: a host record NODE created
+        after its fence record is left alone. Nothing is revoked unless the
+        fence succeeded (a Ceph error: the next reconcile tries again)."""
         evacuated = {n for n, rec in snap.nodes.items() if rec.evacuate}
+        self._evacuating &= evacuated
         if not evacuated or min((n for n, h in snap.hosts.items() if takes_work(h, snap.nodes.get(n))),
                                 default=None) != self.node:
             return
@@ -6891,18 +6909,16 @@ class Agent:
             if host is None or not host.lease or (fence is not None and fence.create_revision > 0
                                                    and host.create_revision > fence.create_revision):
                 continue  # gone meanwhile, or registered again after its fence: done
-            how = self.executor.fence_node(node, snap)
-            record = FenceRecord.parse(node, self.view.entry(self.keys.fence(node)).value)
-            if not (record.mode == "range" and record.address) and snap.hosts[node].state != "fenced":
-                # No blocklist of its address: only its agent's own word that it starts nothing
-                # more (its host record says fenced) makes the revoke safe; an agent that never
-                # says so is stuck, and its lease lapses by itself, as after a death.
+            record, how = self.executor.fence_node(node, snap)
+            if not (record.mode == "range" and record.address):
+                # No blocklist of its address: a QEMU its agent starts late could still write, so
+                # nothing may take its VMs while its lease lives. Its agent releases them itself
+                # once it sees the fence (a fenced node does); a stuck agent's lease lapses.
                 if node not in self._evacuating:
                     self._evacuating.add(node)
-                    log.warning("node=%s evacuate: fenced (%s); waiting for it to say so before its lease is "
-                                "revoked (or for its lease to lapse)", node, how)
+                    log.warning("node=%s evacuate: fenced (%s); its agent releases its VMs when it sees the "
+                                "fence, or its lease lapses", node, how)
                 continue
-            self._evacuating.discard(node)
             log.warning("node=%s evacuate: fenced (%s); revoking its lease %x: its VMs fail over now",
                         node, how, host.lease)
             with contextlib.suppress(LeaseNotFound):

@@ -1081,10 +1081,10 @@ def host_evacuate(c: Context, node: str, deadline: float, reason: Optional[str],
     """Evacuate NODE at once, without its help: for a node that is broken or
     must go now (use `host drain` for a clean hand-over). NODE is cordoned
     and marked evacuate; the first node that takes work fences it at the
-    storage layer (its Ceph clients blocklisted) and revokes its lease once
-    that is safe (at once when its address is blocklisted, else once its
-    agent says it is fenced; a stuck agent's lease lapses by itself), so
-    its VMs fail over as after a death: each restarts on another node from
+    storage layer (its Ceph clients blocklisted) and, when its whole
+    address is blocklisted, revokes its lease; else its agent releases its
+    VMs when it sees the fence, or its lease lapses. So its VMs fail over
+    as after a death: each restarts on another node from
     its own disk, without a clean shutdown. VMs pinned to NODE wait,
     stopped. Refused (nothing written) when the other nodes lack room for
     its VMs, unless --force. Waits until they are claimed elsewhere or the

@@ -4,6 +4,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import uuid
+import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -107,7 +108,8 @@ def libvirtd(e2e_root: Path) -> Iterator[str]:
 def real_cluster(etcd: EtcdServer, prefix: str, store: ms.Store, e2e_root: Path, ceph, libvirtd: str,
                  request) -> Iterator[Cluster]:
     """Agents on the shared libvirtd with QEMU (TCG) guests and Ceph disks."""
-    d = e2e_root / request.node.name[:40]
+    name = request.node.name  # short (socket paths), and distinct for each parametrised case
+    d = e2e_root / (name if len(name) <= 40 else f"{name[:31]}-{zlib.crc32(name.encode()):08x}")
     d.mkdir(mode=0o755)
     c = Cluster(etcd, prefix, store, d)
     c.libvirt_uri, c.domain_type = libvirtd, "qemu"

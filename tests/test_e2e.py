@@ -13,6 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 import metastack as ms
@@ -178,21 +179,30 @@ def test_cells_boot_a_guest_in_its_cell_and_another_cell_takes_it_over_when_its_
     assert c.states()[vm] == ("running", "node2")
 
 
-def test_evacuate_fences_the_node_and_its_guest_boots_elsewhere_from_its_disk(real_cluster: Cluster,
-                                                                              guest: Path) -> None:
-    """`host evacuate node1` while its agent still runs: node2 fences node1
-    and revokes its lease; the guest boots on node2 from the same RBD disk
-    (its boot counter goes on) after the disk's open clients were
-    blocklisted; node1 registers again, kills its stale copy and stays
-    fenced and cordoned until uncordoned."""
+@pytest.mark.parametrize("own_address", [False, True], ids=["shared-address", "own-address"])
+def test_evacuate_fences_the_node_and_its_guest_boots_elsewhere_from_its_disk(real_cluster: Cluster, guest: Path,
+                                                                              ceph, own_address: bool) -> None:
+    """`host evacuate node1` while its agent still runs; the guest boots on
+    node2 from the same RBD disk (its boot counter goes on) and node1 kills
+    its stale copy and stays fenced and cordoned until uncordoned. With an
+    address of its own, node1 is fenced by a range blocklist on the real
+    Ceph and node2 revokes its lease at once; with a shared address (the
+    disks' clients are blocklisted by each new owner) node1's agent releases
+    the VM itself when it sees its fence, and nothing is revoked."""
     c = real_cluster
-    setup(c, guest, "node1")
+    c.flavour("tiny", 1, 128)
+    import_tiny(c, guest)
+    address = "10.213.99.9"  # registered by node1 alone: its own (nothing real lives there)
+    n1 = c.agent("node1", vcpus=2, ram_mb=1024, start=False)
+    if own_address:
+        n1.config.write_text(n1.config.read_text().replace("[libvirt]", f"address = {address}\n[libvirt]", 1))
+    n1.start()
+    c.wait_hosts("node1")
     assert ctl(c, "create", "evac", "--flavour", "tiny", "--image", "tiny").exit_code == 0
     wait_boot(c, "evac", 1)
     disk = c.actual()["evac"]["disk"]
-    c.agent("node2", vcpus=2, ram_mb=1024)
+    n2 = c.agent("node2", vcpus=2, ram_mb=1024)
     c.wait_hosts("node2")
-    n1 = c.agents[0]
     mark = len(n1.log())
     r = ctl(c, "host", "evacuate", "node1", "--yes", "--reason", "test", "--deadline", "60")
     assert r.exit_code == 0, r.output
@@ -200,12 +210,20 @@ def test_evacuate_fences_the_node_and_its_guest_boots_elsewhere_from_its_disk(re
     assert c.actual()["evac"]["disk"] == disk
     wait_boot(c, "evac", 2)  # the same disk: its counter goes on
     fence = json.loads(c.store.get(c.keys.fence("node1")).value)
-    assert fence["by"] == "node2"
+    assert fence["by"] == "node2" and fence["mode"] == ("range" if own_address else "clients"), fence
+    cli_ceph = ["ceph", "-c", ceph.conf, "--keyring", ceph.keyring, "--id", ceph.client]
+
+    def blocklisted() -> bool:
+        out = subprocess.run(cli_ceph + ["osd", "blocklist", "ls"], capture_output=True, text=True).stdout
+        return f"{address}:0/32" in out
+    assert blocklisted() == own_address
+    assert ("revoking its lease" in n2.log()) == own_address
     wait_for(lambda: "fenced (evacuated)" in n1.log()[mark:], 30, what="node1 to stay fenced")
     assert "evac.node1" not in virsh("list", "--all", "--name")
     assert c.hosts()["node1"]["state"] == "fenced" and c.states()["evac"] == ("running", "node2")
     assert ctl(c, "host", "uncordon", "node1").exit_code == 0
-    wait_for(lambda: c.store.get(c.keys.fence("node1")) is None, 30, what="node1 lifts its clean fence")
+    wait_for(lambda: c.store.get(c.keys.fence("node1")) is None, 30, what="node1's clean fence lifted")
+    assert not blocklisted()
     assert c.states()["evac"] == ("running", "node2")
 
 
