@@ -5896,6 +5896,7 @@ class Agent:
         self._defined: frozenset[str] = frozenset()  # the domains defined here, as of the last listing with cells
         self._domains_unlisted = False  # the last listing could not ask libvirt for them
         self._evacuating: set[str] = set()  # evacuated nodes fenced whose agent must release its VMs (logged once)
+        self._cannot_evacuate: set[str] = set()  # evacuated nodes this node failed to fence (logged once)
         self._departures_asked: dict[str, int] = {}  # vm -> the vanishing (revision) whose lease etcd was asked about
         self._seen_dead: set[str] = set()  # nodes whose death we logged
         self.last_decision = ""
@@ -6900,6 +6901,7 @@ class Agent:
         fence succeeded (a Ceph error: the next reconcile tries again)."""
         evacuated = {n for n, rec in snap.nodes.items() if rec.evacuate}
         self._evacuating &= evacuated
+        self._cannot_evacuate &= evacuated
         if not evacuated or min((n for n, h in snap.hosts.items() if takes_work(h, snap.nodes.get(n))),
                                 default=None) != self.node:
             return
@@ -6909,8 +6911,17 @@ class Agent:
             if host is None or not host.lease or (fence is not None and fence.create_revision > 0
                                                    and host.create_revision > fence.create_revision):
                 continue  # gone meanwhile, or registered again after its fence: done
-            record, how = self.executor.fence_node(node, snap)
-            if not (record.mode == "range" and record.address):
+            try:
+                record, how = self.executor.fence_node(node, snap)
+            except (StorageError, AssertionError) as exc:  # no Ceph here, or Ceph refused: the next reconcile
+                if node not in self._cannot_evacuate:
+                    self._cannot_evacuate.add(node)
+                    log.error("node=%s evacuate: cannot fence it (%s); its lease is not touched", node,
+                              str(exc) or "this node has no [ceph] section")
+                continue
+            self._cannot_evacuate.discard(node)
+            registered = snap.nodes[node].address if node in snap.nodes else ""
+            if not (record.mode == "range" and record.address and record.address == registered):
                 # No blocklist of its address: a QEMU its agent starts late could still write, so
                 # nothing may take its VMs while its lease lives. Its agent releases them itself
                 # once it sees the fence (a fenced node does); a stuck agent's lease lapses.

@@ -179,16 +179,17 @@ def test_cells_boot_a_guest_in_its_cell_and_another_cell_takes_it_over_when_its_
     assert c.states()[vm] == ("running", "node2")
 
 
-@pytest.mark.parametrize("own_address", [False, True], ids=["shared-address", "own-address"])
+@pytest.mark.parametrize("own_address", [False, True], ids=["no-address", "own-address"])
 def test_evacuate_fences_the_node_and_its_guest_boots_elsewhere_from_its_disk(real_cluster: Cluster, guest: Path,
                                                                               ceph, own_address: bool) -> None:
     """`host evacuate node1` while its agent still runs; the guest boots on
     node2 from the same RBD disk (its boot counter goes on) and node1 kills
     its stale copy and stays fenced and cordoned until uncordoned. With an
     address of its own, node1 is fenced by a range blocklist on the real
-    Ceph and node2 revokes its lease at once; with a shared address (the
-    disks' clients are blocklisted by each new owner) node1's agent releases
-    the VM itself when it sees its fence, and nothing is revoked."""
+    Ceph (an address nothing real uses here: the disk's clients are cut off
+    by node2's blocklist of its open clients) and node2 revokes its lease at
+    once; with no address of its own, node1's agent releases the VM itself
+    when it sees its fence, and nothing is revoked."""
     c = real_cluster
     c.flavour("tiny", 1, 128)
     import_tiny(c, guest)
