@@ -5046,7 +5046,7 @@ class Executor:
             if fence:
                 for node in self._former_writers(vm.name, self.storage.watchers(image.pool, name), snap,
                                                  fresh=cloned):
-                    fenced.append(f"node {node} ({self._fence_node(node, snap, vm.name)})")
+                    fenced.append(f"node {node} ({self.fence_node(node, snap, vm.name)[1]})")
                 fenced += self.storage.fence_disk(image.pool, name)
                 if fenced:
                     log.warning("vm=%s broke the lock of %s on %s/%s (blocklisted)", vm.name, fenced, image.pool, name)
@@ -5087,26 +5087,15 @@ class Executor:
         targets.discard(self.node)
         return sorted(t for t in targets if t not in snap.hosts)
 
-    def fence_node(self, node: str, snap: Snapshot) -> tuple[FenceRecord, str]:
-        """Fence ``node`` now, for no VM in particular (an evacuation): see
-        _fence_node. Returns the fence record in force and how it fenced."""
-        how = self._fence_node(node, snap)
-        entry = self.view.entry(self.keys.fence(node))
-        if entry is None:  # another node's record won the create: read it
-            entry = self.store.get(self.keys.fence(node))
-        if entry is None:
-            raise StorageError(f"the fence record of {node} vanished meanwhile")
-        try:
-            return FenceRecord.parse(node, entry.value), how
-        except SpecError as exc:
-            raise StorageError(f"the fence record of {node} is malformed: {exc}") from None
-
-    def _fence_node(self, node: str, snap: Snapshot, vm_of_fence: str = "") -> str:
+    def fence_node(self, node: str, snap: Snapshot, vm_of_fence: str = "") -> tuple[FenceRecord, str]:
         """Record that ``node`` is fenced (``fences/<node>``, first writer
         wins) and, when its address is its own (no other node registered
         it), blocklist every Ceph client from that address: whatever it
-        runs or starts late can no longer write. Idempotent. Returns how
-        the node was fenced, for the log and the VM's reason."""
+        runs or starts late can no longer write. Idempotent. Returns the
+        fence record in force and how the node was fenced, for the log and
+        the VM's reason (``vm_of_fence``: the VM whose start fences it, or
+        "" for none, as in an evacuation). StorageError when the range
+        blocklist fails, or this node has no Ceph connection to add it."""
         key = self.keys.fence(node)
         entry = self.view.entry(key)
         record: Optional[FenceRecord] = None
@@ -5130,10 +5119,11 @@ class Executor:
                 with contextlib.suppress(SpecError):
                     record = FenceRecord.parse(node, existing.value)
         if record.mode == "range" and record.address:
-            assert self.storage is not None
+            if self.storage is None:
+                raise StorageError(f"no Ceph connection here to blocklist {record.address}")
             self.storage.blocklist_range(record.address, self.FENCE_EXPIRE)
-            return f"every client from {record.address} blocklisted"
-        return "its open disk clients blocklisted"
+            return record, f"every client from {record.address} blocklisted"
+        return record, "its open disk clients blocklisted"
 
     def _boot_files(self, image: Image) -> DirectBoot:
         """Local copies of an image's kernel and initrd (fetched from RADOS
@@ -6517,9 +6507,8 @@ class Agent:
         snap, _ = self.view.light()
         if len(snap.desired) <= 1:
             return  # one VM waits (a steady stream): nothing to gather, claim it now
-        now = time.monotonic()
         burst = len(snap.desired) > sum(1 for n in snap.hosts if in_cell(snap, n))
-        until = now + self.GATHER_MAX[1 if burst else 0]
+        until = time.monotonic() + self.GATHER_MAX[1 if burst else 0]
         while not self._full_due and time.monotonic() < until:
             woken = self._waker.wait(min(self.GATHER_QUIET, until - time.monotonic()))
             if not (woken or burst):
@@ -6913,11 +6902,10 @@ class Agent:
                 continue  # gone meanwhile, or registered again after its fence: done
             try:
                 record, how = self.executor.fence_node(node, snap)
-            except (StorageError, AssertionError) as exc:  # no Ceph here, or Ceph refused: the next reconcile
+            except StorageError as exc:  # no Ceph here, or Ceph refused: the next reconcile tries again
                 if node not in self._cannot_evacuate:
                     self._cannot_evacuate.add(node)
-                    log.error("node=%s evacuate: cannot fence it (%s); its lease is not touched", node,
-                              str(exc) or "this node has no [ceph] section")
+                    log.error("node=%s evacuate: cannot fence it (%s); its lease is not touched", node, exc)
                 continue
             self._cannot_evacuate.discard(node)
             registered = snap.nodes[node].address if node in snap.nodes else ""

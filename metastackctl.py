@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 import uuid
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import click
 
@@ -1124,12 +1124,12 @@ def host_evacuate(c: Context, node: str, deadline: float, reason: Optional[str],
         if not waiting:
             break
         if time.monotonic() >= end:
-            _drain_report(node, moved, {vm: leaving[vm] for vm in waiting}, snap, "not restarted elsewhere yet")
+            _drain_report(node, moved, waiting, snap, "not restarted elsewhere yet")
             raise TimedOut(f"evacuation of {node} not finished after {deadline:.0f}s (it goes on): "
                            f"{len(waiting)} VM(s) not claimed elsewhere yet")
         time.sleep(0.5)
         snap = c.snapshot()
-    _drain_report(node, moved, {vm: None for vm in sorted(set(first) | set(pinned)) if vm not in moved}, snap)
+    _drain_report(node, moved, (set(first) | set(pinned)) - set(moved), snap)
     fence = snap.fences.get(node)
     click.echo(f"{node}: " + (f"fenced by {fence.by} ({fence.mode}, {fence.state})" if fence else
                               "not fenced yet (the first node that takes work fences it while it is live)"),
@@ -1160,7 +1160,7 @@ def evacuation_shortfall(snap: ms.Snapshot, node: str, leaving: Mapping[str, ms.
     return sorted(short)
 
 
-def _drain_report(node: str, moved: Mapping[str, str], left: Mapping[str, Optional[ms.ActualVM]], snap: ms.Snapshot,
+def _drain_report(node: str, moved: Mapping[str, str], left: Iterable[str], snap: ms.Snapshot,
                   waiting: str = "not handed over yet") -> None:
     rows = [[vm, node, to, (snap.actual[vm].state if vm in snap.actual else "pending")] for vm, to in sorted(moved.items())]
     for vm in sorted(left):
