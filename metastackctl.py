@@ -104,6 +104,13 @@ class Context:
                 raise click.ClickException(str(exc)) from None
         return self._storage
 
+    def close(self) -> None:
+        """Shut down the Ceph client, if one was opened (librados torn
+        down by the garbage collector at interpreter exit can abort)."""
+        if self._storage is not None:
+            self._storage.close()
+            self._storage = None
+
     def ceph_call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run a storage call, turning a Ceph failure into a clean error."""
         try:
@@ -774,6 +781,7 @@ def cli(ctx: click.Context, config: Optional[str], endpoints: Optional[str], pre
         if prefix:
             cp.read_dict({"etcd": {"prefix": prefix}})
         ctx.obj = Context(ms.etcd_config_from(cp), cp)
+        ctx.call_on_close(ctx.obj.close)  # the Ceph client shut down with the command, not at interpreter exit
     except ms.ConfigError as exc:
         raise click.UsageError(str(exc)) from None
 
