@@ -532,7 +532,8 @@ class Keys:
     watches only that range and receives no history or console write of
     any node (a placement writes two history events)."""
 
-    KINDS = ("desired", "actual", "hosts", "flavours", "images", "console", "fences", "nodes", "moves", "pins")
+    KINDS = ("desired", "actual", "hosts", "flavours", "images", "console", "fences", "nodes", "moves", "pins",
+             "overflow")
     SHARDED = ("desired", "actual")  # kinds kept per VM in shards: shards/<xx>/<kind>/<vm>
     SIDE_KINDS = ("console", "events")  # under <prefix>/~/
     # A VM's desired entry and its claim (actual record) live in one of
@@ -624,6 +625,11 @@ class Keys:
 
     def move(self, vm: str) -> str:
         return f"{self.prefix}/moves/{vm}"
+
+    def overflow(self, vm: str) -> str:
+        """``overflow/<vm>``: VM ``vm``, which no node of the cell serving
+        its shard can take, is offered to another cell (see Spill)."""
+        return f"{self.prefix}/overflow/{vm}"
 
     def group_guard(self, group: str, node: str) -> str:
         """``groups/<group>/<node>``: the one VM of a strict anti-affinity
@@ -1286,6 +1292,50 @@ class MoveRequest:
 
 
 @dataclasses.dataclass(frozen=True)
+class Spill:
+    """``/metastack/overflow/<vm>``: with cells, a VM that no node of the
+    cell serving its shard can take (too small everywhere, or its strict
+    group is on every one) is offered to another cell. JSON: {"cell": the
+    cell offered it now, or null once every live cell was offered it and
+    none had room; "tried": the cells that had no room, in order;
+    "vcpus", "ram_mb": what the VM needs (so a cell judges its room before
+    it watches the VM); "by": the node that wrote it; "at": when}. No
+    lease. Written by the first node of a cell (first_in_cell): the serving
+    cell's writes it and deletes it once the VM is claimed, gone or
+    pinned; the offered cell's passes it on to the next cell when its own
+    nodes lack room. The nodes of the offered cell watch the VM (an extra
+    of their Interest) and place it as one of their own; the claim is the
+    usual one, in the VM's shard. A hint, never needed for correctness:
+    the claim's compare-and-swap decides who runs the VM."""
+
+    cell: Optional[int]
+    tried: tuple[int, ...] = ()
+    vcpus: int = 0
+    ram_mb: int = 0
+    by: str = ""
+    at: str = ""
+
+    @classmethod
+    def parse(cls, name: str, raw: bytes) -> "Spill":
+        """Raises SpecError with the reason."""
+        what = f"overflow record of {name!r}"
+        obj = _json_object(raw, what)
+        cell = obj.get("cell")
+        if cell is not None and (isinstance(cell, bool) or not isinstance(cell, int) or not 0 <= cell < Keys.SHARDS):
+            raise SpecError(f"{what}: 'cell' must be null or a cell number, got {_show(cell)}")
+        tried = obj.get("tried", [])
+        if (not isinstance(tried, list) or len(tried) > Keys.SHARDS
+                or any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < Keys.SHARDS for c in tried)):
+            raise SpecError(f"{what}: 'tried' must be a list of cell numbers")
+        return cls(cell, tuple(tried), _positive_int(obj, "vcpus", what), _positive_int(obj, "ram_mb", what),
+                   str(obj.get("by", "")), str(obj.get("at", "")))
+
+    def encode(self) -> bytes:
+        return json.dumps({"cell": self.cell, "tried": list(self.tried), "vcpus": self.vcpus, "ram_mb": self.ram_mb,
+                           "by": self.by, "at": self.at}, sort_keys=True).encode()
+
+
+@dataclasses.dataclass(frozen=True)
 class ClusterConfig:
     """``/metastack/config``: cluster-wide settings (JSON object), all
     optional. ``cpu_allocation_ratio``/``ram_allocation_ratio`` (numbers,
@@ -1475,6 +1525,7 @@ def pending_reason(name: str, snap: "Snapshot") -> str:
     if isinstance(resolved, str):
         return f"{resolved} (a live node records it as an error claim)"
     vm, flav = resolved
+    lead = ""  # with cells: where the VM was offered (Spill)
     if vm.host is not None:
         rec = snap.nodes.get(vm.host)
         if vm.host not in live:
@@ -1485,10 +1536,18 @@ def pending_reason(name: str, snap: "Snapshot") -> str:
         live = {vm.host: live[vm.host]}
     elif snap.cells is not None:  # only the nodes of the cell that serves its shard place it
         cell = snap.cells.serving(Keys.shard(name))
+        spill = snap.overflow.get(name)
+        if spill is not None and cell is not None:
+            if spill.cell is not None and spill.cell != cell and spill.cell in snap.cells.live:
+                lead = f"cell {cell} has no room for it, offered to cell {spill.cell}: "  # (Spill) its nodes place it
+                cell = spill.cell
+            elif spill.cell is None:
+                lead = (f"no cell had room (offered to cell(s) {', '.join(map(str, spill.tried[1:])) or 'none'}"
+                        f" since {spill.at}); ")
         if cell is not None:  # else no node takes work in any cell: every live node says why
             live = {n: h for n, h in live.items() if h.cell % snap.cells.cells == cell}
         if not live:
-            return f"no live node in cell {cell} (its shard's)"
+            return f"{lead}no live node in cell {cell} (its shard's)"
     members = group_members(snap).get(vm.group or "", {}) if vm.group is not None else {}
     why: dict[str, list[str]] = {}
     small: list[str] = []
@@ -1522,14 +1581,14 @@ def pending_reason(name: str, snap: "Snapshot") -> str:
             else:
                 small.append(node)
     if fits:
-        return (f"not claimed yet: {', '.join(fits[:5])}{' ...' if len(fits) > 5 else ''} "
+        return (f"{lead}not claimed yet: {', '.join(fits[:5])}{' ...' if len(fits) > 5 else ''} "
                 f"{'has' if len(fits) == 1 else 'have'} room (a claim is due, or waits out a failover grace)")
     parts = [f"{what}: {', '.join(nodes)}" for what, nodes in why.items()]
     if small:
         parts.append(f"too small: {', '.join(small)} (needs {flav.vcpus} vcpus and {flav.ram_mb} MiB RAM; "
                      f"largest free: {best_cpu[0]} vcpus on {best_cpu[1]}, {best_ram[0]} MiB on {best_ram[1]})")
     pin = f" (pinned to {vm.host})" if vm.host is not None else ""
-    return f"0/{len(live)} live node(s) can take it{pin}: " + "; ".join(parts)
+    return f"{lead}0/{len(live)} live node(s) can take it{pin}: " + "; ".join(parts)
 
 
 # ---------------------------------------------------------------------------
@@ -2304,6 +2363,7 @@ class Snapshot:
     fences: dict[str, FenceRecord] = dataclasses.field(default_factory=dict)
     nodes: dict[str, NodeRecord] = dataclasses.field(default_factory=dict)
     moves: dict[str, MoveRequest] = dataclasses.field(default_factory=dict)
+    overflow: dict[str, Spill] = dataclasses.field(default_factory=dict)  # VMs offered to another cell
     interest: Optional["Interest"] = None  # the agent's cell, when its view holds only what its cell needs
     cells: Optional["CellMap"] = None  # with cells (config "cells" > 1): who serves each shard now
 
@@ -2847,17 +2907,19 @@ class ClusterView:
                 return NodeRecord.parse(name, entry.value)
             if kind == "moves":
                 return MoveRequest.parse(name, entry.value)
+            if kind == "overflow":
+                return Spill.parse(name, entry.value)
             if kind == "images":
                 return Image.parse(name, entry.value)
             return None
         except SpecError as exc:
-            return None if kind in ("hosts", "fences", "nodes", "moves") else exc
+            return None if kind in ("hosts", "fences", "nodes", "moves", "overflow") else exc
         except Exception as exc:  # a parser bug must stay this key's problem, not stop every tick
             log.exception("%s %r: cannot parse its value", kind, name)
             why = f"cannot parse the {kind} record ({type(exc).__name__})"
             if kind == "actual":
                 return ActualVM(host="", state="error", reason=why)
-            return None if kind in ("hosts", "fences", "nodes", "moves") else SpecError(why)
+            return None if kind in ("hosts", "fences", "nodes", "moves", "overflow") else SpecError(why)
 
     def _cached(self, key: str, entry: Entry) -> tuple[Optional[tuple[str, str]], Any]:
         """(kind and name, parsed value) of one key; parses only when the key
@@ -5832,6 +5894,152 @@ class ClaimTurns:
         return mine, next_turn
 
 
+class CellOverflow:
+    """With cells: a VM that no node of the cell serving its shard can take
+    is offered to another cell, and offers this node's cell cannot take are
+    passed on (Spill records, ``overflow/<vm>``, in the range every agent
+    watches). Without it a full cell leaves VMs waiting while another cell
+    has room: each cell sees only its own nodes' use.
+
+    Contract: only the first node of a cell (first_in_cell) writes, by
+    compare-and-swap, and only when a VM waits (nothing in steady state).
+    ``tend`` does, for the VMs of the shards this node's cell serves: offer
+    (at most BATCH per call, oldest first) each one that waited AFTER
+    seconds unchosen by the cell's placement, that no node of the cell
+    gave up on, that is not pinned, to the next live cell in ring order;
+    delete the record once the VM is claimed, gone or pinned; offer again,
+    from the start of the ring, RETRY seconds after every cell said no.
+    And for the VMs offered to this node's cell: pass each on (to the next
+    live cell not tried yet, or to none) when no node of the cell has room
+    for it, or when it waited AFTER seconds watched here and unchosen.
+    ``wanted`` names the VMs offered to this node's cell that it has room
+    for: every node of the cell watches them (Interest.extra, a re-list)
+    and places them like its own. The claim is the usual one, in the VM's
+    shard; a record is a hint and never decides who runs a VM."""
+
+    AFTER = 2.0  # seconds a VM waits unchosen in its cell (or in the cell offered it) before it is offered on
+    RETRY = 60.0  # seconds before a VM that no cell had room for is offered round again
+    BATCH = 16  # VMs offered per reconcile at most
+
+    def __init__(self, store: "Store", view: "ClusterView", node: str) -> None:
+        self.store, self.view, self.node, self.keys = store, view, node, store.keys
+        self._seen: dict[str, tuple[int, float]] = {}  # vm -> (mod revision of its record, when first seen so)
+        self.written = 0  # records written or deleted (for tests and benchmarks)
+
+    @staticmethod
+    def room(snap: Snapshot, vm: str, spill: Spill) -> bool:
+        """Whether a ready, schedulable node of the snapshot's cell has
+        ``spill``'s vcpus and RAM free and did not give ``vm`` up."""
+        for n, h in snap.hosts.items():
+            rec = snap.nodes.get(n)
+            cpu, ram = free_capacity(h)
+            if (h.state == "ready" and in_cell(snap, n) and not (rec is not None and rec.unschedulable)
+                    and vm not in dict(h.cannot) and cpu >= spill.vcpus and ram >= spill.ram_mb):
+                return True
+        return False
+
+    def wanted(self, snap: Snapshot) -> list[str]:
+        """The VMs offered to this node's cell that it has room for."""
+        if snap.interest is None:
+            return []
+        return [vm for vm, sp in snap.overflow.items() if sp.cell == snap.interest.cell and self.room(snap, vm, sp)]
+
+    @staticmethod
+    def next_cell(cells: CellMap, after: int, tried: Collection[int]) -> Optional[int]:
+        """The first live cell after ``after`` in ring order not in ``tried``."""
+        for step in range(1, cells.cells):
+            cell = (after + step) % cells.cells
+            if cell in cells.live and cell not in tried:
+                return cell
+        return None
+
+    def tend(self, snap: Snapshot, chosen: Callable[[], Mapping[str, str]], waiting: Mapping[str, float],
+             held: Collection[str], now: float) -> Optional[float]:
+        """See the class contract. ``chosen``: the cell's placement (vm ->
+        node), asked only when a VM may be offered; ``waiting``: unclaimed
+        VM -> since when this node saw it so (ClaimTurns.first_seen).
+        Returns the monotonic time it wants to be called again, or None."""
+        self._seen = {vm: seen for vm, seen in self._seen.items() if vm in snap.overflow}
+        interest, cells = snap.interest, snap.cells
+        if interest is None or cells is None:  # one cell: records left from cells are nobody's
+            if snap.overflow and self.node == min(snap.hosts, default=None):
+                for vm in sorted(snap.overflow):
+                    self._delete(vm)
+            return None
+        if first_in_cell(snap) != self.node:
+            return None
+        mine, ats = interest.cell, []
+        picks: Optional[Mapping[str, str]] = None
+        for vm, spill in sorted(snap.overflow.items()):
+            seen = self._since(vm, now)
+            spec = snap.desired.get(vm)
+            if interest.in_cell(vm):  # ours to offer
+                if vm in snap.actual or not isinstance(spec, DesiredVM) or spec.host is not None:
+                    self._delete(vm)
+                elif spill.cell is None and now < seen + self.RETRY:
+                    ats.append(seen + self.RETRY)
+                elif spill.cell is None or spill.cell == mine or spill.cell not in cells.live:
+                    self._write(vm, dataclasses.replace(spill, cell=self.next_cell(cells, mine, (mine,)),
+                                                        tried=(mine,), by=self.node, at=utc_now()))
+            elif spill.cell == mine and vm not in snap.actual:  # offered to us
+                if self.room(snap, vm, spill):
+                    if now < seen + self.AFTER or not interest.keeps(vm):
+                        ats.append(seen + self.AFTER)
+                        continue
+                    picks = chosen() if picks is None else picks
+                    if vm in picks:
+                        continue
+                tried = spill.tried + (mine,)
+                self._write(vm, dataclasses.replace(spill, cell=self.next_cell(cells, mine, tried), tried=tried,
+                                                    by=self.node, at=utc_now()))
+        due = [vm for vm, since in waiting.items()
+               if vm not in snap.overflow and vm not in held and vm not in snap.actual and interest.in_cell(vm)
+               and isinstance(spec := snap.desired.get(vm), DesiredVM) and spec.host is None]
+        ats += [waiting[vm] + self.AFTER for vm in due if now < waiting[vm] + self.AFTER]
+        due = sorted((vm for vm in due if now >= waiting[vm] + self.AFTER), key=lambda v: (waiting[v], v))
+        target = self.next_cell(cells, mine, (mine,))
+        if due and target is not None:
+            picks = chosen() if picks is None else picks
+            gave_up = {vm for n, h in snap.hosts.items() if in_cell(snap, n) for vm, _ in h.cannot}
+            for vm in [vm for vm in due if vm not in picks and vm not in gave_up][:self.BATCH]:
+                resolved = resolve(snap.desired[vm], snap)
+                if isinstance(resolved, tuple):
+                    self._write(vm, Spill(target, (mine,), resolved[1].vcpus, resolved[1].ram_mb, self.node,
+                                          utc_now()))
+        return min(ats, default=None)
+
+    def _since(self, vm: str, now: float) -> float:
+        entry = self.view.entry(self.keys.overflow(vm))
+        rev = entry.mod_revision if entry is not None else 0
+        seen = self._seen.get(vm)
+        if seen is None or seen[0] != rev:
+            seen = self._seen[vm] = (rev, now)
+        return seen[1]
+
+    def _write(self, vm: str, spill: Spill) -> None:
+        key, value = self.keys.overflow(vm), spill.encode()
+        entry = self.view.entry(key)
+        if entry is None:
+            rev, _ = self.store.create(key, value)
+        else:
+            rev = self.store.replace(key, value, entry.mod_revision)
+        if rev is not None:
+            self.view.note(key, value, rev)
+            self.written += 1
+            where = f"to cell {spill.cell}" if spill.cell is not None else "to no cell: none had room"
+            log.info("vm=%s node=%s decision=overflow: offered %s (cells without room: %s)", vm, self.node, where,
+                     ", ".join(map(str, spill.tried)))
+
+    def _delete(self, vm: str) -> None:
+        key = self.keys.overflow(vm)
+        entry = self.view.entry(key)
+        if entry is not None:
+            rev = self.store.delete_if(key, entry.mod_revision)
+            if rev is not None:
+                self.view.note(key, None, rev)
+                self.written += 1
+
+
 class Agent:
     """One node's agent: claims, runs and reports VMs; see the module doc.
 
@@ -5891,6 +6099,8 @@ class Agent:
         self._seen_dead: set[str] = set()  # nodes whose death we logged
         self.last_decision = ""
         self.turns = ClaimTurns(self.node, cfg.claim_step)
+        self.overflow = CellOverflow(self.store, self.view, self.node)
+        self._overflow_at: Optional[float] = None  # when CellOverflow.tend wants to look again (monotonic)
         self.ticks, self.tick_cpu = 0, 0.0  # reconciles so far, and the CPU time they took (for benchmarks)
         self.looks, self.look_cpu = 0, 0.0  # looks for new work (see _new_work_here), and their CPU time
         self._ticked_at = 0.0  # monotonic end of the last reconcile (see _next_tick)
@@ -6164,6 +6374,10 @@ class Agent:
                         extra.add(name)
             elif kind == "pins" and name.startswith(f"{self.node}/"):
                 extra.add(name.partition("/")[2])
+            elif kind == "overflow":  # offered to this cell (CellOverflow): its nodes place it
+                with contextlib.suppress(SpecError):
+                    if Spill.parse(name, entry.value).cell == cell:
+                        extra.add(name)
         shards = CellMap(cells, self._live_cells(cells, hosts, records)).watched_by(cell)
         try:
             defined = frozenset(self.hv.domains())
@@ -6208,7 +6422,16 @@ class Agent:
             return True
         hinted = [split[1].partition("/")[2] for key in self.view.entries_under(f"{self.keys.dir('pins')}{self.node}/")
                   if (split := self.keys.split(key)) is not None]
-        return any(not interest.keeps(vm) for vm in hinted)
+        return any(not interest.keeps(vm) for vm in hinted + self.overflow.wanted(snap))
+
+    def _tend_overflow(self, snap: Snapshot, held: Collection[str]) -> None:
+        """CellOverflow.tend, with this cell's placement as ClaimTurns last
+        made it (or anew, when claim turns are off)."""
+        def chosen() -> Mapping[str, str]:
+            if self.turns.step > 0:
+                return self.turns.last_chosen
+            return Placement(snap, self.executor.placement).assign(held)
+        self._overflow_at = self.overflow.tend(snap, chosen, self.turns.first_seen, held, time.monotonic())
 
     def _tend_pin_hints(self, snap: Snapshot) -> None:
         """With cells, the first node of a cell keeps ``pins/<node>/<vm>``
@@ -6351,6 +6574,15 @@ class Agent:
             return self.NOT_NEWS if HostState.same_offer(old.value, new.value) else self.NEW_WORK
         if kind == "pins":  # a VM of another cell pinned here: a re-list takes it in
             return self.NEWS if name.startswith(f"{self.node}/") else self.NOT_NEWS
+        if kind == "overflow":  # news to the cell serving the VM and to the cells offered it (CellOverflow)
+            interest = self.view.interest
+            if interest is None or interest.in_cell(name):
+                return self.NEWS
+            for entry in (old, new):
+                with contextlib.suppress(SpecError):
+                    if entry is not None and Spill.parse(name, entry.value).cell == interest.cell:
+                        return self.NEWS
+            return self.NOT_NEWS
         if kind == "desired":
             _, claim = self.view.claim(name)
             if claim is None:
@@ -6559,7 +6791,7 @@ class Agent:
         if self._console_polling:
             periods.append(Executor.CONSOLE_PERIOD)
         ats = [self._last_resync + self.cfg.resync_interval, self._ticked_at + min(periods)]
-        ats += [at for at in (self.executor.next_retry(), self._hold_ends, self._quiet_until)
+        ats += [at for at in (self.executor.next_retry(), self._hold_ends, self._quiet_until, self._overflow_at)
                 if at is not None and at > now]
         return max(now + 0.02, min(ats))
 
@@ -6672,7 +6904,8 @@ class Agent:
         # that this tick completed is finished now, not at the next reconcile)
         for chore in (lambda: self._tend_evacuations(snap),
                       lambda: self._record_lost(snap), lambda: self._finish_moves(self.view.snapshot()),
-                      self._tidy_group_guards, lambda: self._tend_pin_hints(snap)):
+                      self._tidy_group_guards, lambda: self._tend_pin_hints(snap),
+                      lambda: self._tend_overflow(snap, held)):
             try:  # best effort, for operators: never in the way of publishing the host record
                 chore()
             except Exception:

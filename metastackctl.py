@@ -566,7 +566,7 @@ def as_objects(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[di
 VM_COLUMNS = ("NAME", "FLAVOUR", "DESIRED", "STATE", "HOST", "REASON")
 
 
-SNAPSHOT_KINDS = ("desired", "actual", "hosts", "flavours", "images", "nodes", "fences", "moves")
+SNAPSHOT_KINDS = ("desired", "actual", "hosts", "flavours", "images", "nodes", "fences", "moves", "overflow")
 
 
 def snapshot_of(keys: ms.Keys, parts: Mapping[str, Mapping[str, ms.Entry]],

@@ -166,20 +166,20 @@ def test_a_claim_in_its_shard_wins_over_one_in_the_old_folder_and_counts_once() 
 
 # -- agents in two cells on a real etcd ---------------------------------------------
 
-def _agent_in_cell(cluster: Cluster, name: str, cell: int) -> None:
+def _agent_in_cell(cluster: Cluster, name: str, cell: int, **size: int) -> None:
     """An agent process whose ini names its cell ([node] cell)."""
-    proc = cluster.agent(name, start=False)
+    proc = cluster.agent(name, start=False, **size)
     proc.config.write_text(proc.config.read_text().replace("[libvirt]", f"cell = {cell}\n[libvirt]", 1))
     proc.start()
 
 
-def _settled(cluster: Cluster, shards: int) -> None:
-    """Wait until every agent's last listing watched ``shards`` shards (each
-    saw the other cells live: no adoption left from start-up)."""
+def _settled(cluster: Cluster, *shards: int) -> None:
+    """Wait until every agent's last listing watched one of ``shards``
+    shards (each saw the other cells live: no adoption left from start-up)."""
     def last(a: object) -> str:
         lines = [ln for ln in a.log().splitlines() if "shards and" in ln]  # type: ignore[attr-defined]
         return lines[-1] if lines else ""
-    wait_for(lambda: all(f"watching {shards} of 64 shards" in last(a) for a in cluster.agents), 20,
+    wait_for(lambda: all(any(f"watching {n} of 64 shards" in last(a) for n in shards) for a in cluster.agents), 20,
              what="every agent watches its own cell's shards")
 
 
@@ -465,3 +465,131 @@ def test_draining_the_only_node_of_a_cell_hands_its_vms_to_the_adopting_cell(clu
     cluster.desire(newer)
     assert cluster.wait_running([newer], 30)[newer] == ("running", "b1")
     assert all(cluster.states()[vm] == ("running", "a2") for vm in vms + [late])  # what moved stays put
+
+
+# -- overflow between cells -------------------------------------------------------------
+
+def test_hostile_overflow_records_are_refused_with_their_reason() -> None:
+    good = ms.Spill(2, (0, 1), 2, 1024, "a1", "2026-11-27T08:00:00Z")
+    assert ms.Spill.parse("v", good.encode()) == good
+    assert ms.Spill.parse("v", b'{"cell": null, "tried": [0], "vcpus": 1, "ram_mb": 1}').cell is None
+    for bad, what in (({"cell": -1}, "'cell'"), ({"cell": True}, "'cell'"), ({"cell": 64}, "'cell'"),
+                      ({"cell": "1"}, "'cell'"), ({"tried": [0, "1"]}, "'tried'"), ({"tried": {}}, "'tried'"),
+                      ({"tried": list(range(65))}, "'tried'"), ({"vcpus": 0}, "'vcpus'"), ({"ram_mb": None}, "'ram_mb'")):
+        raw = json.dumps({"cell": 1, "tried": [0], "vcpus": 1, "ram_mb": 1, **bad}).encode()
+        with pytest.raises(ms.SpecError, match=what):
+            ms.Spill.parse("v", raw)
+    assert KEYS.split(KEYS.overflow("v")) == ("overflow", "v") and KEYS.dir("overflow") < KEYS.shards
+
+
+def test_an_offer_goes_round_the_live_cells_after_its_own() -> None:
+    cells = ms.CellMap(4, frozenset({0, 1, 3}))
+    assert ms.CellOverflow.next_cell(cells, 0, (0,)) == 1
+    assert ms.CellOverflow.next_cell(cells, 1, (0, 1)) == 3  # cell 2 has no live node
+    assert ms.CellOverflow.next_cell(cells, 3, (0, 1, 3)) is None  # round: every live cell said no
+    assert ms.CellOverflow.next_cell(cells, 3, (1, 3)) == 0
+    assert ms.CellOverflow.next_cell(ms.CellMap(4, frozenset({2})), 2, (2,)) is None
+
+
+def test_why_a_vm_waits_names_the_cell_it_was_offered_to() -> None:
+    """A reader with cells: a VM its cell has no room for, offered to cell
+    1, waits for cell 1's nodes; once every cell said no, the reason says
+    so and names its own cell's nodes."""
+    vm = vm_in(2, 0)
+    entries = {KEYS.config: _entry({"cells": 2}), KEYS.flavour("big"): _entry({"vcpus": 8, "ram_mb": 1024}),
+               KEYS.desired(vm): _entry({"flavour": "big"}),
+               KEYS.host("a1"): ms.Entry(ms.HostState(4, 16384).encode(), 3, 1, 3),
+               KEYS.host("b1"): ms.Entry(ms.HostState(16, 16384, cell=1).encode(), 3, 2, 3),
+               KEYS.overflow(vm): ms.Entry(ms.Spill(1, (0,), 8, 1024, "a1", "t0").encode(), 4, 0, 4)}
+    view = ms.ClusterView(KEYS)
+    view.load(10, entries)
+    why = ms.pending_reason(vm, view.snapshot())
+    assert why.startswith("cell 0 has no room for it, offered to cell 1: not claimed yet: b1 has room"), why
+    entries[KEYS.overflow(vm)] = ms.Entry(ms.Spill(None, (0, 1), 8, 1024, "b1", "t1").encode(), 5, 0, 4)
+    view.load(11, entries)
+    why = ms.pending_reason(vm, view.snapshot())
+    assert why.startswith("no cell had room (offered to cell(s) 1 since t1); 0/1 live node(s)") and "a1" in why, why
+
+
+def test_a_vm_its_cell_has_no_room_for_runs_in_another_cell(cluster: Cluster, etcd, prefix) -> None:
+    """Three cells of one node each: a1 (cell 0) and b1 (cell 1) have room
+    for one small VM, c1 (cell 2) for four. Cell 0's third and fourth VMs
+    wait in cell 0, are offered to cell 1, which is full and passes them
+    on, and run on c1; their records are then gone. c1 watches them: their
+    destroy stops them there. When no cell has room, the record says so,
+    and so does ``metastackctl show``."""
+    from click.testing import CliRunner
+    from metastackctl import cli
+
+    cluster.flavour("small", 1, 1024)
+    _cells(cluster, 3)
+    _agent_in_cell(cluster, "a1", 0, vcpus=1)
+    _agent_in_cell(cluster, "b1", 1, vcpus=1)
+    _agent_in_cell(cluster, "c1", 2, vcpus=3)
+    cluster.wait_hosts("a1", "b1", "c1")
+    _settled(cluster, 21, 22)  # 64 shards in 3 cells: 22, 21, 21
+    home = [vm_in(3, 0, 100 * i) for i in range(4)]
+    other = vm_in(3, 1, 0, "o")
+    cluster.desire(other)
+    assert cluster.wait_running([other], 30)[other] == ("running", "b1")
+    for vm in home:
+        cluster.desire(vm)
+    states = cluster.wait_running(home, 60)
+    where = sorted(states[vm][1] for vm in home)
+    assert where == ["a1", "c1", "c1", "c1"], states
+    wait_for(lambda: not cluster.store.list_prefix(cluster.keys.dir("overflow"))[1], 20, what="overflow records gone")
+    logs = "\n".join(a.log() for a in cluster.agents)
+    assert "decision=overflow: offered to cell 1" in logs and "decision=overflow: offered to cell 2" in logs, logs[-3000:]
+    spilled = [vm for vm in home if states[vm][1] == "c1"]
+    cluster.undesire(spilled[0])
+    wait_for(lambda: spilled[0] not in cluster.states(), 20, what=f"{spilled[0]} destroyed on c1")
+    # now every cell is full: a fifth and sixth VM of cell 0 go round the ring and wait, saying why
+    late = [vm_in(3, 0, 700), vm_in(3, 0, 900)]
+    for vm in late:
+        cluster.desire(vm)
+
+    def exhausted() -> bool:
+        recs = [json.loads(e.value) for e in cluster.store.list_prefix(cluster.keys.dir("overflow"))[1].values()]
+        return len(recs) == 1 and recs[0]["cell"] is None and recs[0]["tried"] == [0, 1, 2]
+    wait_for(exhausted, 30, what="one VM offered round every cell without room")
+    waiting = [vm for vm in late if vm not in cluster.states()]
+    assert len(waiting) == 1, cluster.states()
+    r = CliRunner().invoke(cli, ["--endpoints", etcd.endpoint, "--prefix", prefix, "show", waiting[0], "-o", "json"])
+    assert r.exit_code == 0, r.output
+    assert "no cell had room (offered to cell(s) 1, 2" in json.loads(r.output)["reason"], r.output
+
+
+def test_an_offer_every_cell_refused_is_made_again_and_a_claimed_one_is_deleted(store: ms.Store) -> None:
+    """CellOverflow of cell 0's first node, on a real etcd: a record that
+    went round every cell is left alone for RETRY seconds, then offered
+    again from the start of the ring; a record of a VM claimed meanwhile
+    is deleted; a node that is not its cell's first writes nothing."""
+    keys = store.keys
+    waits, claimed = vm_in(2, 0), vm_in(2, 0, 500)
+    for node, cell in (("a1", 0), ("a2", 0), ("b1", 1)):
+        store.put(keys.host(node), ms.HostState(1, 1024, cell=cell).encode(), lease=store.grant_lease(30))
+    store.put(keys.config, json.dumps({"cells": 2}).encode())
+    store.put(keys.flavour("small"), json.dumps({"vcpus": 1, "ram_mb": 1024}).encode())
+    for vm in (waits, claimed):
+        store.put(keys.desired(vm), b'{"flavour": "small"}')
+        store.put(keys.overflow(vm), ms.Spill(None, (0, 1), 1, 1024, "b1", "t0").encode())
+    b1_lease = store.get(keys.host("b1")).lease
+    store.put(keys.actual(claimed), json.dumps({"host": "b1", "state": "running", "vcpus": 1,
+                                                "ram_mb": 1024}).encode(), lease=b1_lease)
+
+    def tender(node: str) -> tuple[ms.CellOverflow, ms.Snapshot]:
+        view = ms.ClusterView(keys)
+        view.interest, view.node = ms.Interest(0, ms.CellMap(2, frozenset({0, 1})).shards_of(0), frozenset()), node
+        view.load(*store.list_prefix(keys.all, until=keys.watched_end))
+        return ms.CellOverflow(store, view, node), view.snapshot()
+    second, snap = tender("a2")
+    assert second.tend(snap, dict, {waits: 0.0}, (), 1000.0) is None and second.written == 0
+    first, snap = tender("a1")
+    assert set(snap.overflow) == {waits, claimed} and claimed in snap.actual
+    again = first.tend(snap, dict, {waits: 0.0}, (), 1000.0)
+    assert store.get(keys.overflow(claimed)) is None and first.written == 1
+    assert again == 1000.0 + ms.CellOverflow.RETRY
+    assert json.loads(store.get(keys.overflow(waits)).value)["cell"] is None  # round not over yet
+    first.tend(first.view.snapshot(), dict, {waits: 0.0}, (), again)
+    record = json.loads(store.get(keys.overflow(waits)).value)
+    assert (record["cell"], record["tried"], record["by"]) == (1, [0], "a1")
