@@ -51,7 +51,8 @@ small/medium/large), --per-process K (K agents per process, via
 bench/agents_host.py), --central/--no-central, --idle SECONDS, --watch auto|json|grpc (the agents' watch transport), --ttl
 SECONDS (the agents' lease_ttl, default 5), --cell-size K (cells of about K
 nodes: the cluster config's "cells" and each agent's [node] cell, dealt
-round robin in order of node size; default: no cells), --json FILE,
+round robin in order of node size; default: no cells), --deal size|index
+(dealt in order of size, or of index: cells of unequal capacity), --json FILE,
 --keep (leave the work directory for the logs).
 """
 from __future__ import annotations
@@ -155,7 +156,8 @@ class Fleet:
     is stopped by its Popen handle."""
 
     def __init__(self, workdir: Path, etcd: EtcdServer, prefix: str, nodes: list[NodeSpec], per_process: int,
-                 watch: str = "auto", ttl: int = TTL, resync: float = 0.0, cells: int = 1) -> None:
+                 watch: str = "auto", ttl: int = TTL, resync: float = 0.0, cells: int = 1,
+                 deal: str = "size") -> None:
         self.dir = workdir
         self.cells = cells
         self.watch = watch
@@ -164,7 +166,8 @@ class Fleet:
         self.nodes = nodes
         self.per_process = per_process
         self.procs: list[tuple[subprocess.Popen, int, Path]] = []  # (process, agents in it, log)
-        self.inis = [self._ini(etcd, prefix, n, c) for n, c in zip(nodes, balanced_cells(nodes, cells))]
+        dealt = balanced_cells(nodes, cells) if deal == "size" else [i % max(1, cells) for i in range(len(nodes))]
+        self.inis = [self._ini(etcd, prefix, n, c) for n, c in zip(nodes, dealt)]
 
     def _ini(self, etcd: EtcdServer, prefix: str, n: NodeSpec, cell: int = 0) -> Path:
         uri = f"test://{node_xml(self.dir / f'{n.name}.xml', n.vcpus, n.ram_mb)}"
@@ -494,7 +497,7 @@ def run_agents(etcd: EtcdServer, work: Path, tag: str, n_nodes: int, args: argpa
     casedir.mkdir()
     store = ms.Store(ms.EtcdConfig(endpoints=ms.parse_endpoints(etcd.endpoint), prefix=prefix, timeout=5.0))
     cells = max(1, round(n_nodes / args.cell_size)) if args.cell_size else 1
-    fleet = Fleet(casedir, etcd, prefix, nodes, args.per_process, args.watch, args.ttl, args.resync, cells)
+    fleet = Fleet(casedir, etcd, prefix, nodes, args.per_process, args.watch, args.ttl, args.resync, cells, args.deal)
     result: dict[str, Any] = {"nodes": n_nodes, "mode": mode, "vms": len(vms), "per_process": args.per_process,
                               "mixed": args.mixed, "fill_vcpus": round(fill(nodes, vms), 3), "cells": cells}
     try:
@@ -733,6 +736,9 @@ def main() -> int:
     ap.add_argument("--cell-size", type=int, default=0, metavar="K",
                     help="about K nodes per cell: the cluster config gets cells = round(nodes / K) and each agent's ini "
                          "a cell, dealt round robin in order of node size (default 0: no cells)")
+    ap.add_argument("--deal", choices=("size", "index"), default="size",
+                    help="how nodes are dealt into cells: round robin in order of size (default) or of index (with "
+                         "--mixed: cells of unequal capacity, which overflow between cells evens out)")
     ap.add_argument("--json", metavar="FILE")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs) and print its path")
     args = ap.parse_args()
