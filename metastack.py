@@ -1457,8 +1457,8 @@ class Interest:
     """What of the shards one agent keeps: every VM of the shards its cell
     serves (``cell_shards``; their claims decide placement in the cell)
     and the VMs named in ``extra``, whatever their shard (pinned to this
-    node, claimed by it, or defined on its hypervisor: its own business
-    only). The agent watches the shards of both; its view drops the
+    node, claimed by it, defined on its hypervisor, or offered to its cell
+    by another: CellOverflow). The agent watches the shards of both; its view drops the
     desired entries and claims of every other VM (ClusterView._kept)."""
 
     cell: int
