@@ -6095,6 +6095,8 @@ class Agent:
         self._domains_unlisted = False  # the last listing could not ask libvirt for them
         self._evacuating: set[str] = set()  # evacuated nodes fenced whose agent must release its VMs (logged once)
         self._cannot_evacuate: set[str] = set()  # evacuated nodes this node failed to fence (logged once)
+        self._evacuate_seen: dict[str, float] = {}  # evacuated nodes still live -> when first seen so (monotonic)
+        self._evacuate_at: Optional[float] = None  # when this node's fallback turn to fence one comes (monotonic)
         self._departures_asked: dict[str, int] = {}  # vm -> the vanishing (revision) whose lease etcd was asked about
         self._seen_dead: set[str] = set()  # nodes whose death we logged
         self.last_decision = ""
@@ -6722,6 +6724,7 @@ class Agent:
         else:
             self.leave_running()
 
+    EVACUATE_STEP = 10.0  # seconds: the r-th node that takes work fences an evacuated node still live after r steps
     IDLE_TICK = 15.0  # seconds between reconciles when nothing wakes the agent (level-triggered repair; O(cluster) each)
     GATHER_QUIET = 0.01  # coalescing of new work: wait for a quiet spell this long ...
     GATHER_MAX = (0.05, 0.25)  # ... at most this long (the second while more VMs wait than there are nodes)
@@ -6791,7 +6794,8 @@ class Agent:
         if self._console_polling:
             periods.append(Executor.CONSOLE_PERIOD)
         ats = [self._last_resync + self.cfg.resync_interval, self._ticked_at + min(periods)]
-        ats += [at for at in (self.executor.next_retry(), self._hold_ends, self._quiet_until, self._overflow_at)
+        ats += [at for at in (self.executor.next_retry(), self._hold_ends, self._quiet_until, self._overflow_at,
+                                              self._evacuate_at)
                 if at is not None and at > now]
         return max(now + 0.02, min(ats))
 
@@ -7120,19 +7124,32 @@ class Agent:
         nothing; it stays fenced and cordoned until ``metastackctl host
         uncordon NODE``. Once per registration: a host record NODE created
         after its fence record is left alone. Nothing is revoked unless the
-        fence succeeded (a Ceph error: the next reconcile tries again)."""
+        fence succeeded (a Ceph error: the next reconcile tries again).
+
+        Fallback: while NODE's host record stays live, the r-th node by name
+        that takes work does the same from r x EVACUATE_STEP seconds after
+        it first saw NODE evacuated (every step is idempotent), so a first
+        node that cannot fence (no Ceph section, Ceph refusing it) or does
+        not act (stuck) delays the evacuation, not stops it."""
         evacuated = {n for n, rec in snap.nodes.items() if rec.evacuate}
         self._evacuating &= evacuated
         self._cannot_evacuate &= evacuated
-        if not evacuated or min((n for n, h in snap.hosts.items() if takes_work(h, snap.nodes.get(n))),
-                                default=None) != self.node:
+        now, self._evacuate_at = time.monotonic(), None
+        self._evacuate_seen = {n: self._evacuate_seen.get(n, now) for n in evacuated & set(snap.hosts)}
+        fencers = sorted(n for n, h in snap.hosts.items() if takes_work(h, snap.nodes.get(n)))
+        if not evacuated or self.node not in fencers:
             return
+        rank = fencers.index(self.node)
         for node in sorted(evacuated & set(snap.hosts)):
             host = self.view.entry(self.keys.host(node))
             fence = self.view.entry(self.keys.fence(node))
             if host is None or not host.lease or (fence is not None and fence.create_revision > 0
                                                    and host.create_revision > fence.create_revision):
                 continue  # gone meanwhile, or registered again after its fence: done
+            if now < self._evacuate_seen[node] + rank * self.EVACUATE_STEP:
+                self._evacuate_at = min(self._evacuate_at or math.inf,
+                                        self._evacuate_seen[node] + rank * self.EVACUATE_STEP)
+                continue  # a node before this one by name has its turn first
             try:
                 record, how = self.executor.fence_node(node, snap)
             except StorageError as exc:  # no Ceph here, or Ceph refused: the next reconcile tries again
