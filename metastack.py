@@ -2378,14 +2378,21 @@ def places(snap: Snapshot, node: str, vm: str) -> bool:
     """Whether ``node`` is of the cell that places VM ``vm`` now (always,
     with no cells): the cell that serves the VM's shard by ``snap.cells``
     (its own cell's, or the adopting one's when no node of that cell takes
-    work), else, without a cell map, the snapshot's own cell."""
+    work), else, without a cell map, the snapshot's own cell. For a VM
+    outside the shards the snapshot's view watches (pinned to this node,
+    held by it, offered to its cell: CellOverflow), the cell that serves
+    the watched shards: only its nodes' use is known here (another cell's
+    nodes look empty: their claims are not in this view)."""
     if snap.interest is None:
         return True
     host = snap.hosts.get(node)
     if host is None:
         return False
     if snap.cells is not None:
-        return host.cell % snap.cells.cells == snap.cells.serving(Keys.shard(vm))
+        shard = Keys.shard(vm)
+        if not snap.interest.in_cell(vm) and snap.interest.cell_shards:
+            shard = min(snap.interest.cell_shards)  # the watched shards have one serving cell (CellMap.watched_by)
+        return host.cell % snap.cells.cells == snap.cells.serving(shard)
     return host.cell == snap.interest.cell
 
 
@@ -2490,7 +2497,6 @@ class ClusterView:
         # node -> (revision, monotonic time) its host record vanished.
         self.vanished: dict[str, Vanished] = {}
         self.lapsed: dict[str, tuple[int, float]] = {}
-        self.lapsed_cells: dict[str, int] = {}  # node -> the cell its last host record named
         self._lapse_folded: dict[str, str] = {}  # host key -> node: a lapse folded in before its watch event
         # The incremental index (see _index): kind -> name -> key; vm -> (host,
         # lease, vcpus, ram_mb) of its claim; (host, lease) -> [vcpus, ram_mb,
@@ -2526,13 +2532,11 @@ class ClusterView:
             self.vanished[name] = Vanished(ActualVM.parse(old.value).host, revision, time.monotonic(), old.lease)
         elif kind == "hosts":
             self.lapsed[name] = (revision, time.monotonic())
-            with contextlib.suppress(SpecError):
-                self.lapsed_cells[name] = HostState.parse(old.value).cell
 
-    def lapsed_in_cell(self, cell: int) -> list[str]:
-        """The lapsed nodes (still remembered) whose last host record named ``cell``."""
+    def lapsed_nodes(self) -> list[str]:
+        """The lapsed nodes still remembered (and not back)."""
         with self._lock:
-            return [n for n in self.lapsed if self.lapsed_cells.get(n) == cell]
+            return list(self.lapsed)
 
     def unconfirmed_departures(self) -> dict[str, Vanished]:
         """The desired, unclaimed VMs whose claim vanished while the
@@ -2868,6 +2872,11 @@ class ClusterView:
         with self._lock:
             found = self._claim_of(vm)
         return found if found is not None else (self.keys.actual(vm), None)
+
+    def names_of(self, kind: str) -> list[str]:
+        """The names of every kept record of one kind, parsed or not. O(records of the kind)."""
+        with self._lock:
+            return list(self._kinds.get(kind, {}))
 
     def entries_under(self, prefix: str) -> dict[str, Entry]:
         """key -> entry of every kept key below ``prefix``."""
@@ -5132,18 +5141,19 @@ class Executor:
         new claim and kill their copy, and their open clients are fenced
         one by one (Storage.fence_disk). With cells, a claim that vanished
         while this node did not watch its shard (its cell adopts the shard
-        of a cell whose last node died, or takes a VM pinned to it) left
-        no memory: for a disk that existed before (not ``fresh``) of a VM
-        outside this node's home cell, every node of the VM's home cell seen
-        to lapse lately and not back is a former writer."""
+        of a cell whose last node died, takes a VM pinned to it or offered
+        to its cell) left no memory: for a disk that existed before (not
+        ``fresh``) of a VM outside this node's home cell or the shards it
+        watches, every node seen to lapse lately and not back, in any cell,
+        is a former writer (an offered VM may have run in any cell)."""
         targets: set[str] = set()
         gone = self.view.vanished.get(vm)
         if gone is not None and gone.host:
             targets.add(gone.host)
         elif snap.interest is not None and snap.cells is not None and not fresh:
             home = snap.cells.home(Keys.shard(vm))
-            if home != snap.interest.cell:  # adopted (or pinned here): its cell's nodes held it, unwatched
-                targets.update(self.view.lapsed_in_cell(home))
+            if home != snap.interest.cell or not snap.interest.in_cell(vm):  # held unwatched by this node
+                targets.update(self.view.lapsed_nodes())
         ips = {watcher_ip(w) for w in watchers}
         targets.update(n for n, rec in snap.nodes.items() if rec.address and rec.address in ips)
         targets.discard(self.node)
@@ -5902,28 +5912,34 @@ class CellOverflow:
     has room: each cell sees only its own nodes' use.
 
     Contract: only the first node of a cell (first_in_cell) writes, by
-    compare-and-swap, and only when a VM waits (nothing in steady state).
-    ``tend`` does, for the VMs of the shards this node's cell serves: offer
-    (at most BATCH per call, oldest first) each one that waited AFTER
-    seconds unchosen by the cell's placement, that no node of the cell
-    gave up on, that is not pinned, to the next live cell in ring order;
-    delete the record once the VM is claimed, gone or pinned; offer again,
-    from the start of the ring, RETRY seconds after every cell said no.
-    And for the VMs offered to this node's cell: pass each on (to the next
-    live cell not tried yet, or to none) when no node of the cell has room
-    for it, or when it waited AFTER seconds watched here and unchosen.
-    ``wanted`` names the VMs offered to this node's cell that it has room
-    for: every node of the cell watches them (Interest.extra, a re-list)
-    and places them like its own. The claim is the usual one, in the VM's
-    shard; a record is a hint and never decides who runs a VM."""
+    compare-and-swap, at most BATCH records per call (the rest at the next
+    call, at once), and only when a VM waits (nothing in steady state).
+    ``tend`` does, for the VMs of the shards this node's cell serves:
+    offer (oldest first) each one that waited AFTER seconds unchosen by
+    the cell's placement, not pinned, to the next live cell in ring order,
+    when the cell has a ready node and not all of those gave the VM up;
+    delete the record once the VM is claimed (anywhere), gone or pinned,
+    when it names this cell (its shard was adopted), or is malformed;
+    offer again, from the start of the ring, RETRY seconds after every cell
+    said no, or at once when the cell named has no live node (the record
+    is deleted when no other cell is live). And for the VMs offered to
+    this node's cell: pass each on (to the next live cell not tried yet,
+    or to none) when no node of the cell has room for it, when it waited
+    AFTER seconds watched here and unchosen, or PATIENCE seconds chosen and
+    unclaimed. ``wanted`` names the VMs offered to this node's cell that it
+    has room for: every node of the cell watches them (Interest.extra, a
+    re-list) and places them like its own. The claim is the usual one, in
+    the VM's shard; a record is a hint and never decides who runs a VM."""
 
     AFTER = 2.0  # seconds a VM waits unchosen in its cell (or in the cell offered it) before it is offered on
     RETRY = 60.0  # seconds before a VM that no cell had room for is offered round again
-    BATCH = 16  # VMs offered per reconcile at most
+    BATCH = 16  # records written per reconcile at most (offers, passes on, offers again)
+    PATIENCE = 5 * AFTER  # seconds an offered VM its cell's placement picks may stay unclaimed before it is passed on
 
     def __init__(self, store: "Store", view: "ClusterView", node: str) -> None:
         self.store, self.view, self.node, self.keys = store, view, node, store.keys
         self._seen: dict[str, tuple[int, float]] = {}  # vm -> (mod revision of its record, when first seen so)
+        self._budget = self.BATCH  # writes left in this call of tend
         self.written = 0  # records written or deleted (for tests and benchmarks)
 
     @staticmethod
@@ -5960,55 +5976,73 @@ class CellOverflow:
         VM -> since when this node saw it so (ClaimTurns.first_seen).
         Returns the monotonic time it wants to be called again, or None."""
         self._seen = {vm: seen for vm, seen in self._seen.items() if vm in snap.overflow}
+        self._budget = self.BATCH
         interest, cells = snap.interest, snap.cells
+        names = set(self.view.names_of("overflow"))  # malformed records too: nobody else deletes them
         if interest is None or cells is None:  # one cell: records left from cells are nobody's
-            if snap.overflow and self.node == min(snap.hosts, default=None):
-                for vm in sorted(snap.overflow):
+            if names and self.node == min(snap.hosts, default=None):
+                for vm in sorted(names):
                     self._delete(vm)
             return None
         if first_in_cell(snap) != self.node:
             return None
         mine, ats = interest.cell, []
         picks: Optional[Mapping[str, str]] = None
+        for vm in sorted(names - snap.overflow.keys()):
+            if interest.in_cell(vm):
+                self._delete(vm)
         for vm, spill in sorted(snap.overflow.items()):
             seen = self._since(vm, now)
             spec = snap.desired.get(vm)
             if interest.in_cell(vm):  # ours to offer
-                if vm in snap.actual or not isinstance(spec, DesiredVM) or spec.host is not None:
+                if (vm in snap.actual or not isinstance(spec, DesiredVM) or spec.host is not None
+                        or spill.cell == mine):  # claimed, gone, pinned, or ours now (adopted): it waits here
                     self._delete(vm)
                 elif spill.cell is None and now < seen + self.RETRY:
                     ats.append(seen + self.RETRY)
-                elif spill.cell is None or spill.cell == mine or spill.cell not in cells.live:
-                    self._write(vm, dataclasses.replace(spill, cell=self.next_cell(cells, mine, (mine,)),
-                                                        tried=(mine,), by=self.node, at=utc_now()))
+                elif spill.cell is None or spill.cell not in cells.live:  # round again, or the cell went
+                    target = self.next_cell(cells, mine, (mine,))
+                    if target is None:
+                        self._delete(vm)
+                    elif not self._write(vm, dataclasses.replace(spill, cell=target, tried=(mine,), by=self.node,
+                                                                 at=utc_now()), fresh=False):
+                        ats.append(now + 0.1)
             elif spill.cell == mine and vm not in snap.actual:  # offered to us
                 if self.room(snap, vm, spill):
-                    if now < seen + self.AFTER or not interest.keeps(vm):
-                        ats.append(seen + self.AFTER)
+                    if not interest.keeps(vm) or now < seen + self.AFTER:
+                        ats.append(max(seen + self.AFTER, now + 0.5))  # its nodes list again first
                         continue
                     picks = chosen() if picks is None else picks
-                    if vm in picks:
+                    if vm in picks and now < seen + self.PATIENCE:
+                        ats.append(seen + self.PATIENCE)
                         continue
                 tried = spill.tried + (mine,)
-                self._write(vm, dataclasses.replace(spill, cell=self.next_cell(cells, mine, tried), tried=tried,
-                                                    by=self.node, at=utc_now()))
+                if not self._write(vm, dataclasses.replace(spill, cell=self.next_cell(cells, mine, tried), tried=tried,
+                                                           by=self.node, at=utc_now()), fresh=False):
+                    ats.append(now + 0.1)
         due = [vm for vm, since in waiting.items()
                if vm not in snap.overflow and vm not in held and vm not in snap.actual and interest.in_cell(vm)
                and isinstance(spec := snap.desired.get(vm), DesiredVM) and spec.host is None]
         ats += [waiting[vm] + self.AFTER for vm in due if now < waiting[vm] + self.AFTER]
         due = sorted((vm for vm in due if now >= waiting[vm] + self.AFTER), key=lambda v: (waiting[v], v))
         target = self.next_cell(cells, mine, (mine,))
-        if due and target is not None:
+        ready = [h for n, h in snap.hosts.items() if h.state == "ready" and in_cell(snap, n)
+                 and not (n in snap.nodes and snap.nodes[n].unschedulable)]
+        if due and target is not None and ready:  # with no ready node the cell is not full: it does not work
             picks = chosen() if picks is None else picks
-            gave_up = {vm for n, h in snap.hosts.items() if in_cell(snap, n) for vm, _ in h.cannot}
-            for vm in [vm for vm in due if vm not in picks and vm not in gave_up][:self.BATCH]:
+            for vm in due:
+                if vm in picks or all(vm in dict(h.cannot) for h in ready):  # all gave it up: the VM is the trouble
+                    continue
                 resolved = resolve(snap.desired[vm], snap)
-                if isinstance(resolved, tuple):
-                    self._write(vm, Spill(target, (mine,), resolved[1].vcpus, resolved[1].ram_mb, self.node,
-                                          utc_now()))
-        return min(ats, default=None)
+                if isinstance(resolved, tuple) and not self._write(
+                        vm, Spill(target, (mine,), resolved[1].vcpus, resolved[1].ram_mb, self.node, utc_now()),
+                        fresh=True):
+                    ats.append(now + 0.1)
+                    break
+        return min((t for t in ats if t > now), default=None)
 
     def _since(self, vm: str, now: float) -> float:
+        """When this node first saw ``vm``'s record as it is now (its mod revision)."""
         entry = self.view.entry(self.keys.overflow(vm))
         rev = entry.mod_revision if entry is not None else 0
         seen = self._seen.get(vm)
@@ -6016,19 +6050,28 @@ class CellOverflow:
             seen = self._seen[vm] = (rev, now)
         return seen[1]
 
-    def _write(self, vm: str, spill: Spill) -> None:
+    def _write(self, vm: str, spill: Spill, fresh: bool) -> bool:
+        """Create (``fresh``) or replace by compare-and-swap ``vm``'s record;
+        a record gone meanwhile is left gone. False when this call's budget
+        of BATCH writes is spent (nothing written: the next call goes on)."""
+        if self._budget <= 0:
+            return False
         key, value = self.keys.overflow(vm), spill.encode()
         entry = self.view.entry(key)
-        if entry is None:
+        if fresh:
             rev, _ = self.store.create(key, value)
+        elif entry is None:
+            return True
         else:
             rev = self.store.replace(key, value, entry.mod_revision)
+        self._budget -= 1
         if rev is not None:
             self.view.note(key, value, rev)
             self.written += 1
             where = f"to cell {spill.cell}" if spill.cell is not None else "to no cell: none had room"
             log.info("vm=%s node=%s decision=overflow: offered %s (cells without room: %s)", vm, self.node, where,
                      ", ".join(map(str, spill.tried)))
+        return True
 
     def _delete(self, vm: str) -> None:
         key = self.keys.overflow(vm)
@@ -6314,17 +6357,20 @@ class Agent:
         log.info("registered node %s (lease %x, ttl %ss, %d vcpus, %d MiB)",
                  self.node, lease, self.cfg.lease_ttl, self.capacity.vcpus, self.capacity.ram_mb)
 
-    def _resync(self) -> None:
-        """Full re-list, then watch from the listed revision; then collect
-        disks nobody wants any more (judged from this fresh listing) and
-        lift fences that their nodes proved clean."""
+    def _resync(self, chores: bool = True) -> None:
+        """Full re-list, then watch from the listed revision; then (unless
+        not ``chores``: a re-list for the interest alone, which leaves the
+        periodic one its time) collect disks nobody wants any more (judged
+        from this fresh listing) and lift fences that their nodes proved
+        clean."""
         revision, entries = self.store.list_prefix(self.keys.all, until=self.keys.watched_end)
         self.view.node = self.node
         self.view.load(revision, entries, interest=self._interest_from(entries))
         self._need_relist = False
-        self._last_resync = time.monotonic()
+        if chores:
+            self._last_resync = time.monotonic()
         self._watch_from(revision + 1)
-        if self.storage is not None:
+        if self.storage is not None and chores:
             snap = self.view.snapshot()
             try:
                 self.executor.collect_orphan_disks(snap)
@@ -6842,7 +6888,7 @@ class Agent:
         snap = self.view.snapshot()
         self._apply_cluster_config()
         if self._interest_stale(snap):  # the wrong shards (a cell came or went): plan from the right ones
-            self._resync()
+            self._resync(chores=False)
             snap = self.view.snapshot()
         domains = self.hv.domains()
         self._libvirt_down = False  # libvirt answers: the host record says ready again below

@@ -552,6 +552,9 @@ def test_a_vm_its_cell_has_no_room_for_runs_in_another_cell(cluster: Cluster, et
         recs = [json.loads(e.value) for e in cluster.store.list_prefix(cluster.keys.dir("overflow"))[1].values()]
         return len(recs) == 1 and recs[0]["cell"] is None and recs[0]["tried"] == [0, 1, 2]
     wait_for(exhausted, 30, what="one VM offered round every cell without room")
+    offers = sum(a.log().count("decision=overflow") for a in cluster.agents)
+    time.sleep(2 * ms.CellOverflow.AFTER)  # no cell writes again before RETRY: no loop
+    assert sum(a.log().count("decision=overflow") for a in cluster.agents) == offers
     waiting = [vm for vm in late if vm not in cluster.states()]
     assert len(waiting) == 1, cluster.states()
     r = CliRunner().invoke(cli, ["--endpoints", etcd.endpoint, "--prefix", prefix, "show", waiting[0], "-o", "json"])
@@ -593,3 +596,77 @@ def test_an_offer_every_cell_refused_is_made_again_and_a_claimed_one_is_deleted(
     first.tend(first.view.snapshot(), dict, {waits: 0.0}, (), again)
     record = json.loads(store.get(keys.overflow(waits)).value)
     assert (record["cell"], record["tried"], record["by"]) == (1, [0], "a1")
+
+
+def test_overflow_records_of_nobody_are_deleted_and_a_vm_waits_where_it_is_served(store: ms.Store) -> None:
+    """CellOverflow on a real etcd: cell 0's first node deletes a malformed
+    record of its cell's VM and one naming cell 0 itself (its shard was
+    adopted), offers again at once a VM offered to a cell with no live
+    node, writes at most BATCH records per call and asks to be called
+    again at once for the rest; with one cell the first node deletes every
+    record."""
+    keys = store.keys
+    for node, cell in (("a1", 0), ("b1", 1)):
+        store.put(keys.host(node), ms.HostState(1, 1024, cell=cell).encode(), lease=store.grant_lease(30))
+    store.put(keys.config, json.dumps({"cells": 3}).encode())  # cell 2 has no node
+    store.put(keys.flavour("small"), json.dumps({"vcpus": 1, "ram_mb": 1024}).encode())
+    bad, ours, dead = vm_in(3, 0, 0, "m"), vm_in(3, 0, 0, "o"), vm_in(3, 0, 0, "d")
+    store.put(keys.overflow(bad), b'{"cell": "one"}')
+    store.put(keys.overflow(ours), ms.Spill(0, (1,), 1, 1024, "b1", "t0").encode())
+    store.put(keys.overflow(dead), ms.Spill(2, (0,), 1, 1024, "a1", "t0").encode())
+    many = [vm_in(3, 0, 100 * i, "w") for i in range(ms.CellOverflow.BATCH + 3)]
+    for vm in [ours, dead] + many:
+        store.put(keys.desired(vm), b'{"flavour": "small"}')
+
+    def tender(cells: int) -> ms.CellOverflow:
+        view = ms.ClusterView(keys)
+        live = ms.CellMap(cells, frozenset({0, 1}) if cells > 1 else frozenset({0}))
+        view.interest = ms.Interest(0, live.watched_by(0), frozenset()) if cells > 1 else None
+        view.node = "a1"
+        view.load(*store.list_prefix(keys.all, until=keys.watched_end))
+        return ms.CellOverflow(store, view, "a1")
+    first = tender(3)
+    snap = first.view.snapshot()
+    assert set(snap.overflow) == {ours, dead} and bad in first.view.names_of("overflow")
+    waiting = {vm: 0.0 for vm in many}
+    again = first.tend(snap, dict, waiting, (), 100.0)
+    assert store.get(keys.overflow(bad)) is None and store.get(keys.overflow(ours)) is None
+    assert json.loads(store.get(keys.overflow(dead)).value)["cell"] == 1  # cell 2 has no node: round again
+    offered = [vm for vm in many if store.get(keys.overflow(vm)) is not None]
+    assert len(offered) == ms.CellOverflow.BATCH - 1  # one write of the batch went to the dead cell's offer
+    assert again is not None and again <= 100.2
+    first.tend(first.view.snapshot(), dict, waiting, (), again)
+    assert all(store.get(keys.overflow(vm)) is not None for vm in many)
+    written = first.written
+    first.tend(first.view.snapshot(), dict, waiting, (), again + 1)  # nothing changed: nothing written
+    assert first.written == written
+    store.put(keys.config, json.dumps({"cells": 1}).encode())
+    one = tender(1)
+    assert one.tend(one.view.snapshot(), dict, {}, (), 200.0) is None
+    assert store.list_prefix(keys.dir("overflow"))[1] == {}
+
+
+def test_room_for_a_vm_of_another_cell_is_judged_by_the_cell_whose_use_is_known() -> None:
+    """a1 (cell 0) holds a VM of cell 1's shards (offered to cell 0). Its
+    view holds none of b1's claims, so b1 (cell 1, full) looks empty: the
+    room a drain or a group's spreading looks for is in cell 0 (a2), never
+    on b1; a VM of cell 0's shards is judged as before."""
+    cmap = ms.CellMap(2, frozenset({0, 1}))
+    away, home = vm_in(2, 1, 0, "x"), vm_in(2, 0, 0, "y")
+    hosts = {"a1": ms.HostState(2, 4096, cell=0, foreign=(1, 1024, 1)), "a2": ms.HostState(2, 4096, cell=0),
+             "b1": ms.HostState(2, 4096, cell=1)}
+    entries = {KEYS.host(n): ms.Entry(h.encode(), 3, i + 1, 3) for i, (n, h) in enumerate(hosts.items())}
+    entries[KEYS.config] = _entry({"cells": 2})
+    entries[KEYS.flavour("small")] = _entry({"vcpus": 1, "ram_mb": 1024})
+    for vm, lease in ((away, 1), (home, 1)):
+        entries[KEYS.desired(vm)] = _entry({"flavour": "small"})
+        entries[KEYS.actual(vm)] = _entry({"host": "a1", "state": "running", "vcpus": 1, "ram_mb": 1024}, lease=lease)
+    snap = _cell_view(ms.Interest(0, cmap.shards_of(0), frozenset({away})), entries).snapshot()
+    flav = ms.Flavour(1, 1024)
+    assert ms.room_elsewhere("a1", away, flav, snap) == ["a2"]
+    assert ms.room_elsewhere("a1", home, flav, snap) == ["a2"]
+    assert not ms.places(snap, "b1", away) and ms.places(snap, "a2", away)
+    full = dict(entries)
+    full[KEYS.host("a2")] = ms.Entry(ms.HostState(0, 0, cell=0).encode(), 3, 2, 3)
+    assert ms.room_elsewhere("a1", away, flav, _cell_view(ms.Interest(0, cmap.shards_of(0), frozenset({away})),
+                                                          full).snapshot()) == []
