@@ -1299,7 +1299,10 @@ class Spill:
     cell offered it now, or null once every live cell was offered it and
     none had room; "tried": the cells that had no room, in order;
     "vcpus", "ram_mb": what the VM needs (so a cell judges its room before
-    it watches the VM); "by": the node that wrote it; "at": when}. No
+    it watches the VM); "holder": the node whose claim of the VM the
+    serving cell saw vanish last, "" if none (the claimant fences it if it
+    is not live: Executor._former_writers); "by": the node that wrote it;
+    "at": when}. No
     lease. Written by the first node of a cell (first_in_cell): the serving
     cell's writes it and deletes it once the VM is claimed, gone or
     pinned; the offered cell's passes it on to the next cell when its own
@@ -1314,6 +1317,7 @@ class Spill:
     ram_mb: int = 0
     by: str = ""
     at: str = ""
+    holder: str = ""
 
     @classmethod
     def parse(cls, name: str, raw: bytes) -> "Spill":
@@ -1327,12 +1331,15 @@ class Spill:
         if (not isinstance(tried, list) or len(tried) > Keys.SHARDS
                 or any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < Keys.SHARDS for c in tried)):
             raise SpecError(f"{what}: 'tried' must be a list of cell numbers")
+        holder = obj.get("holder", "")
+        if not isinstance(holder, str) or (holder and not valid_name(holder)):
+            raise SpecError(f"{what}: 'holder' must be a node name or empty, got {_show(holder)}")
         return cls(cell, tuple(tried), _positive_int(obj, "vcpus", what), _positive_int(obj, "ram_mb", what),
-                   str(obj.get("by", "")), str(obj.get("at", "")))
+                   str(obj.get("by", "")), str(obj.get("at", "")), holder)
 
     def encode(self) -> bytes:
         return json.dumps({"cell": self.cell, "tried": list(self.tried), "vcpus": self.vcpus, "ram_mb": self.ram_mb,
-                           "by": self.by, "at": self.at}, sort_keys=True).encode()
+                           "by": self.by, "at": self.at, "holder": self.holder}, sort_keys=True).encode()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2497,6 +2504,7 @@ class ClusterView:
         # node -> (revision, monotonic time) its host record vanished.
         self.vanished: dict[str, Vanished] = {}
         self.lapsed: dict[str, tuple[int, float]] = {}
+        self.lapsed_cells: dict[str, int] = {}  # node -> the cell its last host record named
         self._lapse_folded: dict[str, str] = {}  # host key -> node: a lapse folded in before its watch event
         # The incremental index (see _index): kind -> name -> key; vm -> (host,
         # lease, vcpus, ram_mb) of its claim; (host, lease) -> [vcpus, ram_mb,
@@ -2532,11 +2540,13 @@ class ClusterView:
             self.vanished[name] = Vanished(ActualVM.parse(old.value).host, revision, time.monotonic(), old.lease)
         elif kind == "hosts":
             self.lapsed[name] = (revision, time.monotonic())
+            with contextlib.suppress(SpecError):
+                self.lapsed_cells[name] = HostState.parse(old.value).cell
 
-    def lapsed_nodes(self) -> list[str]:
-        """The lapsed nodes still remembered (and not back)."""
+    def lapsed_in_cell(self, cell: int) -> list[str]:
+        """The lapsed nodes (still remembered) whose last host record named ``cell``."""
         with self._lock:
-            return list(self.lapsed)
+            return [n for n in self.lapsed if self.lapsed_cells.get(n) == cell]
 
     def unconfirmed_departures(self) -> dict[str, Vanished]:
         """The desired, unclaimed VMs whose claim vanished while the
@@ -4325,7 +4335,7 @@ def plan(node: str, capacity: Capacity, snap: Snapshot, domains: Mapping[str, st
                     actions.append(Action("kill", name, reason="unclaimed and not claimable here"))
                 continue
             here = members.get(vm.group or "", {}).get(node, 0) if vm.group is not None else 0
-            apart = here and not running_here and (vm.strict or any(
+            apart = here and not running_here and vm.host is None and (vm.strict or any(
                 members.get(vm.group or "", {}).get(other, 0) < here
                 for other in room_elsewhere(node, name, flav, snap)))
             if vm.host not in (None, node) or flav.vcpus > free_cpu or flav.ram_mb > free_ram or apart:
@@ -5141,19 +5151,24 @@ class Executor:
         new claim and kill their copy, and their open clients are fenced
         one by one (Storage.fence_disk). With cells, a claim that vanished
         while this node did not watch its shard (its cell adopts the shard
-        of a cell whose last node died, takes a VM pinned to it or offered
-        to its cell) left no memory: for a disk that existed before (not
-        ``fresh``) of a VM outside this node's home cell or the shards it
-        watches, every node seen to lapse lately and not back, in any cell,
-        is a former writer (an offered VM may have run in any cell)."""
+        of a cell whose last node died, or takes a VM pinned to it or
+        offered to its cell) left no memory: for a disk that existed before
+        (not ``fresh``) of a VM outside this node's home cell, every node of
+        the VM's home cell seen to lapse lately and not back is a former
+        writer, and so is the node an offer names as the VM's last holder
+        (Spill.holder: the cell that serves the VM saw its claim vanish;
+        with overflow that holder may be in any cell)."""
         targets: set[str] = set()
         gone = self.view.vanished.get(vm)
         if gone is not None and gone.host:
             targets.add(gone.host)
         elif snap.interest is not None and snap.cells is not None and not fresh:
             home = snap.cells.home(Keys.shard(vm))
-            if home != snap.interest.cell or not snap.interest.in_cell(vm):  # held unwatched by this node
-                targets.update(self.view.lapsed_nodes())
+            if home != snap.interest.cell:  # adopted (or pinned here): its cell's nodes held it, unwatched
+                targets.update(self.view.lapsed_in_cell(home))
+            spill = snap.overflow.get(vm)
+            if spill is not None and spill.holder:
+                targets.add(spill.holder)
         ips = {watcher_ip(w) for w in watchers}
         targets.update(n for n, rec in snap.nodes.items() if rec.address and rec.address in ips)
         targets.discard(self.node)
@@ -5933,7 +5948,7 @@ class CellOverflow:
 
     AFTER = 2.0  # seconds a VM waits unchosen in its cell (or in the cell offered it) before it is offered on
     RETRY = 60.0  # seconds before a VM that no cell had room for is offered round again
-    BATCH = 16  # records written per reconcile at most (offers, passes on, offers again)
+    BATCH = 16  # records written per reconcile at most (offers, passes on, offers again, deletes)
     PATIENCE = 5 * AFTER  # seconds an offered VM its cell's placement picks may stay unclaimed before it is passed on
 
     def __init__(self, store: "Store", view: "ClusterView", node: str) -> None:
@@ -5978,19 +5993,35 @@ class CellOverflow:
         self._seen = {vm: seen for vm, seen in self._seen.items() if vm in snap.overflow}
         self._budget = self.BATCH
         interest, cells = snap.interest, snap.cells
-        names = set(self.view.names_of("overflow"))  # malformed records too: nobody else deletes them
         if interest is None or cells is None:  # one cell: records left from cells are nobody's
+            names = self.view.names_of("overflow")
             if names and self.node == min(snap.hosts, default=None):
                 for vm in sorted(names):
                     self._delete(vm)
+                return now + 0.1 if self._budget <= 0 else None
             return None
         if first_in_cell(snap) != self.node:
             return None
         mine, ats = interest.cell, []
+        ready = [h for n, h in snap.hosts.items() if h.state == "ready" and in_cell(snap, n)
+                 and not (n in snap.nodes and snap.nodes[n].unschedulable)]
+        cannot = [frozenset(vm for vm, _ in h.cannot) for h in ready]
         picks: Optional[Mapping[str, str]] = None
-        for vm in sorted(names - snap.overflow.keys()):
-            if interest.in_cell(vm):
-                self._delete(vm)
+
+        def offerable(vm: str) -> bool:
+            """Not for this cell: it has a ready node, not all gave it up, its placement leaves it out."""
+            nonlocal picks
+            if not ready or all(vm in c for c in cannot):  # with no ready node the cell is not full, it does not work
+                return False
+            picks = chosen() if picks is None else picks
+            return vm not in picks
+        for vm in sorted(self.view.names_of("overflow")):  # malformed (as it is now): its serving cell deletes it
+            entry = self.view.entry(self.keys.overflow(vm))
+            if entry is not None and interest.in_cell(vm) and vm not in snap.overflow:
+                try:
+                    Spill.parse(vm, entry.value)
+                except SpecError:
+                    self._delete(vm)
         for vm, spill in sorted(snap.overflow.items()):
             seen = self._since(vm, now)
             spec = snap.desired.get(vm)
@@ -6002,11 +6033,11 @@ class CellOverflow:
                     ats.append(seen + self.RETRY)
                 elif spill.cell is None or spill.cell not in cells.live:  # round again, or the cell went
                     target = self.next_cell(cells, mine, (mine,))
-                    if target is None:
+                    if target is None or not offerable(vm):
                         self._delete(vm)
-                    elif not self._write(vm, dataclasses.replace(spill, cell=target, tried=(mine,), by=self.node,
-                                                                 at=utc_now()), fresh=False):
-                        ats.append(now + 0.1)
+                    else:
+                        self._write(vm, dataclasses.replace(spill, cell=target, tried=(mine,), by=self.node,
+                                                            at=utc_now()), fresh=False)
             elif spill.cell == mine and vm not in snap.actual:  # offered to us
                 if self.room(snap, vm, spill):
                     if not interest.keeps(vm) or now < seen + self.AFTER:
@@ -6017,28 +6048,24 @@ class CellOverflow:
                         ats.append(seen + self.PATIENCE)
                         continue
                 tried = spill.tried + (mine,)
-                if not self._write(vm, dataclasses.replace(spill, cell=self.next_cell(cells, mine, tried), tried=tried,
-                                                           by=self.node, at=utc_now()), fresh=False):
-                    ats.append(now + 0.1)
+                self._write(vm, dataclasses.replace(spill, cell=self.next_cell(cells, mine, tried), tried=tried,
+                                                    by=self.node, at=utc_now()), fresh=False)
         due = [vm for vm, since in waiting.items()
                if vm not in snap.overflow and vm not in held and vm not in snap.actual and interest.in_cell(vm)
                and isinstance(spec := snap.desired.get(vm), DesiredVM) and spec.host is None]
         ats += [waiting[vm] + self.AFTER for vm in due if now < waiting[vm] + self.AFTER]
         due = sorted((vm for vm in due if now >= waiting[vm] + self.AFTER), key=lambda v: (waiting[v], v))
         target = self.next_cell(cells, mine, (mine,))
-        ready = [h for n, h in snap.hosts.items() if h.state == "ready" and in_cell(snap, n)
-                 and not (n in snap.nodes and snap.nodes[n].unschedulable)]
-        if due and target is not None and ready:  # with no ready node the cell is not full: it does not work
-            picks = chosen() if picks is None else picks
-            for vm in due:
-                if vm in picks or all(vm in dict(h.cannot) for h in ready):  # all gave it up: the VM is the trouble
-                    continue
-                resolved = resolve(snap.desired[vm], snap)
-                if isinstance(resolved, tuple) and not self._write(
-                        vm, Spill(target, (mine,), resolved[1].vcpus, resolved[1].ram_mb, self.node, utc_now()),
-                        fresh=True):
-                    ats.append(now + 0.1)
-                    break
+        for vm in due if target is not None else ():
+            if self._budget <= 0:
+                break
+            resolved = resolve(snap.desired[vm], snap)
+            if isinstance(resolved, tuple) and offerable(vm):
+                gone = self.view.vanished.get(vm)
+                self._write(vm, Spill(target, (mine,), resolved[1].vcpus, resolved[1].ram_mb, self.node, utc_now(),
+                                      gone.host if gone is not None else ""), fresh=True)
+        if self._budget <= 0:
+            ats.append(now + 0.1)  # more to write: at once, in the next call
         return min((t for t in ats if t > now), default=None)
 
     def _since(self, vm: str, now: float) -> float:
@@ -6050,37 +6077,37 @@ class CellOverflow:
             seen = self._seen[vm] = (rev, now)
         return seen[1]
 
-    def _write(self, vm: str, spill: Spill, fresh: bool) -> bool:
+    def _write(self, vm: str, spill: Spill, fresh: bool) -> None:
         """Create (``fresh``) or replace by compare-and-swap ``vm``'s record;
-        a record gone meanwhile is left gone. False when this call's budget
-        of BATCH writes is spent (nothing written: the next call goes on)."""
-        if self._budget <= 0:
-            return False
+        a record gone meanwhile is left gone. Nothing once this call's
+        budget of BATCH writes is spent (the next call goes on)."""
         key, value = self.keys.overflow(vm), spill.encode()
         entry = self.view.entry(key)
+        if self._budget <= 0 or (entry is None and not fresh):
+            return
+        self._budget -= 1
         if fresh:
             rev, _ = self.store.create(key, value)
-        elif entry is None:
-            return True
         else:
             rev = self.store.replace(key, value, entry.mod_revision)
-        self._budget -= 1
         if rev is not None:
             self.view.note(key, value, rev)
             self.written += 1
             where = f"to cell {spill.cell}" if spill.cell is not None else "to no cell: none had room"
             log.info("vm=%s node=%s decision=overflow: offered %s (cells without room: %s)", vm, self.node, where,
                      ", ".join(map(str, spill.tried)))
-        return True
 
     def _delete(self, vm: str) -> None:
+        """Delete ``vm``'s record by compare-and-swap (within the budget)."""
         key = self.keys.overflow(vm)
         entry = self.view.entry(key)
-        if entry is not None:
-            rev = self.store.delete_if(key, entry.mod_revision)
-            if rev is not None:
-                self.view.note(key, None, rev)
-                self.written += 1
+        if entry is None or self._budget <= 0:
+            return
+        self._budget -= 1
+        rev = self.store.delete_if(key, entry.mod_revision)
+        if rev is not None:
+            self.view.note(key, None, rev)
+            self.written += 1
 
 
 class Agent:
@@ -6140,6 +6167,7 @@ class Agent:
         self._cannot_evacuate: set[str] = set()  # evacuated nodes this node failed to fence (logged once)
         self._evacuate_seen: dict[str, float] = {}  # evacuated nodes still live -> when first seen so (monotonic)
         self._evacuate_at: Optional[float] = None  # when this node's fallback turn to fence one comes (monotonic)
+        self._evacuate_done: set[tuple[str, int]] = set()  # (node, lease) this node fenced (and revoked if it could)
         self._departures_asked: dict[str, int] = {}  # vm -> the vanishing (revision) whose lease etcd was asked about
         self._seen_dead: set[str] = set()  # nodes whose death we logged
         self.last_decision = ""
@@ -7182,6 +7210,7 @@ class Agent:
         self._cannot_evacuate &= evacuated
         now, self._evacuate_at = time.monotonic(), None
         self._evacuate_seen = {n: self._evacuate_seen.get(n, now) for n in evacuated & set(snap.hosts)}
+        self._evacuate_done = {(n, lease) for n, lease in self._evacuate_done if n in self._evacuate_seen}
         fencers = sorted(n for n, h in snap.hosts.items() if takes_work(h, snap.nodes.get(n)))
         if not evacuated or self.node not in fencers:
             return
@@ -7192,6 +7221,8 @@ class Agent:
             if host is None or not host.lease or (fence is not None and fence.create_revision > 0
                                                    and host.create_revision > fence.create_revision):
                 continue  # gone meanwhile, or registered again after its fence: done
+            if (node, host.lease) in self._evacuate_done:
+                continue  # fenced by this node already (no revoke: its agent releases its VMs, or its lease lapses)
             if now < self._evacuate_seen[node] + rank * self.EVACUATE_STEP:
                 self._evacuate_at = min(self._evacuate_at or math.inf,
                                         self._evacuate_seen[node] + rank * self.EVACUATE_STEP)
@@ -7213,11 +7244,13 @@ class Agent:
                     self._evacuating.add(node)
                     log.warning("node=%s evacuate: fenced (%s); its agent releases its VMs when it sees the "
                                 "fence, or its lease lapses", node, how)
+                self._evacuate_done.add((node, host.lease))
                 continue
             log.warning("node=%s evacuate: fenced (%s); revoking its lease %x: its VMs fail over now",
                         node, how, host.lease)
             with contextlib.suppress(LeaseNotFound):
                 self.store.revoke_lease(host.lease)
+            self._evacuate_done.add((node, host.lease))
 
     def _while_fenced(self, fence: Optional[FenceRecord], snap: Snapshot) -> str:
         """Our node is fenced: once no domain of ours runs, mark the fence

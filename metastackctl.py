@@ -1148,8 +1148,10 @@ def evacuation_shortfall(snap: ms.Snapshot, node: str, leaving: Mapping[str, ms.
     """The VMs of ``leaving`` (those of ``node`` that may go elsewhere) that
     would find no room on the other nodes that take work, placed largest
     first, each on the node with the most free vcpus among those of the
-    cell that would serve its shard once ``node`` is out; [] when all fit.
-    An estimate from what the nodes publish, not a reservation."""
+    cell that would serve its shard once ``node`` is out, else (that cell
+    being full, the VM is offered to the other cells: ms.CellOverflow)
+    among those of any cell; [] when all fit. An estimate from what the
+    nodes publish, not a reservation."""
     others = {n: h for n, h in snap.hosts.items() if n != node}
     cmap = ms.CellMap.of(snap.cells.cells, others, snap.nodes) if snap.cells is not None else None
     free = {n: list(ms.free_capacity(h)) for n, h in others.items()
@@ -1157,8 +1159,8 @@ def evacuation_shortfall(snap: ms.Snapshot, node: str, leaving: Mapping[str, ms.
     short = []
     for vm, a in sorted(leaving.items(), key=lambda kv: (-kv[1].vcpus, -kv[1].ram_mb, kv[0])):
         cell = cmap.serving(ms.Keys.shard(vm)) if cmap is not None else None
-        fits = [n for n, f in free.items() if f[0] >= a.vcpus and f[1] >= a.ram_mb
-                and (cmap is None or others[n].cell % cmap.cells == cell)]
+        room = [n for n, f in free.items() if f[0] >= a.vcpus and f[1] >= a.ram_mb]
+        fits = [n for n in room if cmap is None or others[n].cell % cmap.cells == cell] or room
         if not fits:
             short.append(vm)
             continue

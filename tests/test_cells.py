@@ -633,7 +633,7 @@ def test_overflow_records_of_nobody_are_deleted_and_a_vm_waits_where_it_is_serve
     assert store.get(keys.overflow(bad)) is None and store.get(keys.overflow(ours)) is None
     assert json.loads(store.get(keys.overflow(dead)).value)["cell"] == 1  # cell 2 has no node: round again
     offered = [vm for vm in many if store.get(keys.overflow(vm)) is not None]
-    assert len(offered) == ms.CellOverflow.BATCH - 1  # one write of the batch went to the dead cell's offer
+    assert len(offered) == ms.CellOverflow.BATCH - 3  # the batch also deleted two records and offered one again
     assert again is not None and again <= 100.2
     first.tend(first.view.snapshot(), dict, waiting, (), again)
     assert all(store.get(keys.overflow(vm)) is not None for vm in many)
@@ -642,7 +642,9 @@ def test_overflow_records_of_nobody_are_deleted_and_a_vm_waits_where_it_is_serve
     assert first.written == written
     store.put(keys.config, json.dumps({"cells": 1}).encode())
     one = tender(1)
-    assert one.tend(one.view.snapshot(), dict, {}, (), 200.0) is None
+    assert one.tend(one.view.snapshot(), dict, {}, (), 200.0) == 200.1  # 20 records: a batch, and again at once
+    assert len(store.list_prefix(keys.dir("overflow"))[1]) == 20 - ms.CellOverflow.BATCH
+    assert one.tend(one.view.snapshot(), dict, {}, (), 200.1) is None
     assert store.list_prefix(keys.dir("overflow"))[1] == {}
 
 
@@ -670,3 +672,39 @@ def test_room_for_a_vm_of_another_cell_is_judged_by_the_cell_whose_use_is_known(
     full[KEYS.host("a2")] = ms.Entry(ms.HostState(0, 0, cell=0).encode(), 3, 2, 3)
     assert ms.room_elsewhere("a1", away, flav, _cell_view(ms.Interest(0, cmap.shards_of(0), frozenset({away})),
                                                           full).snapshot()) == []
+
+
+def test_an_offer_its_cell_picks_but_never_claims_is_passed_on_and_names_the_last_holder(store: ms.Store) -> None:
+    """The first node of the offered cell (b1, cell 1) leaves an offer its
+    placement picks alone for PATIENCE seconds, then passes it on; the
+    claimant of an offered VM fences the holder the offer names when that
+    node is not live (with overflow it may be in any cell), and nobody
+    when the disk is new or the holder is live."""
+    import types
+    keys = store.keys
+    for node, cell in (("a1", 0), ("b1", 1), ("c1", 2)):
+        store.put(keys.host(node), ms.HostState(2, 4096, cell=cell).encode(), lease=store.grant_lease(30))
+    store.put(keys.config, json.dumps({"cells": 3}).encode())
+    vm = vm_in(3, 0, 0, "p")
+    store.put(keys.desired(vm), b'{"flavour": "small"}')
+    store.put(keys.overflow(vm), ms.Spill(1, (0,), 1, 1024, "a1", "t0", holder="gone1").encode())
+    view = ms.ClusterView(keys)
+    view.interest = ms.Interest(1, ms.CellMap(3, frozenset({0, 1, 2})).shards_of(1), frozenset({vm}))
+    view.node = "b1"
+    view.load(*store.list_prefix(keys.all, until=keys.watched_end))
+    b1 = ms.CellOverflow(store, view, "b1")
+    snap = view.snapshot()
+    picked = {vm: "b1"}
+    assert b1.tend(snap, lambda: picked, {}, (), 50.0) == 50.0 + ms.CellOverflow.AFTER
+    assert b1.tend(snap, lambda: picked, {}, (), 50.0 + ms.CellOverflow.AFTER) == 50.0 + ms.CellOverflow.PATIENCE
+    assert b1.written == 0
+    b1.tend(snap, lambda: picked, {}, (), 50.0 + ms.CellOverflow.PATIENCE)
+    record = json.loads(store.get(keys.overflow(vm)).value)
+    assert (record["cell"], record["tried"], record["holder"]) == (2, [0, 1], "gone1")
+    claimant = types.SimpleNamespace(view=view, node="b1")
+    snap = view.snapshot()
+    assert ms.Executor._former_writers(claimant, vm, [], snap) == ["gone1"]
+    assert ms.Executor._former_writers(claimant, vm, [], snap, fresh=True) == []
+    store.put(keys.overflow(vm), ms.Spill(2, (0, 1), 1, 1024, "b1", "t1", holder="c1").encode())
+    view.load(*store.list_prefix(keys.all, until=keys.watched_end))
+    assert ms.Executor._former_writers(claimant, vm, [], view.snapshot()) == []  # c1 is live: it kills its copy
