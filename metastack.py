@@ -2543,10 +2543,11 @@ class ClusterView:
             with contextlib.suppress(SpecError):
                 self.lapsed_cells[name] = HostState.parse(old.value).cell
 
-    def lapsed_in_cell(self, cell: int) -> list[str]:
-        """The lapsed nodes (still remembered) whose last host record named ``cell``."""
+    def lapsed_in_cells(self, cells: Collection[int], count: int) -> list[str]:
+        """The lapsed nodes (still remembered) whose last host record named
+        one of ``cells`` (modulo the cell ``count``)."""
         with self._lock:
-            return [n for n in self.lapsed if self.lapsed_cells.get(n) == cell]
+            return [n for n in self.lapsed if n in self.lapsed_cells and self.lapsed_cells[n] % count in cells]
 
     def unconfirmed_departures(self) -> dict[str, Vanished]:
         """The desired, unclaimed VMs whose claim vanished while the
@@ -2573,6 +2574,7 @@ class ClusterView:
         with self._lock:
             self.vanished = {vm: v for vm, v in self.vanished.items() if v.at >= since}
             self.lapsed = {n: p for n, p in self.lapsed.items() if p[1] >= since}
+            self.lapsed_cells = {n: c for n, c in self.lapsed_cells.items() if n in self.lapsed}
             return dict(self.vanished), dict(self.lapsed)
 
     def _kept(self, key: str) -> bool:
@@ -4335,9 +4337,9 @@ def plan(node: str, capacity: Capacity, snap: Snapshot, domains: Mapping[str, st
                     actions.append(Action("kill", name, reason="unclaimed and not claimable here"))
                 continue
             here = members.get(vm.group or "", {}).get(node, 0) if vm.group is not None else 0
-            apart = here and not running_here and vm.host is None and (vm.strict or any(
+            apart = here and not running_here and (vm.strict or (vm.host is None and any(
                 members.get(vm.group or "", {}).get(other, 0) < here
-                for other in room_elsewhere(node, name, flav, snap)))
+                for other in room_elsewhere(node, name, flav, snap))))
             if vm.host not in (None, node) or flav.vcpus > free_cpu or flav.ram_mb > free_ram or apart:
                 if name in domains:  # a leftover domain we may not run: never let it race a new owner
                     actions.append(Action("kill", name, reason="unclaimed and not claimable here"))
@@ -4676,6 +4678,7 @@ class Executor:
         self.events = EventLog(store, self.node)
         self.races_lost = 0  # claims that another node's claim beat (for benchmarks and logs)
         self.chosen: Mapping[str, str] = {}  # vm -> node this node's placement chose (the agent sets it; logs)
+        self._offer_holders: dict[str, str] = {}  # offered VM -> its last holder (Spill.holder), until it starts
         self.deferred: list[Action] = []  # run/park actions of VMs claimed this tick
         # Set by the agent: this node's host record as (key, value, lease) when it changed
         # (written in the same transaction as a VM's state), and what to do if that write failed.
@@ -5033,6 +5036,7 @@ class Executor:
         """Publish that ``start``'s VM runs (its history says "started" if
         this call started it); the note for the log."""
         act, reason = start.act, start.reason
+        self._offer_holders.pop(act.vm, None)  # fenced before this start: no longer a former writer
         self.publish(act.vm, "running", reason, act.vcpus, act.ram_mb, start.disk,
                      history=("started", reason) if started else None)
         return f"started {act.vm}" + (f" ({reason})" if reason else "") if started else ""
@@ -5163,12 +5167,18 @@ class Executor:
         if gone is not None and gone.host:
             targets.add(gone.host)
         elif snap.interest is not None and snap.cells is not None and not fresh:
-            home = snap.cells.home(Keys.shard(vm))
-            if home != snap.interest.cell:  # adopted (or pinned here): its cell's nodes held it, unwatched
-                targets.update(self.view.lapsed_in_cell(home))
-            spill = snap.overflow.get(vm)
-            if spill is not None and spill.holder:
-                targets.add(spill.holder)
+            cells = snap.cells
+            home = cells.home(Keys.shard(vm))
+            if home != snap.interest.cell:  # adopted (or pinned here): its cell's nodes held it, unwatched, or
+                # those of a cell gone since that had adopted its shards
+                gone_cells = {home} | (set(range(cells.cells)) - cells.live)
+                targets.update(self.view.lapsed_in_cells(gone_cells, cells.cells))
+        self._offer_holders = {v: h for v, h in self._offer_holders.items() if v in snap.desired}
+        spill = snap.overflow.get(vm)
+        if spill is not None and spill.holder:  # offered: the serving cell saw its claim vanish (any cell's node)
+            self._offer_holders[vm] = spill.holder  # kept for a start retried once the offer is deleted
+        if vm in self._offer_holders and not fresh:
+            targets.add(self._offer_holders[vm])
         ips = {watcher_ip(w) for w in watchers}
         targets.update(n for n, rec in snap.nodes.items() if rec.address and rec.address in ips)
         targets.discard(self.node)
@@ -5931,7 +5941,8 @@ class CellOverflow:
     call, at once), and only when a VM waits (nothing in steady state).
     ``tend`` does, for the VMs of the shards this node's cell serves:
     offer (oldest first) each one that waited AFTER seconds unchosen by
-    the cell's placement, not pinned, to the next live cell in ring order,
+    the cell's placement (or OWN_PATIENCE seconds chosen and unclaimed),
+    not pinned, to the next live cell in ring order,
     when the cell has a ready node and not all of those gave the VM up;
     delete the record once the VM is claimed (anywhere), gone or pinned,
     when it names this cell (its shard was adopted), or is malformed;
@@ -5950,11 +5961,13 @@ class CellOverflow:
     RETRY = 60.0  # seconds before a VM that no cell had room for is offered round again
     BATCH = 16  # records written per reconcile at most (offers, passes on, offers again, deletes)
     PATIENCE = 5 * AFTER  # seconds an offered VM its cell's placement picks may stay unclaimed before it is passed on
+    OWN_PATIENCE = 15 * AFTER  # the same for a VM its own cell's placement picks (a burst's queue may be long)
 
     def __init__(self, store: "Store", view: "ClusterView", node: str) -> None:
         self.store, self.view, self.node, self.keys = store, view, node, store.keys
         self._seen: dict[str, tuple[int, float]] = {}  # vm -> (mod revision of its record, when first seen so)
         self._budget = self.BATCH  # writes left in this call of tend
+        self._holders: dict[str, str] = {}  # vm -> the holder a record deleted unclaimed named (for the next offer)
         self.written = 0  # records written or deleted (for tests and benchmarks)
 
     @staticmethod
@@ -5991,6 +6004,7 @@ class CellOverflow:
         VM -> since when this node saw it so (ClaimTurns.first_seen).
         Returns the monotonic time it wants to be called again, or None."""
         self._seen = {vm: seen for vm, seen in self._seen.items() if vm in snap.overflow}
+        self._holders = {vm: h for vm, h in self._holders.items() if vm in snap.desired and vm not in snap.actual}
         self._budget = self.BATCH
         interest, cells = snap.interest, snap.cells
         if interest is None or cells is None:  # one cell: records left from cells are nobody's
@@ -6009,12 +6023,13 @@ class CellOverflow:
         picks: Optional[Mapping[str, str]] = None
 
         def offerable(vm: str) -> bool:
-            """Not for this cell: it has a ready node, not all gave it up, its placement leaves it out."""
+            """Not for this cell: it has a ready node, not all gave it up, and
+            its placement leaves it out (or picked it OWN_PATIENCE ago, unclaimed)."""
             nonlocal picks
             if not ready or all(vm in c for c in cannot):  # with no ready node the cell is not full, it does not work
                 return False
             picks = chosen() if picks is None else picks
-            return vm not in picks
+            return vm not in picks or now >= waiting.get(vm, now) + self.OWN_PATIENCE
         for vm in sorted(self.view.names_of("overflow")):  # malformed (as it is now): its serving cell deletes it
             entry = self.view.entry(self.keys.overflow(vm))
             if entry is not None and interest.in_cell(vm) and vm not in snap.overflow:
@@ -6033,7 +6048,10 @@ class CellOverflow:
                     ats.append(seen + self.RETRY)
                 elif spill.cell is None or spill.cell not in cells.live:  # round again, or the cell went
                     target = self.next_cell(cells, mine, (mine,))
-                    if target is None or not offerable(vm):
+                    if target is not None and not ready:  # no node of ours works now: look again later
+                        ats.append(now + self.AFTER)
+                    elif target is None or not offerable(vm):
+                        self._holders[vm] = spill.holder  # for an offer made again later
                         self._delete(vm)
                     else:
                         self._write(vm, dataclasses.replace(spill, cell=target, tried=(mine,), by=self.node,
@@ -6062,8 +6080,9 @@ class CellOverflow:
             resolved = resolve(snap.desired[vm], snap)
             if isinstance(resolved, tuple) and offerable(vm):
                 gone = self.view.vanished.get(vm)
+                holder = gone.host if gone is not None and gone.host else self._holders.get(vm, "")
                 self._write(vm, Spill(target, (mine,), resolved[1].vcpus, resolved[1].ram_mb, self.node, utc_now(),
-                                      gone.host if gone is not None else ""), fresh=True)
+                                      holder), fresh=True)
         if self._budget <= 0:
             ats.append(now + 0.1)  # more to write: at once, in the next call
         return min((t for t in ats if t > now), default=None)
@@ -7221,7 +7240,7 @@ class Agent:
             if host is None or not host.lease or (fence is not None and fence.create_revision > 0
                                                    and host.create_revision > fence.create_revision):
                 continue  # gone meanwhile, or registered again after its fence: done
-            if (node, host.lease) in self._evacuate_done:
+            if fence is not None and (node, host.lease) in self._evacuate_done:
                 continue  # fenced by this node already (no revoke: its agent releases its VMs, or its lease lapses)
             if now < self._evacuate_seen[node] + rank * self.EVACUATE_STEP:
                 self._evacuate_at = min(self._evacuate_at or math.inf,

@@ -701,10 +701,16 @@ def test_an_offer_its_cell_picks_but_never_claims_is_passed_on_and_names_the_las
     b1.tend(snap, lambda: picked, {}, (), 50.0 + ms.CellOverflow.PATIENCE)
     record = json.loads(store.get(keys.overflow(vm)).value)
     assert (record["cell"], record["tried"], record["holder"]) == (2, [0, 1], "gone1")
-    claimant = types.SimpleNamespace(view=view, node="b1")
+    claimant = types.SimpleNamespace(view=view, node="b1", _offer_holders={})
     snap = view.snapshot()
     assert ms.Executor._former_writers(claimant, vm, [], snap) == ["gone1"]
     assert ms.Executor._former_writers(claimant, vm, [], snap, fresh=True) == []
     store.put(keys.overflow(vm), ms.Spill(2, (0, 1), 1, 1024, "b1", "t1", holder="c1").encode())
     view.load(*store.list_prefix(keys.all, until=keys.watched_end))
     assert ms.Executor._former_writers(claimant, vm, [], view.snapshot()) == []  # c1 is live: it kills its copy
+    store.put(keys.overflow(vm), ms.Spill(2, (0, 1), 1, 1024, "b1", "t2", holder="gone2").encode())
+    view.load(*store.list_prefix(keys.all, until=keys.watched_end))
+    assert ms.Executor._former_writers(claimant, vm, [], view.snapshot()) == ["gone2"]
+    store.delete(keys.overflow(vm))  # claimed: the serving cell deleted the offer; a retried start still fences
+    view.load(*store.list_prefix(keys.all, until=keys.watched_end))
+    assert ms.Executor._former_writers(claimant, vm, [], view.snapshot()) == ["gone2"]
