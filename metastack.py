@@ -2381,6 +2381,14 @@ def in_cell(snap: Snapshot, node: str) -> bool:
     return snap.interest is None or (host is not None and host.cell == snap.interest.cell)
 
 
+def placeable(snap: Snapshot, node: str, host: HostState) -> bool:
+    """Whether live ``node`` (its host record ``host``) takes new VMs of the
+    snapshot's cell: ready, neither cordoned, draining nor evacuated, and of
+    the cell (always, with no cells)."""
+    rec = snap.nodes.get(node)
+    return host.state == "ready" and not (rec is not None and rec.unschedulable) and in_cell(snap, node)
+
+
 def places(snap: Snapshot, node: str, vm: str) -> bool:
     """Whether ``node`` is of the cell that places VM ``vm`` now (always,
     with no cells): the cell that serves the VM's shard by ``snap.cells``
@@ -4018,8 +4026,7 @@ class Placement:
         self._created: dict[str, tuple[int, str]] = {}
         cell = snap.interest
         for name, host in snap.hosts.items():
-            rec = snap.nodes.get(name)
-            if host.state == "ready" and not (rec is not None and rec.unschedulable) and in_cell(snap, name):
+            if placeable(snap, name, host):
                 self.bins[name] = _Bin(name, host.vcpus, host.ram_mb, frozenset(n for n, _ in host.cannot))
         if use is not None:
             for name, b in self.bins.items():
@@ -5975,10 +5982,9 @@ class CellOverflow:
         """Whether a ready, schedulable node of the snapshot's cell has
         ``spill``'s vcpus and RAM free and did not give ``vm`` up."""
         for n, h in snap.hosts.items():
-            rec = snap.nodes.get(n)
             cpu, ram = free_capacity(h)
-            if (h.state == "ready" and in_cell(snap, n) and not (rec is not None and rec.unschedulable)
-                    and vm not in dict(h.cannot) and cpu >= spill.vcpus and ram >= spill.ram_mb):
+            if (placeable(snap, n, h) and cpu >= spill.vcpus and ram >= spill.ram_mb
+                    and all(vm != gave_up for gave_up, _ in h.cannot)):
                 return True
         return False
 
@@ -6017,8 +6023,7 @@ class CellOverflow:
         if first_in_cell(snap) != self.node:
             return None
         mine, ats = interest.cell, []
-        ready = [h for n, h in snap.hosts.items() if h.state == "ready" and in_cell(snap, n)
-                 and not (n in snap.nodes and snap.nodes[n].unschedulable)]
+        ready = [h for n, h in snap.hosts.items() if placeable(snap, n, h)]
         cannot = [frozenset(vm for vm, _ in h.cannot) for h in ready]
         picks: Optional[Mapping[str, str]] = None
 
@@ -6887,9 +6892,8 @@ class Agent:
         if self._console_polling:
             periods.append(Executor.CONSOLE_PERIOD)
         ats = [self._last_resync + self.cfg.resync_interval, self._ticked_at + min(periods)]
-        ats += [at for at in (self.executor.next_retry(), self._hold_ends, self._quiet_until, self._overflow_at,
-                                              self._evacuate_at)
-                if at is not None and at > now]
+        timers = (self.executor.next_retry(), self._hold_ends, self._quiet_until, self._overflow_at, self._evacuate_at)
+        ats += [at for at in timers if at is not None and at > now]
         return max(now + 0.02, min(ats))
 
     # -- one reconcile -------------------------------------------------------
